@@ -1,0 +1,110 @@
+"""Small real datasets built from images that installed packages ship (no downloads).
+
+- `write_digits_folder`: scikit-learn's handwritten digits (1,797 real scans, 10 classes), upscaled
+  and written as PNG/JPEG files in class sub-folders: a labelled set for probes and the demo.
+- `write_photo_files`: scikit-image's sample photographs (astronaut, coffee, chelsea, rocket, ...)
+  as JPEGs: real camera images with real JPEG statistics for the crop stage and benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PHOTO_NAMES = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "retina",
+    "hubble_deep_field",
+    "motorcycle_left",
+    "immunohistochemistry",
+    "colorwheel",
+    "cat",
+)
+
+
+def write_digits_folder(
+    out_dir: str | os.PathLike,
+    size: int = 32,
+    per_class: int | None = None,
+    fmt: str = "png",
+    seed: int = 0,
+) -> Path:
+    """Write sklearn's digits as RGB images in `out_dir/<digit>/<index>.<fmt>`; returns out_dir.
+
+    Digits are drawn in a colour that varies per image (seeded) on a dark background, so the
+    colour carries no label information and a probe has to read the shape.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    counts: dict[int, int] = {}
+    for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+        label = int(label)
+        if per_class is not None and counts.get(label, 0) >= per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        grey = (image / 16.0).astype(np.float32)
+        colour = rng.uniform(0.5, 1.0, size=3).astype(np.float32)
+        rgb = (grey[..., None] * colour[None, None, :] * 255).astype(np.uint8)
+        pil = Image.fromarray(rgb).resize((size, size), Image.BICUBIC)
+        folder = out / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        if fmt == "jpg":
+            pil.save(folder / f"{index:05d}.jpg", quality=95)
+        else:
+            pil.save(folder / f"{index:05d}.{fmt}")
+    return out
+
+
+def photo_arrays() -> dict[str, np.ndarray]:
+    """The RGB photos scikit-image ships in its wheel (skips any a given version lacks)."""
+    from skimage import data
+
+    photos = {}
+    for name in PHOTO_NAMES:
+        loader = getattr(data, name, None)
+        if loader is None:
+            continue
+        try:
+            arr = np.asarray(loader())
+        except Exception:  # a loader that would need a download: not shipped, skip it
+            continue
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[2] < 3:
+            continue
+        photos[name] = arr[..., :3].astype(np.uint8)
+    if not photos:
+        raise RuntimeError("scikit-image ships no usable sample photos in this version")
+    return photos
+
+
+def write_photo_files(out_dir: str | os.PathLike, copies: int = 1, max_side: int | None = None, quality: int = 90) -> list[Path]:
+    """Write the shipped photos as JPEGs (optionally `copies` random re-crops of each)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, arr in photo_arrays().items():
+        for c in range(copies):
+            img = arr
+            if c:
+                h, w = arr.shape[:2]
+                ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+                y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+                img = arr[y : y + ch, x : x + cw]
+            pil = Image.fromarray(np.ascontiguousarray(img))
+            if max_side and max(pil.size) > max_side:
+                pil.thumbnail((max_side, max_side), Image.BICUBIC)
+            path = out / f"{name}_{c:03d}.jpg"
+            pil.save(path, quality=quality)
+            paths.append(path)
+    return paths

@@ -1,0 +1,65 @@
+"""Shared test set-up: one real local Ray cluster per session, a clean HOME, offline libraries."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="abpipe-tests-"))
+
+# Set before anything imports Ray/MLflow: keeps Ray on 127.0.0.1, telemetry off, and any file a
+# library drops in HOME (Ray's auth token, caches) inside the test session's temp dir.
+os.environ.update(
+    {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "HOME": str(_SESSION_TMP / "home"),
+        "ABPIPE_RAY_TMP": str(_SESSION_TMP / "ray"),
+        "TORCH_HOME": str(_SESSION_TMP / "torch"),
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    }
+)
+os.environ.pop("RAY_ADDRESS", None)
+(_SESSION_TMP / "home").mkdir(exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray instance with 2 CPUs, shared by every test that needs Ray."""
+    from pipeline.config import RayConfig
+    from pipeline.runtime import init_ray
+
+    ray = init_ray(RayConfig(num_cpus=2, temp_dir=str(_SESSION_TMP / "ray")))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Path:
+    return _SESSION_TMP
+
+
+@pytest.fixture(scope="session")
+def digits_folder(session_tmp) -> Path:
+    """sklearn's real digits as a labelled image folder (30 per class, 32 px PNG)."""
+    from pipeline.data.sample_data import write_digits_folder
+
+    return write_digits_folder(session_tmp / "digits", size=32, per_class=30)
+
+
+@pytest.fixture(scope="session")
+def photo_files(session_tmp) -> list[Path]:
+    """scikit-image's shipped photographs as real JPEG files."""
+    from pipeline.data.sample_data import write_photo_files
+
+    return write_photo_files(session_tmp / "photos", copies=2, max_side=384)
