@@ -1,0 +1,244 @@
+"""The per-worker training loop run by Ray Train's TorchTrainer (also runnable in-process).
+
+One step: a (B, M) batch of crops + boxes and (B, A) annotation views arrives as uint8 from the
+crop stage; the student takes both losses, AdamW steps, the EMA teacher follows. The budget is
+counted in seen views (every crop and annotation view counts once, summed over workers).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import Config, config_from_dict
+from pipeline.models.ab_model import build_model
+from pipeline.models.checkpoint import load_state, read_meta, save_checkpoint
+from pipeline.objectives.ab_simclr import ab_simclr_step
+from pipeline.objectives.ema import ema_rate, ema_update, make_teacher
+from pipeline.objectives.schedules import warmup_cosine
+from pipeline.train.tracking import RunLogger
+
+log = logging.getLogger("abpipe.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `train.max_bad_steps` consecutive steps with a NaN/inf loss."""
+
+
+@dataclass
+class Budget:
+    """Step arithmetic derived from the view budget, identical on every worker."""
+
+    views_per_step: int
+    total_steps: int
+    warmup_steps: int
+
+    @staticmethod
+    def from_config(cfg: Config, world_size: int) -> "Budget":
+        views_per_image = cfg.views.num_views + cfg.views.annotation_views
+        per_step = cfg.train.batch_size * world_size * views_per_image
+        total = max(1, math.ceil(cfg.train.total_views / per_step))
+        return Budget(per_step, total, int(cfg.train.warmup_fraction * total))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """No weight decay on biases, norms, position embeddings and learned tokens (standard ViT recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "readout", "corner_index")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _context():
+    """(rank, world_size, in_ray_train) — the loop also runs outside Ray Train for tests/debugging."""
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size(), True
+    except Exception:
+        return 0, 1, False
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Agree across workers: if any rank sees a bad loss, every rank skips the step together."""
+    flag = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=loss.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def _grad_norms(model: torch.nn.Module) -> tuple[float, float]:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0, 0.0
+    l2 = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    linf = max(g.abs().max().item() for g in grads)
+    return l2, linf
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+
+    cfg = config_from_dict(loop_config["config"])
+    rank, world_size, in_ray = _context()
+    torch.manual_seed(cfg.train.seed + rank)
+    device = torch.device("cuda") if cfg.train.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    if in_ray:
+        import ray.train.torch as rtt
+
+        device = rtt.get_device()
+    if device.type == "cpu" and cfg.train.cpus_per_worker >= 1:
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    budget = Budget.from_config(cfg, world_size)
+    global_batch = cfg.train.batch_size * world_size
+    peak_lr = cfg.train.lr * global_batch / 256
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
+    student = build_model(cfg.model, cfg.views.view_size).to(device)
+    teacher = make_teacher(student)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.train.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
+    torch.manual_seed(cfg.train.seed + 1000 + rank)
+
+    step, views_seen, bad_streak, bad_total = 0, 0, 0, 0
+    mlflow_run_id = loop_config.get("mlflow_run_id")
+    checkpoint = ray.train.get_checkpoint() if in_ray else None
+    resume_dir = loop_config.get("resume_from")
+    if checkpoint is not None or resume_dir:
+        with (checkpoint.as_directory() if checkpoint is not None else nullcontext(resume_dir)) as ckpt_dir:
+            state = load_state(ckpt_dir, map_location=device)
+            meta = read_meta(ckpt_dir)
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, views_seen = int(meta["step"]), int(meta["views_seen"])
+        bad_total = int(meta.get("bad_steps", 0))
+        mlflow_run_id = meta.get("mlflow_run_id") or mlflow_run_id
+        if rank == 0:
+            print(f"[abpipe] resumed from step {step} ({views_seen:,} views seen)", flush=True)
+
+    model = student
+    if in_ray and world_size > 1:
+        import ray.train.torch as rtt
+
+        model = rtt.prepare_model(student, move_to_device=False)
+    logger = RunLogger(cfg.tracking.tracking_uri, mlflow_run_id, enabled=rank == 0)
+
+    def save(step: int, metrics: dict) -> None:
+        """Every worker reports (Ray's report is a barrier); only rank 0 attaches the checkpoint."""
+        meta = {
+            "step": step,
+            "views_seen": views_seen,
+            "total_steps": budget.total_steps,
+            "bad_steps": bad_total,
+            "mlflow_run_id": mlflow_run_id,
+            "config": cfg.to_dict(),
+            "world_size": world_size,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                state = {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict()}
+                save_checkpoint(tmp, state, meta)
+                if cfg.tracking.log_checkpoints:
+                    artifact = f"checkpoints/step_{step:08d}"
+                    logger.artifact(os.path.join(tmp, "state.pt"), artifact)
+                    logger.artifact(os.path.join(tmp, "meta.json"), artifact)
+                    logger.tags({"abpipe.checkpoint_artifact": artifact})
+                if in_ray:
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+            if in_ray:
+                ray.train.report({**metrics, "step": step, "views_seen": views_seen}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+            elif loop_config.get("local_checkpoint_dir") and rank == 0:
+                save_checkpoint(os.path.join(loop_config["local_checkpoint_dir"], f"checkpoint_{step:08d}"), state, meta)
+
+    shard = ray.train.get_dataset_shard("train") if in_ray else loop_config["local_dataset"]
+    window_start, window_views = time.perf_counter(), 0
+    last_metrics: dict = {}
+    student.train()
+    while step < budget.total_steps:
+        epoch_batches = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            device=device,
+        ) if hasattr(shard, "iter_torch_batches") else shard:
+            epoch_batches += 1
+            lr = warmup_cosine(step, budget.total_steps, budget.warmup_steps, peak_lr, cfg.train.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tau = ema_rate(step, budget.total_steps, cfg.objective.ema_start, cfg.objective.ema_end)
+            with autocast:
+                out = ab_simclr_step(model, teacher, batch["views"], batch["boxes"], batch["ann_views"], cfg.objective)
+            optimizer.zero_grad(set_to_none=True)
+            if not _all_finite(out.loss):
+                bad_streak += 1
+                bad_total += 1
+                logger.metrics({"bad_steps": bad_total}, step)
+                print(f"[abpipe] step {step}: non-finite loss, step skipped ({bad_streak} in a row)", flush=True)
+                if bad_streak >= cfg.train.max_bad_steps:
+                    logger.finish("FAILED")
+                    raise NonFiniteLossError(
+                        f"{bad_streak} consecutive non-finite losses at step {step}; stopping "
+                        f"(lower train.lr or raise train.max_bad_steps; last good checkpoint is kept)"
+                    )
+                continue
+            bad_streak = 0
+            out.loss.backward()
+            grad_l2, grad_linf = _grad_norms(student)
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            ema_update(teacher, student, tau)
+            step += 1
+            views_seen += budget.views_per_step
+            window_views += budget.views_per_step
+
+            if step % cfg.train.log_every_steps == 0 or step == budget.total_steps:
+                elapsed = time.perf_counter() - window_start
+                last_metrics = {
+                    "loss": out.loss.item(),
+                    "loss_annotation": out.annotation.item(),
+                    "loss_propagation": out.propagation.item(),
+                    "lr": lr,
+                    "ema_rate": tau,
+                    "grad_norm_l2": grad_l2,
+                    "grad_norm_linf": grad_linf,
+                    "views_per_s": window_views / max(elapsed, 1e-9),
+                    "views_seen": views_seen,
+                    "teacher_entropy": -(out.teacher_probs * out.teacher_probs.clamp_min(1e-12).log()).sum(-1).mean().item(),
+                }
+                logger.metrics(last_metrics, step)
+                if rank == 0:
+                    print(
+                        f"[abpipe] step {step}/{budget.total_steps} views {views_seen:,} "
+                        f"loss {last_metrics['loss']:.4f} (ann {last_metrics['loss_annotation']:.4f} prop {last_metrics['loss_propagation']:.4f}) "
+                        f"lr {lr:.2e} ema {tau:.5f} {last_metrics['views_per_s']:.0f} views/s",
+                        flush=True,
+                    )
+                window_start, window_views = time.perf_counter(), 0
+            if step % cfg.train.checkpoint_every_steps == 0 and step < budget.total_steps:
+                save(step, last_metrics)
+            if step >= budget.total_steps:
+                break
+        if epoch_batches == 0:
+            raise RuntimeError(
+                "the training dataset yielded no full batch: check data.shards (is it empty, or every image skipped?) "
+                f"and that train.batch_size={cfg.train.batch_size} is not larger than the per-worker data"
+            )
+    save(step, last_metrics)
+    if rank == 0:
+        logger.metrics({"final_step": step}, step)
+

@@ -1,0 +1,104 @@
+"""Driver side of pretraining: wire shards -> crop stage -> TorchTrainer, MLflow run, resume.
+
+Resuming is Ray Train V2's way: re-run with the same `train.storage_path` and `train.run_name`;
+the loop then starts from the latest checkpoint, and the MLflow run id stored in that checkpoint
+makes the resumed job log into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.models.checkpoint import META_FILE
+from pipeline.runtime import init_ray
+from pipeline.train import tracking
+from pipeline.train.loop import train_loop_per_worker
+
+
+def latest_checkpoint_dir(storage_path: str, run_name: str) -> str | None:
+    """The newest complete checkpoint of a run (by step), or None for a fresh run."""
+    best, best_step = None, -1
+    for meta_path in glob.glob(os.path.join(storage_path, run_name, "checkpoint_*", META_FILE)):
+        try:
+            step = int(json.load(open(meta_path))["step"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if step > best_step:
+            best, best_step = os.path.dirname(meta_path), step
+    return best
+
+
+def build_training_dataset(cfg: Config):
+    """Shards -> multi-view crops, as a lazy streaming Ray Dataset."""
+    from pipeline.data.crop_stage import build_crop_dataset
+    from pipeline.data.shards import read_shards
+
+    shards = read_shards(cfg.data.shards, shuffle="files")
+    return build_crop_dataset(shards, cfg.views, seed=cfg.train.seed, stats_name=f"crop-stats-{cfg.train.run_name}")
+
+
+def run_pretrain(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) pretraining; returns run id, final checkpoint path and last metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = cfg.resolved()
+    init_ray(cfg.ray)
+    storage = cfg.train.storage_path
+    os.makedirs(storage, exist_ok=True) if "://" not in storage else None
+
+    previous = latest_checkpoint_dir(storage, cfg.train.run_name) if "://" not in storage else None
+    run_id = None
+    if previous:
+        run_id = json.load(open(os.path.join(previous, META_FILE))).get("mlflow_run_id")
+        print(f"[abpipe] resuming run '{cfg.train.run_name}' from {previous}", flush=True)
+    if not run_id:
+        run_id = _start_mlflow_run(cfg)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": build_training_dataset(cfg)},
+    )
+    started = time.perf_counter()
+    logger = tracking.RunLogger(cfg.tracking.tracking_uri, run_id)
+    try:
+        result = trainer.fit()
+    except Exception:
+        logger.finish("FAILED")
+        raise
+    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    logger.tags({"abpipe.checkpoint_path": checkpoint_path or "", "abpipe.storage_path": storage})
+    logger.metrics({"wall_time_s": time.perf_counter() - started}, int(result.metrics.get("step", 0)))
+    logger.finish()
+    return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": dict(result.metrics)}
+
+
+def _start_mlflow_run(cfg: Config) -> str | None:
+    try:
+        return tracking.start_run(
+            cfg.tracking.tracking_uri,
+            cfg.tracking.experiment,
+            cfg.train.run_name,
+            cfg.flat(),
+            tags={"abpipe.kind": "pretrain", "abpipe.objective": cfg.objective.name, "abpipe.shards": cfg.data.shards},
+        )
+    except Exception as exc:  # tracking is best-effort; checkpoints are the source of truth
+        print(f"[abpipe] WARNING: MLflow unavailable ({exc}); training without tracking", flush=True)
+        return None
