@@ -129,11 +129,13 @@ class EvalConfig:
     checkpoint: str = ""  # checkpoint dir, or an MLflow run id of a pretraining run
     dataset: str = ""  # labelled image folder (class sub-folders)
     test_fraction: float = 0.3
-    image_size: int = 224
+    image_size: int = 0  # 0: the checkpoint's views.view_size (its ViT's input size)
+    weights: str = "teacher"  # teacher (EMA) | student
+    use_gpu: bool = False
     batch_size: int = 128
     knn_k: int = 20
     knn_temperature: float = 0.07
-    linear_epochs: int = 100
+    linear_epochs: int = 500
     linear_lr: float = 1e-2
     linear_weight_decay: float = 1e-4
     probes: list[str] = field(default_factory=lambda: ["knn", "linear"])

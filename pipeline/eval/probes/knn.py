@@ -1,0 +1,42 @@
+"""Weighted k-nearest-neighbour probe (Wu et al. 2018, InstDisc; the variant DINO reports).
+
+Cosine similarity on L2-normalised features; each of the k nearest training samples votes for its
+class with weight exp(sim / T). No training and no hyper-parameters beyond k and T, which is why it
+is the cheapest honest read-out of a frozen representation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import EvalConfig
+
+_CHUNK = 1024  # test rows per similarity block: bounds memory at chunk x n_train
+
+
+def knn_predict(train_x, train_y, test_x, k: int = 20, temperature: float = 0.07, topk: int = 1) -> np.ndarray:
+    """Class indices (n_test, topk) ranked by weighted vote; `train_y` are ints in [0, C)."""
+    train = F.normalize(torch.as_tensor(np.asarray(train_x), dtype=torch.float32), dim=1)
+    test = F.normalize(torch.as_tensor(np.asarray(test_x), dtype=torch.float32), dim=1)
+    labels = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+    n_classes = int(labels.max()) + 1
+    k = min(k, train.shape[0])
+    out = []
+    for start in range(0, test.shape[0], _CHUNK):
+        sim, idx = (test[start : start + _CHUNK] @ train.T).topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], n_classes).scatter_add_(1, labels[idx], (sim / temperature).exp())
+        out.append(votes.topk(min(topk, n_classes), dim=1).indices)
+    return torch.cat(out).numpy()
+
+
+def knn_probe(train_x, train_y, test_x, test_y, cfg: EvalConfig) -> dict[str, float]:
+    """top1 (and top5 when there are more than 5 classes) accuracy of the weighted kNN vote."""
+    classes, y = np.unique(np.concatenate([np.asarray(train_y), np.asarray(test_y)]), return_inverse=True)
+    ytr, yte = y[: len(train_y)], y[len(train_y) :]
+    pred = knn_predict(train_x, ytr, test_x, cfg.knn_k, cfg.knn_temperature, topk=5)
+    metrics = {"top1": float((pred[:, 0] == yte).mean())}
+    if len(classes) > 5:
+        metrics["top5"] = float((pred == yte[:, None]).any(axis=1).mean())
+    return metrics
