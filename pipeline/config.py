@@ -58,17 +58,19 @@ class ViewsConfig:
     augment_views: bool = False  # ablation: colour jitter / flip on the propagation crops
     annotation_views: int = 2  # SimCLR: two augmented views per image
     annotation_scale: tuple[float, float] = (0.08, 1.0)
-    color_jitter: float = 0.5  # strength s of SimCLR's colour distortion
+    color_jitter: float = 1.0  # strength s of SimCLR's colour distortion (SimCLR's ImageNet value)
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     batch_size: int = 64  # rows per Ray Data map_batches call
-    concurrency: int | None = None  # crop actors; None = Ray Data decides
+    concurrency: int | None = None  # max crop actors; None = cluster CPUs - 1
+    cpus_per_actor: float = 1.0
 
 
 @dataclass
 class DataConfig:
     shards: str = ""  # shard directory to train on; default <paths.root>/shards/image_folder
     shuffle_buffer: int = 256  # local shuffle buffer (rows) in the trainer's iterator
+    read_cpus: float = 0.25  # per shard-read task: reading is I/O, and must not starve the crop actors
 
 
 @dataclass

@@ -63,3 +63,15 @@ def photo_files(session_tmp) -> list[Path]:
     from pipeline.data.sample_data import write_photo_files
 
     return write_photo_files(session_tmp / "photos", copies=2, max_side=384)
+
+
+@pytest.fixture(scope="session")
+def digit_shards(ray_cluster, digits_folder, session_tmp):
+    from pipeline.config import Config, IngestConfig, PathsConfig
+    from pipeline.ingest import run_ingest
+
+    out = session_tmp / "train_shards"
+    cfg = Config(paths=PathsConfig(root=str(session_tmp / "ingest_root")), ingest=IngestConfig(input=str(digits_folder), output=str(out), samples_per_shard=100))
+    stats = run_ingest(cfg)
+    assert stats["counts"]["ok"] == 300
+    return out

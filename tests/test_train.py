@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import Config, DataConfig, IngestConfig, ModelConfig, PathsConfig, RayConfig, TrainConfig, ViewsConfig
+from pipeline.config import Config, DataConfig, ModelConfig, PathsConfig, RayConfig, TrainConfig, ViewsConfig
 from pipeline.models.checkpoint import read_meta
 from pipeline.train.loop import NonFiniteLossError, train_loop_per_worker
 
@@ -45,17 +44,6 @@ def micro_config(root, shards, steps: int, **train) -> Config:
             }
         ),
     ).resolved()
-
-
-@pytest.fixture(scope="module")
-def digit_shards(ray_cluster, digits_folder, session_tmp):
-    from pipeline.ingest import run_ingest
-
-    out = session_tmp / "train_shards"
-    cfg = Config(paths=PathsConfig(root=str(session_tmp / "ingest_root")), ingest=IngestConfig(input=str(digits_folder), output=str(out), samples_per_shard=100))
-    stats = run_ingest(cfg)
-    assert stats["counts"]["ok"] == 300
-    return out
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:

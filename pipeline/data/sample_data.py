@@ -33,17 +33,16 @@ def write_digits_folder(
     size: int = 32,
     per_class: int | None = None,
     fmt: str = "png",
-    seed: int = 0,
+
 ) -> Path:
     """Write sklearn's digits as RGB images in `out_dir/<digit>/<index>.<fmt>`; returns out_dir.
 
-    Digits are drawn in a colour that varies per image (seeded) on a dark background, so the
-    colour carries no label information and a probe has to read the shape.
+    Digits are white on black, as scanned: no per-image colour, which contrastive learning would
+    use as a shortcut to tell instances apart instead of reading the shape.
     """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    rng = np.random.default_rng(seed)
     out = Path(out_dir)
     counts: dict[int, int] = {}
     for index, (image, label) in enumerate(zip(digits.images, digits.target)):
@@ -51,10 +50,8 @@ def write_digits_folder(
         if per_class is not None and counts.get(label, 0) >= per_class:
             continue
         counts[label] = counts.get(label, 0) + 1
-        grey = (image / 16.0).astype(np.float32)
-        colour = rng.uniform(0.5, 1.0, size=3).astype(np.float32)
-        rgb = (grey[..., None] * colour[None, None, :] * 255).astype(np.uint8)
-        pil = Image.fromarray(rgb).resize((size, size), Image.BICUBIC)
+        grey = (image / 16.0 * 255).astype(np.uint8)
+        pil = Image.fromarray(grey).resize((size, size), Image.BICUBIC).convert("RGB")
         folder = out / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         if fmt == "jpg":

@@ -35,10 +35,16 @@ def latest_checkpoint_dir(storage_path: str, run_name: str) -> str | None:
 
 def build_training_dataset(cfg: Config):
     """Shards -> multi-view crops, as a lazy streaming Ray Dataset."""
+    import ray.data
+
     from pipeline.data.crop_stage import build_crop_dataset
+
+    # The one-line-per-interval training log is the progress display here; Ray Data's bars from
+    # the split coordinator would interleave with it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     from pipeline.data.shards import read_shards
 
-    shards = read_shards(cfg.data.shards, shuffle="files")
+    shards = read_shards(cfg.data.shards, shuffle="files", num_cpus=cfg.data.read_cpus)
     return build_crop_dataset(shards, cfg.views, seed=cfg.train.seed, stats_name=f"crop-stats-{cfg.train.run_name}")
 
 

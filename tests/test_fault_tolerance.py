@@ -1,0 +1,52 @@
+"""A training worker killed mid-run: Ray Train restarts it from the last checkpoint and the step and
+seen-view accounting come out exactly as in an uninterrupted run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from pipeline.models.checkpoint import read_meta
+from tests.test_train import BATCH, A, M, micro_config
+
+
+def _train_worker_pids(ray) -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+    return [a.pid for a in actors if "TrainWorker" in (a.class_name or "") and a.pid]
+
+
+@pytest.mark.timeout(600)
+def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, digit_shards, tmp_path):
+    from pipeline.train.trainer import run_pretrain
+
+    steps = 24
+    cfg = micro_config(tmp_path, digit_shards, steps=steps, max_failures=2)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every_steps=4, log_every_steps=4))
+    run_dir = os.path.join(cfg.train.storage_path, cfg.train.run_name)
+    killed: list[int] = []
+
+    def killer():
+        """Once the step-8 checkpoint exists, SIGKILL the training worker process."""
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if os.path.isdir(os.path.join(run_dir, "checkpoint_00000008")):
+                for pid in _train_worker_pids(ray_cluster):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = run_pretrain(cfg)
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed: the test did not exercise a failure"
+    meta = read_meta(result["checkpoint"])
+    assert meta["step"] == steps
+    assert meta["views_seen"] == steps * BATCH * (M + A)
