@@ -92,7 +92,7 @@ def trained_state(digits_folder, tmp_path_factory):
     from pipeline.models.ab_model import build_model, images_to_float
 
     probe_set = {p.name for p in digits_folder.rglob("*.png")}
-    everything = write_digits_folder(tmp_path_factory.mktemp("all_digits"), size=32, seed=1)
+    everything = write_digits_folder(tmp_path_factory.mktemp("all_digits"), size=32)
     held_out = [it for it in list_labelled_folder(str(everything)) if it["input"].rsplit("/", 1)[-1] not in probe_set]
     x = torch.from_numpy(np.stack([load_and_resize(it["input"], 32) for it in held_out]))
     y = torch.tensor([int(it["label"]) for it in held_out])

@@ -15,11 +15,18 @@ from pipeline.models.checkpoint import read_meta
 from tests.test_train import BATCH, A, M, micro_config
 
 
-def _train_worker_pids(ray) -> list[int]:
-    from ray.util.state import list_actors
+def _train_worker_pids() -> list[int]:
+    """Ray Train worker processes of *this* test session's cluster (descendants of this process)."""
+    import psutil
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-    return [a.pid for a in actors if "TrainWorker" in (a.class_name or "") and a.pid]
+    pids = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
 
 
 @pytest.mark.timeout(600)
@@ -37,7 +44,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, digit_shards
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if os.path.isdir(os.path.join(run_dir, "checkpoint_00000008")):
-                for pid in _train_worker_pids(ray_cluster):
+                for pid in _train_worker_pids():
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             time.sleep(0.2)

@@ -44,7 +44,9 @@ def messy_folder(tmp_path_factory, photo_files, digits_folder):
     Image.new("RGB", (4, 4)).save(root / "digits" / "tiny.png")
     _decompression_bomb(root / "digits" / "bomb.png")
     (root / "photos" / ".DS_Store").write_bytes(b"hidden: ignored, not an input")
-    expected = {"ok": good, "empty": 1, "truncated": 1, "not_image": 2, "too_small": 1, "too_large": 1}
+    (root / "README.txt").write_text("a stray file outside any class folder: an unlabelled input")
+    (root / "digits" / "dangling.png").symlink_to(root / "gone.png")
+    expected = {"ok": good, "missing": 1, "empty": 1, "truncated": 1, "not_image": 3, "too_small": 1, "too_large": 1}
     return root, expected
 
 
@@ -64,6 +66,8 @@ def test_bad_inputs_are_skipped_and_counted_by_reason(ray_cluster, messy_folder,
     by_name = {p.split("/")[-1]: row for p, row in zip(manifest["input"], manifest.to_dict("records"))}
     assert by_name["truncated.jpg"]["status"] == "truncated"
     assert by_name["bomb.png"]["status"] == "too_large"
+    assert by_name["README.txt"]["status"] == "not_image" and by_name["dangling.png"]["status"] == "missing"
+    assert stats["labels"] == ["digits", "photos"]
     assert by_name["zero.jpg"]["shard"] == "" and by_name["zero.jpg"]["detail"] == ""
     assert (manifest["status"] == "ok").sum() == (manifest["shard"] != "").sum()
     assert load_stats(str(tmp_path / "shards")) == {k: v for k, v in stats.items() if k not in ("output", "run_id")}
@@ -74,6 +78,7 @@ def test_kept_samples_read_back_with_schema(ray_cluster, messy_folder, photo_fil
     ingest(root, tmp_path / "shards", samples_per_shard=4, max_side=256)
     rows = read_shards(str(tmp_path / "shards")).take_all()
     assert len(rows) == expected["ok"]
+    manifest = load_manifest(str(tmp_path / "shards")).set_index("key")
     labels = {}
     for row in rows:
         meta = json.loads(row["json"])
@@ -81,6 +86,9 @@ def test_kept_samples_read_back_with_schema(ray_cluster, messy_folder, photo_fil
         assert (meta["height"], meta["width"]) == image.shape[:2]
         assert max(image.shape[:2]) <= 256
         assert meta["source"] == "image_folder"
+        assert meta["labels"] == [meta["id"].split("/")[0]], "label = class folder"
+        entry = manifest.loc[row["__key__"]]
+        assert entry["status"] == "ok" and row["__url__"].endswith("/" + entry["shard"])
         labels[meta["id"]] = meta["labels"]
     assert labels["photos/as_png"] == ["photos"] and sum(v == ["digits"] for v in labels.values()) == 5
 
@@ -114,8 +122,34 @@ def test_rerun_replaces_the_shard_set(ray_cluster, messy_folder, tmp_path):
     assert first["counts"] == second["counts"] == expected
     tars = sorted(p.name for p in out.glob("shard-*.tar"))
     assert tars == second["shards"], "no stale shards from the first run"
-    members = [m for t in tars for m in tarfile.open(out / t).getnames() if m.endswith(".jpg")]
+    members = []
+    for t in tars:
+        with tarfile.open(out / t) as tar:
+            members += [m for m in tar.getnames() if m.endswith(".jpg")]
     assert len(members) == expected["ok"], "no duplicates"
+
+
+def test_unexpected_errors_are_counted_not_raised(monkeypatch, photo_files, tmp_path):
+    """The shard task body on its own: an exception nobody foresaw becomes a `corrupt` row."""
+    import dataclasses
+
+    from pipeline.data import shards
+
+    real = shards.encode_sample
+
+    def flaky(data, cfg):
+        if data == photo_files[1].read_bytes():
+            raise RuntimeError("boom")
+        return real(data, cfg)
+
+    monkeypatch.setattr(shards, "encode_sample", flaky)
+    items = [{"key": f"{i:09d}", "input": str(p), "id": p.stem} for i, p in enumerate(photo_files[:3])]
+    row = {"shard_index": 0, "items_json": json.dumps(items)}
+    manifest = shards._write_one_shard(row, str(tmp_path), "files", dataclasses.asdict(IngestConfig()))
+    assert [m["status"] for m in manifest] == ["ok", "corrupt", "ok"]
+    assert manifest[1]["detail"] == "RuntimeError: boom" and manifest[1]["shard"] == ""
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        assert sorted(tar.getnames()) == ["000000000.jpg", "000000000.json", "000000002.jpg", "000000002.json"]
 
 
 def test_decode_reasons_directly(photo_files, tmp_path):

@@ -30,7 +30,7 @@ def micro_config(root, shards, steps: int, **train) -> Config:
         paths=PathsConfig(root=str(root)),
         ray=RayConfig(num_cpus=2),
         data=DataConfig(shards=str(shards), shuffle_buffer=16),
-        views=ViewsConfig(num_views=M, view_size=32, annotation_views=A, batch_size=16, concurrency=1),
+        views=ViewsConfig(num_views=M, view_size=32, annotation_views=A, batch_size=16, concurrency=1, cpus_per_actor=0.5),
         model=MICRO_MODEL,
         train=TrainConfig(
             **{

@@ -1,14 +1,26 @@
 """The multi-view crop stage: Ray Data CPU actors turn shard samples into uint8 training views.
 
 Each image is decoded once (at a reduced JPEG DCT scale when even the smallest crop would still
-have enough pixels) and all views are cut from that one array. Samples that fail to decode are
-dropped from the batch and counted by reason in a named `CropStats` actor, so a corrupt shard
-member costs one counted skip, not a dead worker.
+have >= view_size pixels) and all views are cut from that one array. Samples that fail to decode
+are dropped from the batch and counted by reason, so a corrupt shard member costs one counted
+skip, not a dead worker.
+
+Counting and epochs share one named `CropStats` actor per run, reached with ONE synchronous call
+per batch (not per image):
+- counts are recorded before the batch leaves the stage, so `crop_stats(name)` read after the
+  dataset is consumed is exact (a fire-and-forget call from an actor Ray Data is tearing down could
+  still be in flight, or lost);
+- it returns how many times each key was seen before: the key's epoch. Ray Data builds a fresh
+  actor pool every time a dataset is executed (every epoch), and a key may land on any actor, so a
+  counter inside the crop actor would restart at 0 each epoch and repeat the same crops. Seeding
+  with (seed, key, epoch-of-key) makes runs reproducible and epochs different, whatever the
+  scheduling. The actor keeps one int per distinct key (fine up to tens of millions of images).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import zlib
 from collections import Counter
@@ -16,10 +28,9 @@ from typing import Any
 
 import numpy as np
 import ray
-from PIL import Image
 
 from pipeline.config import ViewsConfig
-from pipeline.data.schema import OK, BadImage, decode_rgb
+from pipeline.data.schema import CORRUPT, OK, BadImage, decode_rgb
 from pipeline.data.views import make_views
 
 STATS_NAMESPACE = "abpipe"
@@ -27,95 +38,157 @@ STATS_NAMESPACE = "abpipe"
 
 @ray.remote(num_cpus=0)
 class CropStats:
-    """Counts per status over every crop actor of one run ("ok" plus each skip reason)."""
+    """Per-run counts by status ("ok" plus each skip reason) and per-key visit counts (epochs)."""
 
     def __init__(self):
         self.counts: Counter = Counter()
+        self.visits: dict[str, int] = {}
 
-    def add(self, counts: dict[str, int]) -> None:
+    def record(self, counts: dict[str, int], keys: list[str]) -> list[int]:
+        """Add a batch's counts; return each kept key's epoch (visits before this one)."""
         self.counts.update(counts)
+        epochs = []
+        for key in keys:
+            seen = self.visits.get(key, 0)
+            self.visits[key] = seen + 1
+            epochs.append(seen)
+        return epochs
 
     def get(self) -> dict[str, int]:
-        return dict(self.counts)
+        return {k: v for k, v in self.counts.items() if v}
 
 
-_DRIVER_HANDLES: dict[str, Any] = {}  # a named actor lives while a handle to it does
+_DRIVER_HANDLES: dict[str, Any] = {}  # a non-detached named actor lives while its owner does
 
 
 def crop_stats_actor(name: str):
-    """Get or create the named counter; the driver keeps a handle so it outlives the dataset."""
+    """Get or create the named stats actor.
+
+    A non-detached actor dies with the process that created it, so `build_crop_dataset` creates it
+    on the driver (and keeps the handle here): it then outlives the crop actors' pool.
+    """
     handle = CropStats.options(name=name, namespace=STATS_NAMESPACE, get_if_exists=True).remote()
     _DRIVER_HANDLES[name] = handle
     return handle
 
 
-def crop_stats(name: str) -> dict[str, int]:
+def crop_stats(name: str = "crop-stats") -> dict[str, int]:
+    """Counts so far by status: {"ok": n, "<skip reason>": n, ...} (reasons from schema.py)."""
     return ray.get(ray.get_actor(name, namespace=STATS_NAMESPACE).get.remote())
 
 
 def draft_size(cfg: ViewsConfig) -> int:
-    """Smallest decoded side that keeps the smallest possible crop at >= view_size pixels."""
-    min_scale = min(cfg.scale[0], cfg.annotation_scale[0] if cfg.annotation_views else 1.0)
-    return int(math.ceil(cfg.view_size / math.sqrt(max(min_scale, 1e-6)) * max(cfg.ratio[1], 1 / cfg.ratio[0]) ** 0.5))
+    """Decoded short side that keeps the smallest possible crop's short side >= view_size.
+
+    A crop of area fraction a and aspect r in an image whose short side is N has short side
+    >= N * sqrt(a / max(r, 1/r)), so N >= S * sqrt(max(r, 1/r) / a_min). PIL's draft picks the
+    largest DCT reduction (1/2, 1/4, 1/8) that keeps both sides >= N, so nothing below is upsampled.
+    """
+    scales = [cfg.scale[0]] if cfg.num_views else []
+    if cfg.annotation_views:
+        scales.append(cfg.annotation_scale[0])
+    a_min = max(min(scales, default=1.0), 1e-6)
+    r_max = max(cfg.ratio[1], 1 / cfg.ratio[0])
+    return math.ceil(cfg.view_size * math.sqrt(r_max / a_min))
 
 
-def _empty_batch(cfg: ViewsConfig) -> dict[str, np.ndarray]:
-    s = cfg.view_size
-    return {
-        "views": np.zeros((0, cfg.num_views, s, s, 3), np.uint8),
-        "boxes": np.zeros((0, cfg.num_views, 4), np.float32),
-        "ann_views": np.zeros((0, cfg.annotation_views, s, s, 3), np.uint8),
-    }
+def _first_label(raw: Any) -> str:
+    """First label of the sample's json meta as a string, "" when absent or unreadable."""
+    try:
+        labels = json.loads(raw).get("labels") or []
+    except (TypeError, ValueError, AttributeError):
+        return ""
+    return str(labels[0]) if labels else ""
 
 
 class MultiViewCropper:
-    """Callable class for `map_batches`: shard rows {__key__, jpg, json} -> {views, boxes, ann_views}.
+    """Callable class for `map_batches(batch_format="numpy")`.
 
-    Only numeric columns leave the stage: that is what the trainer's torch iterator can carry.
+    In: `key` (or WebDataset's `__key__`) str, `jpg` bytes, `json` str/bytes meta.
+    Out: `views` (B, M, S, S, 3) uint8, `boxes` (B, M, 4) float32 in the image's [0, 1] frame,
+    `ann_views` (B, A, S, S, 3) uint8; with `keep_meta` also `key` and `labels` (str, first label
+    or ""). Those are off by default because `iter_torch_batches` (the trainer) cannot carry string
+    columns.
     """
 
-    def __init__(self, views_cfg: dict[str, Any], seed: int = 0, stats_name: str | None = None):
-        self.cfg = ViewsConfig(**views_cfg)
-        self.seed = seed
+    def __init__(self, cfg_views: ViewsConfig | dict, seed: int = 0, stats_name: str | None = "crop-stats", keep_meta: bool = False):
+        self.cfg = cfg_views if isinstance(cfg_views, ViewsConfig) else ViewsConfig(**cfg_views)
+        self.seed = int(seed)
+        self.keep_meta = keep_meta
         self.draft = draft_size(self.cfg)
-        self.calls = 0
         self.stats = crop_stats_actor(stats_name) if stats_name else None
+        self.local_visits: Counter = Counter()  # epochs when no stats actor is given
 
-    def rng_for(self, key: str) -> np.random.Generator:
-        """Per-sample stream: seeded by the run seed and the sample key, fresh on every visit."""
-        return np.random.default_rng([self.seed, zlib.crc32(key.encode()), self.calls])
+    def rng_for(self, key: str, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, zlib.crc32(key.encode()), epoch])
+
+    def _epochs(self, counts: dict[str, int], keys: list[str]) -> list[int]:
+        if self.stats is not None:
+            return ray.get(self.stats.record.remote(counts, keys))
+        epochs = [self.local_visits[k] for k in keys]
+        self.local_visits.update(keys)
+        return epochs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.calls += 1
+        keys_in = batch["key"] if "key" in batch else batch["__key__"]
+        metas = batch["json"] if "json" in batch else [None] * len(keys_in)
         counts: Counter = Counter()
-        out: dict[str, list] = {"views": [], "boxes": [], "ann_views": []}
-        for key, jpg in zip(batch["__key__"], batch["jpg"]):
+        kept = []  # (key, decoded image, meta)
+        for key, data, meta in zip(keys_in, batch["jpg"], metas):
             try:
-                rgb = decode_rgb(bytes(jpg), draft_to=self.draft)
+                rgb = decode_rgb(bytes(data) if data is not None else b"", draft_to=self.draft)
             except BadImage as exc:
                 counts[exc.reason] += 1
                 continue
-            views = make_views(Image.fromarray(rgb), self.rng_for(str(key)), self.cfg)
-            for name in out:
-                out[name].append(views[name])
-            counts[OK] += 1
-        if self.stats is not None:
-            self.stats.add.remote(dict(counts))
-        if not out["views"]:
-            return _empty_batch(self.cfg)
-        return {name: np.stack(values) for name, values in out.items()}
+            except Exception:  # noqa: BLE001 - one unclassified decode error must not kill the actor
+                counts[CORRUPT] += 1
+                continue
+            kept.append((str(key), rgb, meta))
+        counts[OK] = len(kept)
+        epochs = self._epochs(dict(counts), [k for k, _, _ in kept])
+
+        c, s, m, a = self.cfg, self.cfg.view_size, self.cfg.num_views, self.cfg.annotation_views
+        out = {
+            "views": np.empty((len(kept), m, s, s, 3), np.uint8),
+            "boxes": np.empty((len(kept), m, 4), np.float32),
+            "ann_views": np.empty((len(kept), a, s, s, 3), np.uint8),
+        }
+        for i, ((key, rgb, _), epoch) in enumerate(zip(kept, epochs)):
+            views = make_views(rgb, self.rng_for(key, epoch), c)
+            for name, column in out.items():
+                column[i] = views[name]
+        if self.keep_meta:
+            out["key"] = np.array([k for k, _, _ in kept], dtype=object)
+            out["labels"] = np.array([_first_label(meta) for _, _, meta in kept], dtype=object)
+        return out
 
 
-def build_crop_dataset(ds, cfg: ViewsConfig, seed: int = 0, stats_name: str | None = "crop-stats"):
-    """Apply the crop stage to a shard dataset (`read_shards` columns); lazy and streaming."""
+def build_crop_dataset(
+    ds: ray.data.Dataset,
+    cfg_views: ViewsConfig,
+    seed: int = 0,
+    stats_name: str | None = "crop-stats",
+    keep_meta: bool = False,
+) -> ray.data.Dataset:
+    """Apply the crop stage (lazy, streaming) to a dataset with `key`/`__key__`, `jpg`, `json`.
+
+    An autoscaling pool of 1..`cfg_views.concurrency` actors (None: cluster CPUs - 1, at least 1),
+    `cfg_views.cpus_per_actor` CPUs each. Read counts with `crop_stats(stats_name)`.
+    """
     if stats_name:
         crop_stats_actor(stats_name)
-    size = cfg.concurrency or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+    max_size = cfg_views.concurrency or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     return ds.map_batches(
         MultiViewCropper,
-        fn_constructor_kwargs={"views_cfg": dataclasses.asdict(cfg), "seed": seed, "stats_name": stats_name},
-        batch_size=cfg.batch_size,
+        fn_constructor_kwargs={
+            "cfg_views": dataclasses.asdict(cfg_views),
+            "seed": seed,
+            "stats_name": stats_name,
+            "keep_meta": keep_meta,
+        },
+        batch_size=cfg_views.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
-        num_cpus=cfg.cpus_per_actor,
+        zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_size),
+        num_cpus=cfg_views.cpus_per_actor,
     )

@@ -1,9 +1,12 @@
 """Multi-view sampling for one decoded image: AB's M crops with their boxes, and SimCLR views.
 
-The image is decoded once by the caller; every view is cut from that one array. Boxes follow
-torchvision's RandomResizedCrop.get_params distribution exactly (area fraction uniform in `scale`,
-log-uniform aspect ratio in `ratio`, 10 tries, then a central fallback crop), with a numpy RNG so
-the CPU workers need no torch state.
+The image is decoded once by the caller; every view is cut from that one array, so decode cost
+is paid once per image however many views it yields. Boxes follow torchvision's
+RandomResizedCrop.get_params distribution exactly (area fraction uniform in `scale`, log-uniform
+aspect ratio in `ratio`, integer sides by round(), 10 tries, then the central fallback crop), drawn
+from a numpy Generator so CPU workers carry no global torch RNG state and every image has its own
+reproducible stream. The SimCLR colour distortion uses Pillow's C ops, several times cheaper per
+view than tensor ops on a CPU worker.
 """
 
 from __future__ import annotations
@@ -15,103 +18,153 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from pipeline.config import ViewsConfig
 
-
-def sample_box(rng: np.random.Generator, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
-    """One RandomResizedCrop box as pixel (x0, y0, x1, y1), the same rule as get_params."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            y0 = int(rng.integers(0, height - h + 1))
-            x0 = int(rng.integers(0, width - w + 1))
-            return x0, y0, x0 + w, y0 + h
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    x0, y0 = (width - w) // 2, (height - h) // 2
-    return x0, y0, x0 + w, y0 + h
+TRIES = 10  # get_params' number of attempts before the fallback
 
 
 def sample_boxes(rng: np.random.Generator, height: int, width: int, num: int, scale, ratio) -> np.ndarray:
-    """`num` independent boxes, (num, 4) float64 pixel xyxy."""
-    return np.array([sample_box(rng, height, width, scale, ratio) for _ in range(num)], dtype=np.float64)
+    """`num` independent RandomResizedCrop boxes, (num, 4) float64 pixel xyxy (integer-valued).
+
+    All tries of all boxes are drawn at once; each box takes its first accepted try. Draws a box
+    would not have used in get_params are simply ignored, so the distribution is the same.
+    """
+    area = float(height * width)
+    target = area * rng.uniform(scale[0], scale[1], size=(num, TRIES))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(num, TRIES)))
+    w = np.round(np.sqrt(target * aspect))  # np.round is round-half-even, as Python's round()
+    h = np.round(np.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.argmax(axis=1)
+    found = ok.any(axis=1)
+    rows = np.arange(num)
+    w, h = w[rows, first], h[rows, first]
+
+    # Fallback (no try fitted): the whole image, or its central crop at the nearest allowed ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    w, h = np.where(found, w, fw), np.where(found, h, fh)
+    # Positions only for the found boxes (as get_params: randint(0, side - crop + 1)).
+    x0 = np.full(num, float((width - fw) // 2))
+    y0 = np.full(num, float((height - fh) // 2))
+    if found.any():
+        y0[found] = rng.integers(0, height - h[found] + 1)
+        x0[found] = rng.integers(0, width - w[found] + 1)
+    return np.stack([x0, y0, x0 + w, y0 + h], axis=-1).astype(np.float64)
 
 
-def cut_crops(image: Image.Image, boxes_px: np.ndarray, size: int) -> list[Image.Image]:
-    """Crop+resize each box from the decoded image in one antialiased PIL call (sub-pixel exact)."""
-    return [image.resize((size, size), Image.BILINEAR, box=tuple(float(v) for v in b)) for b in boxes_px]
+def _pil(image: np.ndarray | Image.Image) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
 
 
-def to_array(views: list[Image.Image], size: int) -> np.ndarray:
+def _crop_resize(image: Image.Image, box, size: int) -> Image.Image:
+    """Crop+resize one float xyxy box with antialiased bilinear, as RandomResizedCrop does.
+
+    Pillow's `resize(box=...)` alone would let the filter read pixels outside the box near its
+    edges (its support is clipped to the image, not the box), so the box is first cut to its
+    enclosing integer pixels: no content from outside the box leaks in. The remaining float offset
+    goes to `resize(box=...)`, so a view is sub-pixel exactly its normalised box. No
+    `reducing_gap`: it would trade that exactness for speed, and the JPEG draft decode already
+    bounds how far a view is downscaled.
+    """
+    # Snap float noise (e.g. a float32-normalised box mapped back to pixels) to the whole pixel it
+    # means: otherwise 39.99999 would pull pixel 39 into the filter's support.
+    x0, y0, x1, y1 = (round(v) if abs(v - round(v)) < 1e-4 else v for v in map(float, box))
+    ix0, iy0 = max(0, math.floor(x0)), max(0, math.floor(y0))
+    ix1, iy1 = min(image.width, math.ceil(x1)), min(image.height, math.ceil(y1))
+    region = image.crop((ix0, iy0, ix1, iy1))
+    return region.resize((size, size), Image.BILINEAR, box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0))
+
+
+def _crops(image: Image.Image, boxes_px: np.ndarray, size: int) -> list[Image.Image]:
+    return [_crop_resize(image, b, size) for b in np.asarray(boxes_px, dtype=np.float64)]
+
+
+def _stack(views: list[Image.Image], size: int) -> np.ndarray:
     if not views:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     return np.stack([np.asarray(v) for v in views])
 
 
-def cut_views(image: Image.Image, boxes_px: np.ndarray, size: int) -> np.ndarray:
-    """(num, size, size, 3) uint8 views of the given pixel boxes."""
-    return to_array(cut_crops(image, boxes_px, size), size)
+def cut_views(image: np.ndarray | Image.Image, boxes_px: np.ndarray, size: int) -> np.ndarray:
+    """(num, size, size, 3) uint8 views of the given pixel xyxy boxes of an HWC uint8 image."""
+    return _stack(_crops(_pil(image), boxes_px, size), size)
 
 
-def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
-    """Rotate hue by `shift` turns (in [-0.5, 0.5]) through PIL's HSV mode (wraps around)."""
-    h, s, v = image.convert("HSV").split()
-    h = h.point(lambda x, d=int(round(shift * 255)): (x + d) % 256)
+def _shift_hue(view: Image.Image, shift: float) -> Image.Image:
+    """Rotate hue by `shift` turns (in [-0.5, 0.5]) through Pillow's 8-bit HSV.
+
+    Pillow stores hue as h * 255 (hsv2rgb reads h / 255), so one turn is 255 steps, not 256.
+    """
+    h, s, v = view.convert("HSV").split()
+    d = round(shift * 255)
+    h = h.point([(x + d) % 255 for x in range(256)])
     return Image.merge("HSV", (h, s, v)).convert("RGB")
 
 
-def colour_distort(rng: np.random.Generator, view: Image.Image, cfg: ViewsConfig) -> Image.Image:
-    """SimCLR's colour distortion on one view: jitter (p=0.8, random order), grayscale, blur.
+def colour_jitter(rng: np.random.Generator, view: Image.Image, strength: float) -> Image.Image:
+    """SimCLR's RandomApply(ColorJitter(0.8s, 0.8s, 0.8s, 0.2s), p=0.8), ops in random order.
 
-    PIL's C implementations: several times cheaper per view than tensor ops on a CPU worker.
+    Pillow's enhancers blend with the same references as torchvision's ColorJitter (black for
+    brightness, the grey mean for contrast, the greyscale image for saturation).
     """
-    s = cfg.color_jitter
-    if s > 0 and rng.random() < 0.8:
-        for op in rng.permutation(4):
-            if op == 0:
-                view = ImageEnhance.Brightness(view).enhance(rng.uniform(max(0, 1 - 0.8 * s), 1 + 0.8 * s))
-            elif op == 1:
-                view = ImageEnhance.Contrast(view).enhance(rng.uniform(max(0, 1 - 0.8 * s), 1 + 0.8 * s))
-            elif op == 2:
-                view = ImageEnhance.Color(view).enhance(rng.uniform(max(0, 1 - 0.8 * s), 1 + 0.8 * s))
-            else:
-                view = _shift_hue(view, rng.uniform(-0.2 * s, 0.2 * s))
-    if rng.random() < cfg.grayscale_p:
-        view = view.convert("L").convert("RGB")
-    if rng.random() < cfg.blur_p:
-        view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0) * view.size[0] / 224))
+    if strength <= 0 or rng.random() >= 0.8:
+        return view
+    bcs = (max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength)
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for op in rng.permutation(4):
+        if op < 3:
+            view = enhancers[op](view).enhance(rng.uniform(*bcs))
+        else:
+            view = _shift_hue(view, rng.uniform(-min(0.5, 0.2 * strength), min(0.5, 0.2 * strength)))
     return view
 
 
-def augmented_views(rng: np.random.Generator, image: Image.Image, num: int, size: int, scale, cfg: ViewsConfig) -> np.ndarray:
-    """`num` SimCLR views: random resized crop, horizontal flip, colour distortion."""
-    width, height = image.size
-    crops = cut_crops(image, sample_boxes(rng, height, width, num, scale, cfg.ratio), size)
-    return to_array([_flip_and_distort(rng, c, cfg) for c in crops], size)
+def _flip(rng: np.random.Generator, view: Image.Image) -> Image.Image:
+    return view.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else view
 
 
-def _flip_and_distort(rng: np.random.Generator, view: Image.Image, cfg: ViewsConfig) -> Image.Image:
-    if rng.random() < 0.5:
-        view = view.transpose(Image.FLIP_LEFT_RIGHT)
-    return colour_distort(rng, view, cfg)
+def simclr_augment(rng: np.random.Generator, image: np.ndarray | Image.Image, size: int, cfg: ViewsConfig) -> np.ndarray:
+    """One SimCLR annotation view (size, size, 3) uint8.
+
+    RandomResizedCrop(annotation_scale, ratio) -> horizontal flip -> colour jitter (p=0.8) ->
+    grayscale (p=grayscale_p) -> Gaussian blur (p=blur_p). SimCLR's sigma range [0.1, 2] is for
+    224-px views (kernel = 10% of the side); it is scaled with the view side so small test/demo
+    views are blurred by the same fraction of their extent, not wiped out.
+    """
+    pil = _pil(image)
+    box = sample_boxes(rng, pil.height, pil.width, 1, cfg.annotation_scale, cfg.ratio)
+    view = _flip(rng, _crops(pil, box, size)[0])
+    view = colour_jitter(rng, view, cfg.color_jitter)
+    if rng.random() < cfg.grayscale_p:
+        view = view.convert("L").convert("RGB")
+    if rng.random() < cfg.blur_p:
+        view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0) * size / 224))
+    return np.asarray(view)
 
 
 def make_views(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: ViewsConfig) -> dict[str, np.ndarray]:
-    """All views of one image: M AB crops + boxes (in the image's [0,1] frame) and A SimCLR views."""
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    """All views of one image.
+
+    Returns {"views": (M, S, S, 3) uint8, "boxes": (M, 4) float32 xyxy in the image's [0, 1]
+    frame, "ann_views": (A, S, S, 3) uint8}. The M AB crops are un-augmented by default: their
+    relation is carried by the boxes. `cfg.augment_views` (ablation) adds flip + colour jitter to
+    them; the boxes are left as sampled.
+    """
+    pil = _pil(image)
     width, height = pil.size
+    size = cfg.view_size
     boxes_px = sample_boxes(rng, height, width, cfg.num_views, cfg.scale, cfg.ratio)
-    crops = cut_crops(pil, boxes_px, cfg.view_size)
-    if cfg.augment_views:  # ablation: the paper finds augmenting the AB crops hurts
-        crops = [_flip_and_distort(rng, c, cfg) for c in crops]
+    crops = _crops(pil, boxes_px, size)
+    if cfg.augment_views:
+        crops = [colour_jitter(rng, _flip(rng, c), cfg.color_jitter) for c in crops]
     boxes = (boxes_px / np.array([width, height, width, height], dtype=np.float64)).astype(np.float32)
-    ann = augmented_views(rng, pil, cfg.annotation_views, cfg.view_size, cfg.annotation_scale, cfg)
-    return {"views": to_array(crops, cfg.view_size), "boxes": boxes, "ann_views": ann}
+    ann = [simclr_augment(rng, pil, size, cfg) for _ in range(cfg.annotation_views)]
+    return {
+        "views": _stack(crops, size),
+        "boxes": boxes,
+        "ann_views": np.stack(ann) if ann else np.zeros((0, size, size, 3), np.uint8),
+    }
