@@ -18,7 +18,7 @@ from pipeline.models.ab_model import build_model
 from pipeline.objectives.ab_simclr import ab_simclr_step
 from pipeline.objectives.contrastive import symmetric_info_nce
 from pipeline.objectives.ema import make_teacher
-from tests.test_objectives import TINY
+from tests.micro import MICRO_MODEL
 
 B, M = 4, 3  # images per worker, crops per image
 
@@ -34,7 +34,7 @@ def make_batch(n: int):
 
 def fresh_models():
     torch.manual_seed(0)
-    student = build_model(TINY, 32)
+    student = build_model(MICRO_MODEL, 32)
     teacher = make_teacher(student)
     with torch.no_grad():  # a teacher that differs from the student, as mid-training
         for p in teacher.parameters():

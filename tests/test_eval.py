@@ -11,18 +11,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import Config, EvalConfig, ModelConfig, PathsConfig, RayConfig, TrackingConfig, ViewsConfig
-from pipeline.models.checkpoint import CheckpointError, save_checkpoint
-
-MICRO_MODEL = ModelConfig(
-    encoder="vit_tiny_patch16_224",
-    encoder_kwargs={"patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 2},
-    decoder_depth=1,
-    decoder_heads=2,
-    proj_dim=32,
-    proj_hidden_dim=64,
+from pipeline.config import (
+    Config,
+    EvalConfig,
+    PathsConfig,
+    RayConfig,
+    TrackingConfig,
+    ViewsConfig,
 )
-
+from pipeline.models.checkpoint import CheckpointError, save_checkpoint
+from tests.micro import MICRO_MODEL
 
 # ----------------------------------------------------------------------------------------- probes
 
@@ -200,7 +198,11 @@ def test_bad_checkpoints_raise_checkpoint_error(ray_cluster, digits_folder, pret
 
 def test_ray_features_match_in_process(ray_cluster, digits_folder, pretrain_setup):
     """Ray Data may reorder blocks; rows must still come back aligned with their labels, in order."""
-    from pipeline.eval.features import extract_features, features_in_process, load_and_resize
+    from pipeline.eval.features import (
+        extract_features,
+        features_in_process,
+        load_and_resize,
+    )
     from pipeline.eval.job import list_labelled_folder
     from pipeline.models.checkpoint import load_frozen_model
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, ObjectiveConfig
+from pipeline.config import ObjectiveConfig
 from pipeline.data.boxes import relative_box
 from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.objectives.ab_simclr import ab_simclr_step, pair_actions
@@ -16,15 +16,7 @@ from pipeline.objectives.contrastive import symmetric_info_nce
 from pipeline.objectives.ema import ema_rate, ema_update, make_teacher
 from pipeline.objectives.propagation import propagation_loss, teacher_distribution
 from pipeline.objectives.schedules import warmup_cosine
-
-TINY = ModelConfig(
-    encoder="vit_tiny_patch16_224",
-    encoder_kwargs={"patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 2},
-    decoder_depth=1,
-    decoder_heads=2,
-    proj_dim=32,
-    proj_hidden_dim=64,
-)
+from tests.micro import MICRO_MODEL
 
 
 def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
@@ -148,7 +140,7 @@ def test_pair_actions_all_pairs_and_identity_diagonal():
 
 def test_decoder_groups_are_independent_and_identity_is_phi():
     torch.manual_seed(0)
-    model = build_model(TINY, 32).eval()
+    model = build_model(MICRO_MODEL, 32).eval()
     x = images_to_float(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8))
     memory = model.encode(x)
     actions = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.2, 0.1, 0.9, 0.7]]]).expand(2, 2, 4).clone()
@@ -164,7 +156,7 @@ def test_decoder_groups_are_independent_and_identity_is_phi():
 def test_student_step_diagonal_equals_plain_embedding():
     """pred[b, s, s] (identity action) must be phi(crop s): the two heads are one network."""
     torch.manual_seed(0)
-    student = build_model(TINY, 32).eval()
+    student = build_model(MICRO_MODEL, 32).eval()
     teacher = make_teacher(student)
     crops = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
     boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 1.0, 0.9], [0.1, 0.3, 0.6, 1.0]]).expand(2, 3, 4)

@@ -9,18 +9,18 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import Config, DataConfig, ModelConfig, PathsConfig, RayConfig, TrainConfig, ViewsConfig
+from pipeline.config import (
+    Config,
+    DataConfig,
+    PathsConfig,
+    RayConfig,
+    TrainConfig,
+    ViewsConfig,
+)
 from pipeline.models.checkpoint import read_meta
 from pipeline.train.loop import NonFiniteLossError, train_loop_per_worker
+from tests.micro import MICRO_MODEL
 
-MICRO_MODEL = ModelConfig(
-    encoder="vit_tiny_patch16_224",
-    encoder_kwargs={"patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 2},
-    decoder_depth=1,
-    decoder_heads=2,
-    proj_dim=32,
-    proj_hidden_dim=64,
-)
 BATCH, M, A = 8, 3, 2
 
 
