@@ -64,15 +64,12 @@ def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[
 
 
 def list_labelled_folder(root: str) -> list[dict[str, str]]:
-    """[{input, label}] for root/<label>/<file>, sorted; hidden files and folders are skipped."""
-    base = Path(root)
-    if not base.is_dir():
+    """[{input, label}] for root/<label>/<file>: the ingest lister's items that carry a class."""
+    from pipeline.data.sources.image_folder import list_image_folder
+
+    if not Path(root).is_dir():
         raise ConfigError(f"eval.dataset: not a folder: {root}")
-    items = []
-    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
-                items.append({"input": str(path), "label": folder.name})
+    items = [{"input": it["input"], "label": it["labels"][0]} for it in list_image_folder(root) if it["labels"]]
     if not items:
         raise ConfigError(f"eval.dataset: no images in class sub-folders of {root}")
     return items
