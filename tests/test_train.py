@@ -82,6 +82,17 @@ def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_pa
     assert set(state) == {"student", "teacher", "optimizer"}
 
 
+def test_cpu_budget_too_small_is_a_clear_error(ray_cluster, digit_shards, tmp_path):
+    """A data stage that cannot fit beside the trainers would hang; it must be refused up front."""
+    from pipeline.config import ConfigError
+    from pipeline.train.trainer import run_pretrain
+
+    cfg = micro_config(tmp_path, digit_shards, steps=3)
+    cfg = dataclasses.replace(cfg, views=dataclasses.replace(cfg.views, cpus_per_actor=1.0), train=dataclasses.replace(cfg.train, cpus_per_worker=1.0))
+    with pytest.raises(ConfigError, match=r"data stage needs 1.25 CPUs .* only 1 of the cluster's 2"):
+        run_pretrain(cfg)
+
+
 def test_pretrain_two_workers_ddp(ray_cluster, digit_shards, tmp_path):
     from pipeline.train.trainer import run_pretrain
 

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.models.checkpoint import META_FILE
 from pipeline.runtime import init_ray
 from pipeline.train import tracking
@@ -31,6 +31,27 @@ def latest_checkpoint_dir(storage_path: str, run_name: str) -> str | None:
         if step > best_step:
             best, best_step = os.path.dirname(meta_path), step
     return best
+
+
+def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
+    """Fail fast where the data stage cannot fit beside the training workers.
+
+    Ray Train leaves the data pipeline `cluster CPUs - training CPUs`; if one crop actor and one
+    shard-read task do not fit in that, the stream never starts and the run hangs silently.
+    """
+    budget = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker
+    need = cfg.views.cpus_per_actor + cfg.data.read_cpus
+    if budget + 1e-9 < need:
+        message = (
+            f"the data stage needs {need:g} CPUs (views.cpus_per_actor={cfg.views.cpus_per_actor:g} + "
+            f"data.read_cpus={cfg.data.read_cpus:g}) but only {budget:g} of the cluster's {cluster_cpus:g} are left "
+            f"after {cfg.train.num_workers} training worker(s) x train.cpus_per_worker={cfg.train.cpus_per_worker:g}; "
+            "lower those settings or add CPUs"
+        )
+        if cfg.ray.address:  # an autoscaling cluster may still grow: warn instead of refusing
+            print(f"[abpipe] WARNING: {message}", flush=True)
+        else:
+            raise ConfigError(message)
 
 
 def build_training_dataset(cfg: Config):
@@ -55,6 +76,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
 
     cfg = cfg.resolved()
     init_ray(cfg.ray)
+    check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0))
     storage = cfg.train.storage_path
     os.makedirs(storage, exist_ok=True) if "://" not in storage else None
 
