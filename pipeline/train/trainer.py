@@ -8,13 +8,12 @@ makes the resumed job log into the same MLflow run.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.models.checkpoint import META_FILE
+from pipeline.models.checkpoint import META_FILE, CheckpointError, read_meta
 from pipeline.runtime import init_ray
 from pipeline.train import tracking
 from pipeline.train.loop import train_loop_per_worker
@@ -25,8 +24,8 @@ def latest_checkpoint_dir(storage_path: str, run_name: str) -> str | None:
     best, best_step = None, -1
     for meta_path in glob.glob(os.path.join(storage_path, run_name, "checkpoint_*", META_FILE)):
         try:
-            step = int(json.load(open(meta_path))["step"])
-        except (OSError, ValueError, KeyError):
+            step = int(read_meta(os.path.dirname(meta_path))["step"])
+        except (CheckpointError, OSError, ValueError, KeyError):
             continue
         if step > best_step:
             best, best_step = os.path.dirname(meta_path), step
@@ -83,7 +82,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     previous = latest_checkpoint_dir(storage, cfg.train.run_name) if "://" not in storage else None
     run_id = None
     if previous:
-        run_id = json.load(open(os.path.join(previous, META_FILE))).get("mlflow_run_id")
+        run_id = read_meta(previous).get("mlflow_run_id")
         print(f"[abpipe] resuming run '{cfg.train.run_name}' from {previous}", flush=True)
     if not run_id:
         run_id = _start_mlflow_run(cfg)
