@@ -34,17 +34,87 @@ class RayConfig:
     address: str | None = None  # None: start (or join) a local Ray instance
     num_cpus: int | None = None  # only for a local instance
     temp_dir: str | None = None  # default: /tmp/abpipe-ray
+    dashboard: bool = False  # local instance: start the Ray dashboard (http://127.0.0.1:8265)
+    dashboard_host: str = "127.0.0.1"  # loopback only; reach a cluster's dashboard through an SSH tunnel
+
+
+@dataclass
+class UrlIngestConfig:
+    """`ingest.source: cc12m` (any url+caption TSV/CSV/parquet): img2dataset's download settings.
+
+    Sizes come from `ingest.*`: max_side (img2dataset resizes the longest side), min_side (its
+    min_image_size), samples_per_shard, jpeg_quality.
+    """
+
+    url_col: str = "url"
+    caption_col: str = "caption"  # "" for a list without captions
+    columns: list[str] = field(default_factory=list)  # names for a headerless TSV/CSV: [url, caption] for cc12m.tsv
+    input_format: str = ""  # tsv | csv | parquet | jsonl | txt (one URL a line); "" = from the extension (.gz ok)
+    distributor: str = "multiprocessing"  # multiprocessing (this machine) | ray (one task per shard on the cluster)
+    processes: int = 2  # multiprocessing: download processes; also the threads that normalise finished shards
+    threads: int = 32  # download threads per process
+    retries: int = 2  # extra attempts per URL after a failed download
+    timeout: float = 10.0  # seconds per request (connect, and each read)
+    user_agent_token: str = "abpipe"  # sent in the User-Agent; X-Robots-Tag "abpipe: noai" opts out of us alone
+    disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])  # [] honours none
+    max_shard_retry: int = 1  # multiprocessing: re-runs of a shard whose worker died
+    keep_raw: bool = False  # keep img2dataset's own tars after normalising (they double the disk use)
+
+
+@dataclass
+class CocoIngestConfig:
+    """`ingest.source: coco`: `ingest.input` is the images dir; annotations come from these jsons."""
+
+    instances: str = ""  # instances_*.json
+    captions: str = ""  # optional captions_*.json
+    include_crowd: bool = False  # keep iscrowd=1 boxes (counted boxes_kept_crowd) instead of dropping them
+    min_box_side: float = 1.0  # boxes narrower/shorter than this after clipping (json pixels) are degenerate
+
+
+@dataclass
+class EpicIngestConfig:
+    """`ingest.source: epic_kitchens`: `ingest.input` is a videos dir or an rgb_frames dir."""
+
+    annotations_csv: str = ""  # EPIC_100_train.csv (optional: frames then carry no action)
+    frame_stride: int = 30  # every Nth frame, starting at frame 1
+    layout: str = "videos"  # videos (<input>/P01/videos/P01_01.MP4) | rgb_frames (<input>/P01/rgb_frames/P01_01.tar or P01_01/)
+    visor_json: str = ""  # VISOR sparse annotations: one json, or a folder of per-video jsons
+    visor_frame_mapping: str = ""  # VISOR's frame_mapping.json (VISOR frame name -> rgb_frames name); empty: same numbers
+    visor_width: int = 1920  # the pixel frame VISOR polygons are drawn in
+    visor_height: int = 1080
 
 
 @dataclass
 class IngestConfig:
-    source: str = "image_folder"  # image_folder | files
+    source: str = "image_folder"  # image_folder | files | cc12m | coco | epic_kitchens
     input: str = ""  # folder (image_folder) or text file with one path per line (files)
     output: str = ""  # shard directory; default <paths.root>/shards/<source>
     max_side: int = 384  # longest side after ingest; images are re-encoded at most once
     min_side: int = 8  # smaller images are skipped (reason: too_small)
     samples_per_shard: int = 1000
     jpeg_quality: int = 90
+    cc12m: UrlIngestConfig = field(default_factory=UrlIngestConfig)
+    coco: CocoIngestConfig = field(default_factory=CocoIngestConfig)
+    epic: EpicIngestConfig = field(default_factory=EpicIngestConfig)
+
+
+@dataclass
+class TextViewsConfig:
+    """Text annotations cut by the crop stage into a `tokens` column (CLIP, SLIP, AB_CLIP).
+
+    They pair with the annotation views, so they are emitted (and required) only when
+    `views.annotation_views` > 0: the propagation-crop stream of a decoupled run never needs text.
+    One string per image per epoch, chosen with the crops' seeding, tokenised on the CPU actor by
+    open_clip's bundled tokenizer. Samples without the text are skipped and counted
+    (`no_caption`, `no_boxes`, `bad_annotation`).
+    """
+
+    source: str = "none"  # none | captions (json `captions`, else the `txt` member) | boxes (json `boxes` + `labels` as text)
+    tokenizer: str = "ViT-S-16"  # open_clip model name whose bundled (offline) tokenizer is used
+    context_length: int = 77  # token ids per string (CLIP: 77); the text tower is built for this length
+    box_format: str = "names"  # boxes: names ("2 person, dog") | names_boxes ("person 12 40 88 95, dog ...")
+    box_bins: int = 100  # names_boxes: box corners quantised to this many bins of the image's [0, 1] frame
+    max_objects: int = 20  # boxes: only the largest objects (by box area) are written
 
 
 @dataclass
@@ -56,19 +126,38 @@ class ViewsConfig:
     scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area fraction
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     augment_views: bool = False  # ablation: colour jitter / flip on the propagation crops
+    pair_sampling: str = "iid"  # iid | near | far: Fig. 3's crop-distance control (pipeline/data/pair_sampling.py)
+    pair_pool: int = 4  # near/far: draw pair_pool * num_views boxes, keep one IoU-grouped set of num_views
     annotation_views: int = 2  # SimCLR: two augmented views per image
     annotation_scale: tuple[float, float] = (0.08, 1.0)
     color_jitter: float = 1.0  # strength s of SimCLR's colour distortion (SimCLR's ImageNet value)
     grayscale_p: float = 0.2
     blur_p: float = 0.5
+    local_views: int = 0  # DINO multi-crop: small SimCLR-augmented views per image (`local_views` column); 0 = none
+    local_size: int = 96  # their side in px (DINO: 96 next to 224 px global views)
+    local_scale: tuple[float, float] = (0.05, 0.4)  # their RandomResizedCrop area fraction (DINO's local_crops_scale)
     batch_size: int = 64  # rows per Ray Data map_batches call
     concurrency: int | None = None  # max crop actors; None = cluster CPUs - 1
     cpus_per_actor: float = 1.0
+    text: TextViewsConfig = field(default_factory=TextViewsConfig)  # text annotations (`tokens` column)
 
 
 @dataclass
 class DataConfig:
+    """What the trainer streams. By default one shard set gives both the propagation crops and the
+    annotations (coupled, as in AB_SimCLR on ImageNet). Naming `annotation_shards` decouples them
+    (the paper's AB_{I1K+D}): annotations from one dataset, propagation crops from another. Either
+    stream may be a weighted mixture of shard sets instead."""
+
     shards: str = ""  # shard directory to train on; default <paths.root>/shards/image_folder
+    mixture: dict[str, float] = field(default_factory=dict)  # {shard dir: weight}; replaces `shards` when set
+    annotation_shards: str = ""  # "" = annotations come from the same images as the crops
+    annotation_mixture: dict[str, float] = field(default_factory=dict)  # {shard dir: weight} for the annotation stream
+
+    @property
+    def decoupled(self) -> bool:
+        """True when annotations stream from their own shard set(s) (AB_{I1K+D})."""
+        return bool(self.annotation_shards or self.annotation_mixture)
     shuffle_buffer: int = 256  # local shuffle buffer (rows) in the trainer's iterator
     read_cpus: float = 0.25  # per shard-read task: reading is I/O, and must not starve the crop actors
 
@@ -84,6 +173,53 @@ class ModelConfig:
     learned_action_bins: int = 32
     proj_dim: int = 256
     proj_hidden_dim: int = 1024
+    text_model: str = "ViT-S-16"  # CLIP/SLIP/AB_CLIP: open_clip config whose text tower is built, randomly initialised (ViT-S-16: 12 layers, width 384)
+    text_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of its text_cfg (width, heads, layers); context length = views.text.context_length
+
+
+@dataclass
+class DinoConfig:
+    """`objective.name: dino` / `silc` (Caron et al. 2021, main_dino.py; ViT-S/16 100-epoch recipe).
+
+    The teacher's EMA momentum 0.996 -> 1 (cosine) is `objective.ema_start: 0.004` -> `ema_end: 0`.
+    """
+
+    out_dim: int = 65536  # K prototypes (DINO ViT-S: 65536)
+    hidden_dim: int = 2048  # 3-layer MLP head: dim -> 2048 -> 2048 -> bottleneck
+    bottleneck_dim: int = 256  # l2-normalised before the weight-normed last layer
+    head_layers: int = 3
+    norm_last_layer: bool = True  # freeze the last layer's weight-norm g at 1 (stabler; DINO used False for ViT-S)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # after warm-up (DINO ViT-S/16: 0.07; its default 0.04)
+    warmup_teacher_temp: float = 0.04  # linear warm-up start
+    teacher_temp_warmup_fraction: float = 0.3  # of the run (DINO: 30 of 100 epochs)
+    center_momentum: float = 0.9  # running mean of the teacher output, subtracted before its softmax
+    freeze_last_layer_fraction: float = 0.01  # last layer gets no gradient for this fraction (DINO: 1 of 100 epochs)
+
+
+@dataclass
+class MaeConfig:
+    """`objective.name: mae` (He et al. 2022 as used by MAWS, Singh et al. 2023, Table 10)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512  # light decoder: 8 blocks, 512 wide, 16 heads (MAE / MAWS appendix A)
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # target pixels normalised by each patch's own mean / std
+
+
+@dataclass
+class ClipConfig:
+    """`objective.name: clip` / `slip` / `ab_clip`: image-text contrastive settings.
+
+    CLIP (Radford et al. 2021): a learnable logit scale exp(s), initialised to 1/0.07 and clipped at
+    100. SLIP (Mu et al. 2021): loss = CLIP + ssl_weight * SimCLR, SimCLR's tau = objective.temperature
+    (SLIP: ssl_scale 1.0, ssl_temp 0.1).
+    """
+
+    logit_scale_init: float = 1 / 0.07
+    logit_scale_max: float = 100.0
+    ssl_weight: float = 1.0
 
 
 @dataclass
@@ -95,6 +231,10 @@ class ObjectiveConfig:
     ema_start: float = 0.004  # EMA rate tau, cosine-decayed to ema_end over the run
     ema_end: float = 0.0
     null_actions: bool = False  # ablation: action tokens carry no box
+    teacher: str = "ema"  # ema | student (ablation "no target network": the student makes its own targets)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    mae: MaeConfig = field(default_factory=MaeConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)  # clip / slip / ab_clip
 
 
 @dataclass
@@ -117,6 +257,8 @@ class TrainConfig:
     run_name: str = "pretrain"
     storage_path: str = ""  # Ray Train storage; default <paths.root>/ray_results
     max_failures: int = 0
+    init_from: str = ""  # MAWS stage: checkpoint dir | runs:/<id>/<dir> | MLflow run id whose encoder initialises this run
+    init_weights: str = "teacher"  # which of init_from's encoders (teacher | student; the same for MAE)
 
 
 @dataclass
@@ -127,13 +269,42 @@ class TrackingConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Trained probes (`decoder`, `attentive`): one set of settings for every method and task.
+
+    Defaults are sized for CPU runs. The AB paper (appendix A.1) fixes a 4-layer autoregressive
+    decoder cross-attending to the ViT's final tokens, one probe per task, and takes the rest from
+    Beyer et al. (2023); `ProbeConfig.paper_scale()` is the GPU-scale preset (see README).
+    """
+
+    decoder_depth: int = 2  # paper: 4 (A.1)
+    width: int = 128  # decoder / attentive-pool width; frozen tokens are projected to it
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    steps: int = 400  # optimiser steps per probe (one probe per task)
+    batch_size: int = 64  # images (classification, detection) or boxes (box_classification) per step
+    lr: float = 1e-3  # AdamW peak lr, linear warmup then cosine to 0
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    coord_bins: int = 100  # location tokens: bins per box coordinate over [0, 1]
+    max_objects: int = 10  # detection: objects per target sequence (extra ones are counted, dropped)
+    eval_batch_size: int = 256
+
+    @classmethod
+    def paper_scale(cls) -> "ProbeConfig":
+        """GPU-scale preset: A.1's 4-layer decoder at ViT-B width; optimiser values are ours."""
+        return cls(decoder_depth=4, width=768, heads=12, steps=20_000, batch_size=512, lr=1e-3, weight_decay=1e-4, warmup_fraction=0.05, coord_bins=1000, max_objects=50)
+
+
+@dataclass
 class EvalConfig:
     checkpoint: str = ""  # checkpoint dir, or an MLflow run id of a pretraining run
     dataset: str = ""  # labelled image folder (class sub-folders)
-    test_fraction: float = 0.3
     image_size: int = 0  # 0: the checkpoint's views.view_size (its ViT's input size)
     weights: str = "teacher"  # teacher (EMA) | student
-    use_gpu: bool = False
+    use_gpu: bool | None = None  # None: feature extraction uses a GPU when the Ray cluster has one
     batch_size: int = 128
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -142,6 +313,23 @@ class EvalConfig:
     linear_weight_decay: float = 1e-4
     probes: list[str] = field(default_factory=lambda: ["knn", "linear"])
     seed: int = 0
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # decoder / attentive probe settings
+    tasks: list[str] = field(default_factory=list)  # pipeline.eval.tasks names; empty: ["folder"] on eval.dataset
+    task_roots: dict[str, str] = field(default_factory=dict)  # task name -> dataset root
+    max_per_split: int = 0  # 0: every example; else at most this many per split (seeded choice)
+    cache_dir: str = ""  # feature cache; default <paths.root>/feature_cache
+    random_init: bool = True  # also probe the randomly initialised encoder the run started from
+
+
+@dataclass
+class SweepConfig:
+    """`abpipe sweep`: every checkpoint x `eval.tasks` pair of one or many pretraining runs."""
+
+    runs: list[str] = field(default_factory=list)  # pretraining MLflow run ids
+    experiments: list[str] = field(default_factory=list)  # ...or every pretraining run in these experiments
+    checkpoints: list[str] = field(default_factory=list)  # checkpoint dirs, or Ray Train run dirs of checkpoint_*
+    latest_only: bool = False  # only each run's newest checkpoint
+    output: str = ""  # comparison tables; default <paths.root>/sweeps
 
 
 @dataclass
@@ -156,6 +344,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def resolved(self) -> "Config":
         """Fill the path defaults that depend on `paths.root` (absolute, so Ray workers agree)."""
@@ -169,7 +358,9 @@ class Config:
         if not cfg.train.storage_path:
             cfg.train = dataclasses.replace(cfg.train, storage_path=os.path.join(root, "ray_results"))
         if not cfg.tracking.tracking_uri:
-            cfg.tracking = dataclasses.replace(cfg.tracking, tracking_uri=f"sqlite:///{os.path.join(root, 'mlflow.db')}")
+            # MLflow's own variable first (set it in a job's runtime_env), else a local sqlite store.
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+            cfg.tracking = dataclasses.replace(cfg.tracking, tracking_uri=uri)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,6 +464,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     if overrides:
         cfg = _apply(cfg, parse_overrides(overrides), "")
     return cfg
+
+
+def section_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild one config section (e.g. IngestConfig, with its nested sections) from `asdict` output."""
+    return _apply(cls(), data, cls.__name__)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

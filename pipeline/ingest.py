@@ -1,15 +1,70 @@
-"""`abpipe ingest`: list a source's inputs, write the shard set, report counts (and log them to MLflow)."""
+"""`abpipe ingest`: turn a source into a shard set, report counts per status (and log them to MLflow).
+
+`SOURCES` maps a source name to a function `Config -> stats`. Most sources only list their items
+(`list_items(IngestConfig) -> [{input, id, labels?, captions?, ...}]`) and share `write_shards`, one
+Ray Data task per shard; URL lists (`cc12m`, alias `urls`) are downloaded by img2dataset and
+normalised by their own runner. Source modules are imported when used, not when the CLI starts.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, Callable
 
-from pipeline.config import Config, ConfigError
-from pipeline.data.shards import write_shards
-from pipeline.data.sources.image_folder import list_image_files, list_image_folder
-from pipeline.runtime import init_ray
+from pipeline.config import Config, ConfigError, IngestConfig
 
-SOURCES = {"image_folder": list_image_folder, "files": list_image_files}
+ListItems = Callable[[IngestConfig], list[dict]]
+
+
+def _via_write_shards(list_items: ListItems) -> Callable[[Config], dict[str, Any]]:
+    """A source whose listed items are read, validated and sharded by `write_shards` on Ray."""
+
+    def run(cfg: Config) -> dict[str, Any]:
+        from pipeline.data.shards import write_shards
+        from pipeline.runtime import init_ray
+
+        items = list_items(cfg.ingest)
+        init_ray(cfg.ray)
+        return write_shards(items, cfg.ingest.output, cfg.ingest.source, cfg.ingest)
+
+    return run
+
+
+def _lazy_list_items(module: str) -> ListItems:
+    """`<module>.list_items`, imported on first use (its dependencies stay out of CLI start-up)."""
+
+    def list_items(ing: IngestConfig) -> list[dict]:
+        return importlib.import_module(module).list_items(ing)
+
+    return list_items
+
+
+def _image_folder(ing: IngestConfig) -> list[dict]:
+    from pipeline.data.sources.image_folder import list_image_folder
+
+    return list_image_folder(ing.input)
+
+
+def _file_list(ing: IngestConfig) -> list[dict]:
+    from pipeline.data.sources.image_folder import list_image_files
+
+    return list_image_files(ing.input)
+
+
+def _url_list(cfg: Config) -> dict[str, Any]:
+    from pipeline.data.sources.url_captions import ingest_url_captions
+
+    return ingest_url_captions(cfg.ingest, cfg.ray, cfg.ingest.source)
+
+
+SOURCES: dict[str, Callable[[Config], dict[str, Any]]] = {
+    "image_folder": _via_write_shards(_image_folder),
+    "files": _via_write_shards(_file_list),
+    "coco": _via_write_shards(_lazy_list_items("pipeline.data.sources.coco")),
+    "epic_kitchens": _via_write_shards(_lazy_list_items("pipeline.data.sources.epic_kitchens")),
+    "cc12m": _url_list,
+    "urls": _url_list,
+}
 
 
 def run_ingest(cfg: Config) -> dict[str, Any]:
@@ -18,10 +73,8 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
     if ing.source not in SOURCES:
         raise ConfigError(f"ingest.source must be one of {sorted(SOURCES)}, got {ing.source!r}")
     if not ing.input:
-        raise ConfigError("ingest.input is required (a folder for image_folder, a text file of paths for files)")
-    items = SOURCES[ing.source](ing.input)
-    init_ray(cfg.ray)
-    stats = write_shards(items, ing.output, ing.source, ing)
+        raise ConfigError(f"ingest.input is required for source {ing.source!r} (--input/--urls PATH, or ingest.input=PATH)")
+    stats = SOURCES[ing.source](cfg)
     stats["output"] = ing.output
     counts = ", ".join(f"{k}={v}" for k, v in stats["counts"].items())
     print(f"[abpipe] ingest {ing.source}: {stats['total']} inputs -> {counts}; {len(stats['shards'])} shards in {ing.output}", flush=True)
@@ -40,6 +93,7 @@ def _log_to_mlflow(cfg: Config, stats: dict[str, Any]) -> None:
         print(f"[abpipe] WARNING: MLflow unavailable, ingest counts not tracked: {exc}", flush=True)
         return
     logger = RunLogger(cfg.tracking.tracking_uri, run_id)
-    logger.metrics({f"count_{k}": v for k, v in stats["counts"].items()} | {"total": stats["total"]}, 0)
+    extra = {"seconds": stats["seconds"]} if "seconds" in stats else {}
+    logger.metrics({f"count_{k}": v for k, v in stats["counts"].items()} | {"total": stats["total"]} | extra, 0)
     logger.finish()
     stats["run_id"] = run_id

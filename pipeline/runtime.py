@@ -1,15 +1,21 @@
-"""Process-level set-up shared by every job: quiet, local-by-default Ray and a sane environment."""
+"""Process-level set-up shared by every job: quiet, local-by-default Ray and a sane environment.
+
+Security defaults: a local instance listens on 127.0.0.1 only, its dashboard (off unless
+`ray.dashboard=true`) too. Ray's token auth is on by default for a `ray.init()` instance (the token
+lives in ~/.ray/auth_token); a cluster started with `ray start` needs `RAY_AUTH_MODE=token` and the
+same token (`RAY_AUTH_TOKEN` or the file) on every node and every client, see cluster/README.md.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 
 from pipeline.config import RayConfig
 
-# Keep a local cluster on loopback, off usage telemetry, and libraries offline.
+# Keep Ray off usage telemetry and libraries offline.
 _QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
     "HF_HUB_OFFLINE": "1",
@@ -24,15 +30,28 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+# Only for a local instance: Ray then treats the machine as single-node and keeps every address on
+# loopback. Never for a cluster: it forbids joining nodes and makes workers report 127.0.0.1, which
+# breaks multi-node DDP rendezvous.
+_LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def init_ray(cfg: RayConfig | None = None):
     """Connect to `cfg.address`, or start a local instance bound to 127.0.0.1 (idempotent)."""
     quiet_environment()
+    cfg = cfg or RayConfig()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    passed_on = dict(_QUIET_ENV)
+    if not address:
+        for key, value in _LOCAL_ONLY_ENV.items():
+            os.environ.setdefault(key, value)
+        passed_on.update(_LOCAL_ONLY_ENV)
     import ray
 
     if ray.is_initialized():
         return ray
-    cfg = cfg or RayConfig()
-    env_vars = {k: os.environ[k] for k in _QUIET_ENV if k in os.environ}
+    job_env = _submitted_job_env_keys()
+    env_vars = {k: os.environ[k] for k in passed_on if k in os.environ and k not in job_env}
     kwargs = dict(
         ignore_reinit_error=True,
         log_to_driver=True,
@@ -40,15 +59,49 @@ def init_ray(cfg: RayConfig | None = None):
         configure_logging=True,
         logging_level="WARNING",
     )
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
+        warn_if_exposed(cfg.dashboard_host if cfg.dashboard else "127.0.0.1")
         ray.init(
             num_cpus=cfg.num_cpus,
             _temp_dir=cfg.temp_dir or os.environ.get("ABPIPE_RAY_TMP", "/tmp/abpipe-ray"),
-            include_dashboard=False,
+            include_dashboard=cfg.dashboard,
+            dashboard_host=cfg.dashboard_host,
             _node_ip_address="127.0.0.1",
             **kwargs,
         )
     return ray
+
+
+def _submitted_job_env_keys() -> set[str]:
+    """Env vars the `ray job submit --runtime-env` of this driver already sets.
+
+    Ray refuses a driver whose `ray.init(runtime_env=...)` repeats a key of the job's runtime_env,
+    so those keys are left to the job (its values are in this process's environment anyway).
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+        return set((runtime_env.get("env_vars") or {}).keys())
+    except (ValueError, AttributeError):
+        return set()
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def warn_if_exposed(host: str) -> None:
+    """The dashboard/job server runs code for whoever reaches it: say so when it leaves loopback."""
+    if is_loopback(host):
+        return
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        print(
+            f"[abpipe] WARNING: the Ray dashboard/job server binds {host} with RAY_AUTH_MODE=disabled: "
+            "anyone who can reach it can run code on this machine. Use ray.dashboard_host=127.0.0.1 "
+            "or token auth (RAY_AUTH_MODE=token).",
+            flush=True,
+        )

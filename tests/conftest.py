@@ -28,6 +28,7 @@ os.environ.update(
     }
 )
 os.environ.pop("RAY_ADDRESS", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own sqlite stores
 (_SESSION_TMP / "home").mkdir(exist_ok=True)
 
 

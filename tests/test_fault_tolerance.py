@@ -15,18 +15,25 @@ from pipeline.models.checkpoint import read_meta
 from tests.test_train import BATCH, A, M, micro_config
 
 
-def _train_worker_pids() -> list[int]:
-    """Ray Train worker processes of *this* test session's cluster (descendants of this process)."""
+def ray_train_worker_pids(processes) -> list[int]:
+    """PIDs of the Ray Train worker processes among `processes` (psutil.Process objects)."""
     import psutil
 
     pids = []
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
+    for proc in processes:
         try:
             if any("RayTrainWorker" in part for part in proc.cmdline()):
                 pids.append(proc.pid)
         except psutil.Error:
             continue
     return pids
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train worker processes of *this* test session's cluster (descendants of this process)."""
+    import psutil
+
+    return ray_train_worker_pids(psutil.Process(os.getpid()).children(recursive=True))
 
 
 @pytest.mark.timeout(600)

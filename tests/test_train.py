@@ -79,7 +79,7 @@ def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_pa
     assert meta2["step"] == 9 and meta2["views_seen"] == 9 * BATCH * (M + A)
     assert metric_steps(client, first["run_id"], "loss") == list(range(1, 10)), "no lost or repeated steps"
     state = torch.load(os.path.join(second["checkpoint"], "state.pt"), weights_only=True)
-    assert set(state) == {"student", "teacher", "optimizer"}
+    assert set(state) == {"objective", "optimizer", "encoder_student", "encoder_teacher"}
 
 
 def test_cpu_budget_too_small_is_a_clear_error(ray_cluster, digit_shards, tmp_path):

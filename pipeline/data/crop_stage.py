@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from pipeline.config import ViewsConfig
+from pipeline.config import ViewsConfig, section_from_dict
 from pipeline.data.schema import CORRUPT, OK, BadImage, decode_rgb
+from pipeline.data.text_annotations import MissingAnnotation, annotation_texts, check_text_config, pick
 from pipeline.data.views import make_views
 
 STATS_NAMESPACE = "abpipe"
@@ -89,7 +90,8 @@ def draft_size(cfg: ViewsConfig) -> int:
         scales.append(cfg.annotation_scale[0])
     a_min = max(min(scales, default=1.0), 1e-6)
     r_max = max(cfg.ratio[1], 1 / cfg.ratio[0])
-    return math.ceil(cfg.view_size * math.sqrt(r_max / a_min))
+    local = cfg.local_size * math.sqrt(r_max / max(cfg.local_scale[0], 1e-6)) if cfg.local_views else 0  # DINO local crops
+    return math.ceil(max(cfg.view_size * math.sqrt(r_max / a_min), local))
 
 
 def _first_label(raw: Any) -> str:
@@ -108,12 +110,22 @@ class MultiViewCropper:
     Out: `views` (B, M, S, S, 3) uint8, `boxes` (B, M, 4) float32 in the image's [0, 1] frame,
     `ann_views` (B, A, S, S, 3) uint8; with `keep_meta` also `key` and `labels` (str, first label
     or ""). Those are off by default because `iter_torch_batches` (the trainer) cannot carry string
-    columns.
+    columns. With text annotations (`views.text.source` captions/boxes, and annotation views to pair
+    them with) also `tokens` (B, context_length) int64: one string per image per epoch, picked with
+    its own generator seeded like the crops (so the views are the same with or without text), and
+    tokenised here on the CPU. Samples without that text are skipped and counted by reason.
     """
 
     def __init__(self, cfg_views: ViewsConfig | dict, seed: int = 0, stats_name: str | None = "crop-stats", keep_meta: bool = False):
-        self.cfg = cfg_views if isinstance(cfg_views, ViewsConfig) else ViewsConfig(**cfg_views)
+        self.cfg = cfg_views if isinstance(cfg_views, ViewsConfig) else section_from_dict(ViewsConfig, cfg_views)
         self.seed = int(seed)
+        check_text_config(self.cfg.text)
+        self.text = self.cfg.text if self.cfg.text.source != "none" and self.cfg.annotation_views > 0 else None
+        self.tokenizer = None
+        if self.text is not None:
+            from pipeline.models.text import build_tokenizer
+
+            self.tokenizer = build_tokenizer(self.text.tokenizer, self.text.context_length)
         self.keep_meta = keep_meta
         self.draft = draft_size(self.cfg)
         self.stats = crop_stats_actor(stats_name) if stats_name else None
@@ -121,6 +133,10 @@ class MultiViewCropper:
 
     def rng_for(self, key: str, epoch: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, zlib.crc32(key.encode()), epoch])
+
+    def text_rng_for(self, key: str, epoch: int) -> np.random.Generator:
+        """The caption choice's own stream: drawing from rng_for would shift every crop."""
+        return np.random.default_rng([self.seed, zlib.crc32(key.encode()), epoch, 1])
 
     def _epochs(self, counts: dict[str, int], keys: list[str]) -> list[int]:
         if self.stats is not None:
@@ -132,9 +148,17 @@ class MultiViewCropper:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys_in = batch["key"] if "key" in batch else batch["__key__"]
         metas = batch["json"] if "json" in batch else [None] * len(keys_in)
+        txts = batch["txt"] if "txt" in batch else [None] * len(keys_in)
         counts: Counter = Counter()
         kept = []  # (key, decoded image, meta)
-        for key, data, meta in zip(keys_in, batch["jpg"], metas):
+        texts: list[list[str]] = []  # each kept sample's candidate strings (text annotations only)
+        for key, data, meta, txt in zip(keys_in, batch["jpg"], metas, txts):
+            if self.text is not None:  # checked before decoding: cheaper, and a skip either way
+                try:
+                    candidates = annotation_texts(meta, txt, self.text)
+                except MissingAnnotation as exc:
+                    counts[exc.reason] += 1
+                    continue
             try:
                 rgb = decode_rgb(bytes(data) if data is not None else b"", draft_to=self.draft)
             except BadImage as exc:
@@ -144,6 +168,8 @@ class MultiViewCropper:
                 counts[CORRUPT] += 1
                 continue
             kept.append((str(key), rgb, meta))
+            if self.text is not None:
+                texts.append(candidates)
         counts[OK] = len(kept)
         epochs = self._epochs(dict(counts), [k for k, _, _ in kept])
 
@@ -153,10 +179,17 @@ class MultiViewCropper:
             "boxes": np.empty((len(kept), m, 4), np.float32),
             "ann_views": np.empty((len(kept), a, s, s, 3), np.uint8),
         }
+        if c.local_views > 0:  # DINO multi-crop
+            out["local_views"] = np.empty((len(kept), c.local_views, c.local_size, c.local_size, 3), np.uint8)
         for i, ((key, rgb, _), epoch) in enumerate(zip(kept, epochs)):
             views = make_views(rgb, self.rng_for(key, epoch), c)
             for name, column in out.items():
                 column[i] = views[name]
+        if self.text is not None:
+            from pipeline.models.text import tokenize
+
+            chosen = [pick(t, self.text_rng_for(key, epoch)) for t, (key, _, _), epoch in zip(texts, kept, epochs)]
+            out["tokens"] = tokenize(self.tokenizer, chosen, self.text.context_length)
         if self.keep_meta:
             out["key"] = np.array([k for k, _, _ in kept], dtype=object)
             out["labels"] = np.array([_first_label(meta) for _, _, meta in kept], dtype=object)

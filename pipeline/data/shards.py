@@ -2,44 +2,64 @@
 
 Writing is a Ray Data job with one task per shard: each task validates its inputs, re-encodes at
 most once, writes one tar and returns one manifest row per input (kept or skipped, with a reason).
-All I/O goes through pyarrow filesystems, so `out_dir` may be a local path or an s3:// / gs:// URI.
+An item names where its pixels come from: a file/URI (default), a member of a tar, or a frame of a
+video; a task decodes all frames of one video (or members of one tar) in a single forward pass.
+
+Resumable: each finished shard leaves its tar and then, atomically, its manifest part
+(`_parts/shard-NNNNNN.parquet`). Re-running with the same items into the same `out_dir` keeps those
+shards and writes only the missing ones; with different items (or settings) it starts over. The
+final manifest and `_stats.json` are built from all parts.
+
+All I/O goes through `pipeline.data.storage`, so `out_dir` and inputs may be local paths, pyarrow
+URIs (s3://, gs://) or any fsspec protocol.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import os
 import posixpath
+import re
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
-from pipeline.config import IngestConfig
-from pipeline.data.schema import MANIFEST_COLUMNS, MISSING, OK, STATUSES, BadImage, SampleMeta, decode_rgb
+from pipeline.config import IngestConfig, section_from_dict
+from pipeline.data.schema import MANIFEST_COLUMNS, MISSING, OK, STATUSES, TOO_SMALL, BadImage, SampleMeta, decode_rgb
+from pipeline.data.storage import filesystem, read_bytes, write_atomic
+
+__all__ = ["filesystem", "read_bytes", "encode_sample", "shard_name", "write_shards", "load_stats", "load_manifest", "read_shards"]
 
 MANIFEST_FILE = "manifest.parquet"
 STATS_FILE = "_stats.json"
+PLAN_FILE = "_plan.json"  # fingerprint of the items/settings the shards in this folder belong to
+PARTS_DIR = "_parts"  # one manifest part per finished shard
 JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def filesystem(uri: str):
-    """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow understands."""
-    import pyarrow.fs as pafs
-
-    if "://" in str(uri):
-        return pafs.FileSystem.from_uri(str(uri))
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+_SHARD_TAR = re.compile(r"shard-(\d+)\.tar")
+_SHARD_PART = re.compile(r"shard-(\d+)\.parquet")
+# Settings that change what a shard holds: a re-run with other values starts over.
+_OUTPUT_SETTINGS = ("max_side", "min_side", "jpeg_quality", "samples_per_shard")
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def _part_name(index: int) -> str:
+    return f"{PARTS_DIR}/shard-{index:06d}.parquet"
+
+
+def _encode_rgb(rgb: np.ndarray, cfg: IngestConfig) -> tuple[bytes, int, int]:
+    image = Image.fromarray(rgb)
+    if max(image.size) > cfg.max_side:
+        image.thumbnail((cfg.max_side, cfg.max_side), Image.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=cfg.jpeg_quality)
+    return buf.getvalue(), image.size[0], image.size[1]
 
 
 def encode_sample(data: bytes, cfg: IngestConfig) -> tuple[bytes, int, int]:
@@ -48,99 +68,282 @@ def encode_sample(data: bytes, cfg: IngestConfig) -> tuple[bytes, int, int]:
     height, width = rgb.shape[:2]
     if data[:3] == JPEG_MAGIC and max(width, height) <= cfg.max_side:
         return data, width, height
-    image = Image.fromarray(rgb)
-    if max(width, height) > cfg.max_side:
-        image.thumbnail((cfg.max_side, cfg.max_side), Image.BICUBIC)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=cfg.jpeg_quality)
-    return buf.getvalue(), image.size[0], image.size[1]
+    return _encode_rgb(rgb, cfg)
+
+
+def encode_frame(rgb: np.ndarray, cfg: IngestConfig) -> tuple[bytes, int, int]:
+    """A decoded video frame: same size checks as a file, then its one and only JPEG encode."""
+    if min(rgb.shape[:2]) < cfg.min_side:
+        raise BadImage(TOO_SMALL, f"{rgb.shape[1]}x{rgb.shape[0]} < {cfg.min_side}")
+    return _encode_rgb(rgb, cfg)
+
+
+# -- where an item's pixels come from ---------------------------------------------------------------
+
+
+def _file_pixels(item: dict) -> bytes | BadImage:
+    try:
+        return read_bytes(item["input"])
+    except (FileNotFoundError, IsADirectoryError, PermissionError, OSError) as exc:
+        return BadImage(MISSING, str(exc))
+
+
+def _load_pixels(items: list[dict]) -> Iterator[tuple[dict, bytes | np.ndarray | BadImage]]:
+    """(item, encoded bytes | decoded RGB frame | BadImage) for every item, one pass per container.
+
+    `loader` (default "file"): "file" reads `input`; "tar" reads member `member` of the tar `input`;
+    "video" decodes 0-based frame `frame_index` of the video `input`. An item with `skip` =
+    [reason, detail] was already found unusable while listing and is only recorded.
+    """
+    from pipeline.data.sources.frames import iter_tar_members, iter_video_frames
+
+    containers: dict[tuple[str, str], list[dict]] = {}
+    for item in items:
+        if item.get("skip"):
+            reason, detail = item["skip"]
+            yield item, BadImage(reason, detail)
+        elif item.get("loader", "file") == "file":
+            yield item, _file_pixels(item)
+        else:
+            containers.setdefault((item["loader"], item["input"]), []).append(item)
+    for (loader, uri), group in containers.items():
+        if loader == "video":
+            by_index: dict[int, list[dict]] = {}
+            for item in group:
+                by_index.setdefault(int(item["frame_index"]), []).append(item)
+            for index, result in iter_video_frames(uri, by_index):
+                for item in by_index[index]:
+                    yield item, result
+        elif loader == "tar":
+            by_member: dict[str, list[dict]] = {}
+            for item in group:
+                by_member.setdefault(item["member"], []).append(item)
+            for member, result in iter_tar_members(uri, by_member):
+                for item in by_member[member]:
+                    yield item, result
+        else:
+            for item in group:
+                yield item, BadImage("corrupt", f"unknown loader {loader!r} for {uri}")
+
+
+def _scaled_boxes(item: dict, pixels: bytes | np.ndarray, width: int, height: int) -> list[list[float]]:
+    """The item's pixel xyxy boxes, moved from the frame they were drawn in to the stored image.
+
+    `box_frame` = [w, h] names that frame (COCO's json size, VISOR's 1920x1080); without it the
+    boxes are in the source image's own pixels.
+    """
+    boxes = item.get("boxes") or []
+    if not boxes:
+        return []
+    if item.get("box_frame"):
+        frame_w, frame_h = item["box_frame"]
+    elif isinstance(pixels, np.ndarray):
+        frame_h, frame_w = pixels.shape[:2]
+    else:
+        frame_w, frame_h = Image.open(io.BytesIO(pixels)).size
+    sx, sy = width / float(frame_w), height / float(frame_h)
+    return [
+        [min(max(x0 * sx, 0.0), width), min(max(y0 * sy, 0.0), height), min(max(x1 * sx, 0.0), width), min(max(y1 * sy, 0.0), height)]
+        for x0, y0, x1, y1 in boxes
+    ]
+
+
+def _sample(item: dict, source: str, pixels: bytes | np.ndarray, cfg: IngestConfig) -> dict[str, Any]:
+    if isinstance(pixels, np.ndarray):
+        jpg, width, height = encode_frame(pixels, cfg)
+    else:
+        jpg, width, height = encode_sample(pixels, cfg)
+    meta = SampleMeta(
+        source=source,
+        id=str(item.get("id", item["key"])),
+        width=width,
+        height=height,
+        boxes=_scaled_boxes(item, pixels, width, height),
+        labels=list(item.get("labels", [])),
+        captions=list(item.get("captions", [])),
+        video=item.get("video"),
+        frame=item.get("frame"),
+        action=item.get("action"),
+    )
+    sample = {"__key__": item["key"], "jpg": jpg, "json": meta.to_json()}
+    if meta.captions:
+        sample["txt"] = meta.captions[0].encode()
+    return sample
 
 
 def _write_one_shard(row: dict[str, Any], out_dir: str, source: str, cfg_dict: dict) -> list[dict[str, Any]]:
-    """Ray Data flat_map body: write one tar; never raises for a bad input, only counts it."""
+    """Ray Data flat_map body: write one tar, then its manifest part; never raises for a bad input."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import webdataset as wds
 
-    cfg = IngestConfig(**cfg_dict)
+    cfg = section_from_dict(IngestConfig, cfg_dict)
     items = json.loads(row["items_json"])
-    name = shard_name(int(row["shard_index"]))
+    index = int(row["shard_index"])
+    name = shard_name(index)
     fs, base = filesystem(out_dir)
-    manifest, written = [], 0
-    tmp_path = posixpath.join(base, name + ".tmp")
+    rows, written = {}, 0
+    tmp_path = posixpath.join(base, f"{name}.{uuid.uuid4().hex[:8]}.tmp")  # unique: a killed run's task may still be writing
     with fs.open_output_stream(tmp_path) as stream:
         writer = wds.TarWriter(stream)
-        for item in items:
-            entry = {"key": item["key"], "shard": "", "source": source, "status": OK, "detail": "", "input": item["input"]}
+        for item, pixels in _load_pixels(items):
+            entry = {"key": item["key"], "shard": "", "source": source, "status": OK, "detail": "", "input": _input_label(item)}
             try:
-                try:
-                    data = read_bytes(item["input"])
-                except (FileNotFoundError, IsADirectoryError, PermissionError, OSError) as exc:
-                    raise BadImage(MISSING, str(exc)) from None
-                jpg, width, height = encode_sample(data, cfg)
-                meta = SampleMeta(source=source, id=item.get("id", item["key"]), width=width, height=height, labels=item.get("labels", []), captions=item.get("captions", []))
-                sample = {"__key__": item["key"], "jpg": jpg, "json": meta.to_json()}
-                if meta.captions:
-                    sample["txt"] = meta.captions[0].encode()
-                writer.write(sample)
+                if isinstance(pixels, BadImage):
+                    raise pixels
+                writer.write(_sample(item, source, pixels, cfg))
                 written += 1
                 entry["shard"] = name
             except BadImage as exc:
                 entry.update(status=exc.reason, detail=exc.detail[:500])
             except Exception as exc:  # anything unforeseen is a counted skip, never a dead worker
                 entry.update(status="corrupt", detail=f"{type(exc).__name__}: {exc}"[:500])
-            manifest.append(entry)
+            rows[item["key"]] = entry
         writer.close()
     if written:
         fs.move(tmp_path, posixpath.join(base, name))
     else:
         fs.delete_file(tmp_path)
+    manifest = [rows[item["key"]] for item in items]
+    part = pd.DataFrame(manifest, columns=list(MANIFEST_COLUMNS))
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(part, preserve_index=False), buf)
+    fs.create_dir(posixpath.join(base, PARTS_DIR), recursive=True)
+    write_atomic(fs, posixpath.join(base, _part_name(index)), buf.getvalue().to_pybytes())
     return manifest
 
 
-def write_shards(items: list[dict[str, Any]], out_dir: str, source: str, cfg: IngestConfig) -> dict[str, Any]:
-    """Ingest `items` ([{input, id, labels?, captions?}]) into `out_dir`; returns the stats dict.
+def _input_label(item: dict) -> str:
+    """The manifest's `input`: the file, or `container#member` / `container#frame=N`."""
+    loader = item.get("loader", "file")
+    if loader == "tar":
+        return f"{item['input']}#{item['member']}"
+    if loader == "video":
+        return f"{item['input']}#frame_index={item['frame_index']}"
+    return str(item["input"])
 
-    Re-running into the same `out_dir` replaces the previous shard set.
+
+# -- resumable driver ------------------------------------------------------------------------------
+
+
+def _fingerprint(groups_json: list[str], source: str, cfg: IngestConfig) -> str:
+    digest = hashlib.sha256(json.dumps([source] + [getattr(cfg, k) for k in _OUTPUT_SETTINGS]).encode())
+    for text in groups_json:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()
+
+
+def _log(message: str) -> None:
+    print(f"[abpipe] ingest: {message}", flush=True)
+
+
+def _ours(name: str) -> bool:
+    """Files an ingest writes at the top of its folder (anything else there is left alone)."""
+    return name.startswith("shard-") or name in (MANIFEST_FILE, STATS_FILE, PLAN_FILE)
+
+
+def _prepare_out_dir(fs, base: str, out_dir: str, fingerprint: str, n_shards: int) -> set[int]:
+    """Finished shard indices to keep; clears the folder when it holds another ingest's shards."""
+    import pyarrow.fs as pafs
+
+    fs.create_dir(base, recursive=True)
+    entries = fs.get_file_info(pafs.FileSelector(base))
+    parts_dir = posixpath.join(base, PARTS_DIR)
+    parts = fs.get_file_info(pafs.FileSelector(parts_dir, allow_not_found=True))
+    plan = None
+    if any(e.base_name == PLAN_FILE for e in entries):
+        try:
+            with fs.open_input_stream(posixpath.join(base, PLAN_FILE)) as stream:
+                plan = json.loads(stream.read())
+        except (ValueError, OSError):
+            plan = None
+    if plan and plan.get("fingerprint") == fingerprint:
+        done = {int(m.group(1)) for info in parts if (m := _SHARD_PART.fullmatch(info.base_name))} & set(range(n_shards))
+        for info in list(entries) + list(parts):  # leftovers of killed tasks: temporaries, tars without a part
+            tar = _SHARD_TAR.fullmatch(info.base_name)
+            if info.base_name.endswith(".tmp") or (tar and int(tar.group(1)) not in done) or info.base_name in (MANIFEST_FILE, STATS_FILE):
+                fs.delete_file(info.path)
+        _log(f"resuming {out_dir}: {len(done)} of {n_shards} shards already finished, writing {n_shards - len(done)}")
+        return done
+    if any(_ours(e.base_name) or e.base_name.endswith(".tmp") for e in entries) or parts:
+        why = "items or settings changed" if plan else "it was not written by a resumable ingest"
+        _log(f"{out_dir} holds a different ingest ({why}): starting over")
+        for info in entries:
+            if _ours(info.base_name) or info.base_name.endswith(".tmp"):
+                fs.delete_file(info.path)
+        if parts:
+            fs.delete_dir(parts_dir)
+    write_atomic(fs, posixpath.join(base, PLAN_FILE), json.dumps({"fingerprint": fingerprint, "shards": n_shards}).encode())
+    return set()
+
+
+def _read_parts(fs, base: str, n_shards: int):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    frames = []
+    for index in range(n_shards):
+        with fs.open_input_file(posixpath.join(base, _part_name(index))) as fh:
+            frames.append(pq.read_table(fh).to_pandas())
+    if not frames:
+        return pd.DataFrame(columns=list(MANIFEST_COLUMNS))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _annotation_counts(keyed: list[dict], kept: set[str]) -> dict[str, int]:
+    """Sum of the per-item `counts` (boxes kept/dropped by reason, frames with an action, ...) over kept samples."""
+    totals: dict[str, int] = {}
+    for item in keyed:
+        if item["key"] in kept:
+            for name, value in (item.get("counts") or {}).items():
+                totals[name] = totals.get(name, 0) + int(value)
+    return dict(sorted(totals.items()))
+
+
+def write_shards(items: list[dict[str, Any]], out_dir: str, source: str, cfg: IngestConfig) -> dict[str, Any]:
+    """Ingest `items` into `out_dir`; returns the stats dict (also written to `_stats.json`).
+
+    An item: {input, id, labels?, captions?, boxes? (pixel xyxy), box_frame? [w, h], video?, frame?,
+    action?, loader? (file|tar|video), member?, frame_index?, skip? [reason, detail], counts?}.
+    Re-running with the same items resumes (finished shards are kept); with other items the folder's
+    previous shard set is replaced.
     """
     import dataclasses
 
-    import pandas as pd
     import pyarrow as pa
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     import ray.data
 
     fs, base = filesystem(out_dir)
-    fs.create_dir(base, recursive=True)
-    for info in fs.get_file_info(pafs.FileSelector(base)):
-        if info.base_name.startswith("shard-") or info.base_name in (MANIFEST_FILE, STATS_FILE):
-            fs.delete_file(info.path)
-
     per_shard = max(1, cfg.samples_per_shard)
     keyed = [{**item, "key": f"{i:09d}"} for i, item in enumerate(items)]
-    groups = [
-        {"shard_index": s, "items_json": json.dumps(keyed[i : i + per_shard])}
-        for s, i in enumerate(range(0, len(keyed), per_shard))
-    ]
-    cfg_dict = dataclasses.asdict(cfg)
-    manifest_rows: list[dict[str, Any]] = []
-    if groups:
-        ds = ray.data.from_items(groups, override_num_blocks=len(groups))
-        ds = ds.flat_map(_write_one_shard, fn_kwargs={"out_dir": out_dir, "source": source, "cfg_dict": cfg_dict})
-        manifest_rows = ds.take_all()
-    manifest = pd.DataFrame(manifest_rows, columns=list(MANIFEST_COLUMNS)).sort_values("key").reset_index(drop=True)
+    groups = [json.dumps(keyed[i : i + per_shard]) for i in range(0, len(keyed), per_shard)]
+    done = _prepare_out_dir(fs, base, out_dir, _fingerprint(groups, source, cfg), len(groups))
+    todo = [{"shard_index": s, "items_json": text} for s, text in enumerate(groups) if s not in done]
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.flat_map(_write_one_shard, fn_kwargs={"out_dir": out_dir, "source": source, "cfg_dict": dataclasses.asdict(cfg)})
+        ds.materialize()  # the rows also sit in the parts; only completion matters here
+    manifest = _read_parts(fs, base, len(groups)).sort_values("key").reset_index(drop=True)
     with fs.open_output_stream(posixpath.join(base, MANIFEST_FILE)) as stream:
         pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False), stream)
 
-    counts = {status: int((manifest["status"] == status).sum()) for status in STATUSES}
+    found = manifest["status"].value_counts().to_dict()
+    order = [s for s in STATUSES if s in found] + sorted(s for s in found if s not in STATUSES)
+    counts = {OK: int(found.get(OK, 0))} | {s: int(found[s]) for s in order if s != OK}
     labels = sorted({label for item in items for label in item.get("labels", [])})
     stats = {
         "source": source,
         "total": len(items),
-        "counts": {k: v for k, v in counts.items() if v or k == OK},
+        "counts": counts,
         "shards": sorted(s for s in manifest["shard"].unique() if s),
         "labels": labels,
         "max_side": cfg.max_side,
     }
+    annotations = _annotation_counts(keyed, set(manifest.loc[manifest["status"] == OK, "key"]))
+    if annotations:
+        stats["annotations"] = annotations
     with fs.open_output_stream(posixpath.join(base, STATS_FILE)) as stream:
         stream.write(json.dumps(stats, indent=1).encode())
     return stats
@@ -165,14 +368,14 @@ def read_shards(shard_dir: str, shuffle: str | None = None, num_cpus: float | No
     """Ray Dataset of the kept samples: columns `__key__` (str), `jpg` (bytes), `json` (bytes), `__url__`.
 
     Columns are left as WebDataset names: a rename/select would add a separate Ray Data operator
-    (and CPU slot) in front of the crop actors for no gain.
+    (and CPU slot) in front of the crop actors for no gain. The shards are read through the same
+    filesystem the ingest wrote them with (local, pyarrow URI or fsspec).
     """
     import ray.data
 
     stats = load_stats(shard_dir)
     if not stats["shards"]:
         raise ValueError(f"{shard_dir} holds no usable samples (counts: {stats['counts']})")
-    sep = "/" if "://" in str(shard_dir) else os.sep
-    paths = [str(shard_dir).rstrip("/") + sep + name for name in stats["shards"]]
-    return ray.data.read_webdataset(paths, decoder=None, shuffle=shuffle, num_cpus=num_cpus)
-
+    fs, base = filesystem(str(shard_dir))
+    paths = [posixpath.join(base, name) for name in stats["shards"]]
+    return ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=shuffle, num_cpus=num_cpus)

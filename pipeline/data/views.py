@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from pipeline.config import ViewsConfig
+from pipeline.data.pair_sampling import select_boxes
 
 TRIES = 10  # get_params' number of attempts before the fallback
 
@@ -127,16 +128,16 @@ def _flip(rng: np.random.Generator, view: Image.Image) -> Image.Image:
     return view.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else view
 
 
-def simclr_augment(rng: np.random.Generator, image: np.ndarray | Image.Image, size: int, cfg: ViewsConfig) -> np.ndarray:
+def simclr_augment(rng: np.random.Generator, image: np.ndarray | Image.Image, size: int, cfg: ViewsConfig, scale=None) -> np.ndarray:
     """One SimCLR annotation view (size, size, 3) uint8.
 
-    RandomResizedCrop(annotation_scale, ratio) -> horizontal flip -> colour jitter (p=0.8) ->
-    grayscale (p=grayscale_p) -> Gaussian blur (p=blur_p). SimCLR's sigma range [0.1, 2] is for
+    RandomResizedCrop(scale or annotation_scale, ratio) -> horizontal flip -> colour jitter (p=0.8)
+    -> grayscale (p=grayscale_p) -> Gaussian blur (p=blur_p). SimCLR's sigma range [0.1, 2] is for
     224-px views (kernel = 10% of the side); it is scaled with the view side so small test/demo
     views are blurred by the same fraction of their extent, not wiped out.
     """
     pil = _pil(image)
-    box = sample_boxes(rng, pil.height, pil.width, 1, cfg.annotation_scale, cfg.ratio)
+    box = sample_boxes(rng, pil.height, pil.width, 1, scale or cfg.annotation_scale, cfg.ratio)
     view = _flip(rng, _crops(pil, box, size)[0])
     view = colour_jitter(rng, view, cfg.color_jitter)
     if rng.random() < cfg.grayscale_p:
@@ -150,21 +151,31 @@ def make_views(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: V
     """All views of one image.
 
     Returns {"views": (M, S, S, 3) uint8, "boxes": (M, 4) float32 xyxy in the image's [0, 1]
-    frame, "ann_views": (A, S, S, 3) uint8}. The M AB crops are un-augmented by default: their
-    relation is carried by the boxes. `cfg.augment_views` (ablation) adds flip + colour jitter to
-    them; the boxes are left as sampled.
+    frame, "ann_views": (A, S, S, 3) uint8}, plus "local_views": (L, s, s, 3) uint8 when
+    `cfg.local_views` > 0 (DINO's multi-crop: small crops of `local_scale` at `local_size` px with
+    the same SimCLR augmentation, drawn after every other view so the others do not change). The M
+    AB crops are un-augmented by default: their relation is carried by the boxes.
+    `cfg.augment_views` (ablation) adds flip + colour jitter to them; the boxes are left as sampled.
     """
     pil = _pil(image)
     width, height = pil.size
     size = cfg.view_size
-    boxes_px = sample_boxes(rng, height, width, cfg.num_views, cfg.scale, cfg.ratio)
+    if cfg.pair_sampling == "iid" or cfg.num_views < 2:
+        boxes_px = sample_boxes(rng, height, width, cfg.num_views, cfg.scale, cfg.ratio)
+    else:  # Fig. 3's crop-distance control: same box marginal, crops grouped near/far by IoU
+        pool = sample_boxes(rng, height, width, cfg.num_views * max(cfg.pair_pool, 1), cfg.scale, cfg.ratio)
+        boxes_px = select_boxes(pool, cfg.num_views, cfg.pair_sampling, rng)
     crops = _crops(pil, boxes_px, size)
     if cfg.augment_views:
         crops = [colour_jitter(rng, _flip(rng, c), cfg.color_jitter) for c in crops]
     boxes = (boxes_px / np.array([width, height, width, height], dtype=np.float64)).astype(np.float32)
     ann = [simclr_augment(rng, pil, size, cfg) for _ in range(cfg.annotation_views)]
-    return {
+    out = {
         "views": _stack(crops, size),
         "boxes": boxes,
         "ann_views": np.stack(ann) if ann else np.zeros((0, size, size, 3), np.uint8),
     }
+    if cfg.local_views > 0:
+        local = [simclr_augment(rng, pil, cfg.local_size, cfg, cfg.local_scale) for _ in range(cfg.local_views)]
+        out["local_views"] = np.stack(local)
+    return out

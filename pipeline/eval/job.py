@@ -1,187 +1,487 @@
-"""The evaluation job: frozen-feature probes of a pretrained checkpoint, logged as an MLflow run.
+"""The evaluation job: frozen-feature probes of one checkpoint on a list of tasks, as MLflow runs.
 
-Every probe is also run on the *randomly initialised* model the pretraining started from (same
+One MLflow run per (checkpoint, task), nested under the pretraining run and tagged with the
+checkpoint key, the task and a signature of the eval settings: that pair is the unit a sweep
+skips once done, so a failure on one task never throws away the others.
+
+Phases, per checkpoint: (1) load every task's examples (pipeline.eval.tasks); (2) one Ray Data pass
+extracts the features every task still lacks (GPU if the cluster has one), loading each model once,
+and the feature cache (pipeline.eval.cache) keeps them per task split; (3) every probe x encoder x
+task is its own Ray task, all submitted before any is awaited, so they train in parallel; (4) each
+task's run gets its metrics, a results table and a plot.
+
+Every probe also runs on the *randomly initialised* encoder the pretraining started from (same
 config, same seed): a random ViT is a surprisingly strong kNN baseline on easy data, so only the
 difference says whether pretraining helped.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import logging
 import os
-import re
 import tempfile
-from pathlib import Path
+import time
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config, ConfigError
-from pipeline.models.checkpoint import META_FILE, CheckpointError, load_frozen_model, read_meta, save_checkpoint
+from pipeline.config import Config, ConfigError, EvalConfig
+from pipeline.eval.checkpoints import checkpoint_key, random_init_fingerprint, resolve_checkpoint, weights_fingerprint, write_random_init
+from pipeline.eval.report import RANDOM_PREFIX, plot_eval, result_rows, write_eval_results
+from pipeline.models.checkpoint import CheckpointError, read_meta
 from pipeline.runtime import init_ray
 
 log = logging.getLogger("abpipe.eval")
 
-_RUN_ID = re.compile(r"[0-9a-f]{32}")
-RANDOM_PREFIX = "random_init/"
+DEFAULT_TASK = "folder"
+BOX_TASK_KINDS = ("box_classification", "detection")
+SPLITS = ("train", "test")
+# eval.* settings that do not change a result: left out of the signature that marks a pair done
+_NOT_IN_SIGNATURE = ("checkpoint", "dataset", "tasks", "task_roots", "cache_dir", "use_gpu", "batch_size")
+
+__all__ = ["EvalError", "RANDOM_PREFIX", "check_probe_names", "evaluate_checkpoint", "resolve_checkpoint", "run_eval", "task_roots"]
 
 
-def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[str, str | None, str]:
-    """(local checkpoint dir, pretraining run id or None, what to record as its path).
+class EvalError(RuntimeError):
+    """Some tasks of an evaluation failed; `failures` maps task -> message (naming the file)."""
 
-    `ref` is a checkpoint directory or the MLflow run id of a pretraining run. For a run, the
-    local path in its `abpipe.checkpoint_path` tag is used when this machine has it; otherwise the
-    artifact dir named by `abpipe.checkpoint_artifact` is downloaded into `download_dir`.
-    """
-    if os.path.isdir(ref):
-        read_meta(ref)
-        return ref, None, os.path.abspath(ref)
-    if not _RUN_ID.fullmatch(ref):
-        raise CheckpointError(f"checkpoint directory not found: {ref}")
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        run = MlflowClient(tracking_uri).get_run(ref)
-    except MlflowException as exc:
-        raise CheckpointError(f"{ref} is neither a checkpoint directory nor a run in {tracking_uri}: {exc.message}") from None
-    tags = run.data.tags
-    local = tags.get("abpipe.checkpoint_path", "")
-    if local and os.path.isfile(os.path.join(local, META_FILE)):
-        return local, ref, local
-    artifact = tags.get("abpipe.checkpoint_artifact", "")
-    if not artifact:
-        raise CheckpointError(f"run {ref}: no local checkpoint ({local or 'no abpipe.checkpoint_path tag'}) and no abpipe.checkpoint_artifact tag")
-    import mlflow.artifacts
-
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=ref, artifact_path=artifact, dst_path=download_dir, tracking_uri=tracking_uri)
-    except Exception as exc:
-        raise CheckpointError(f"run {ref}: cannot download checkpoint artifact '{artifact}': {exc}") from None
-    read_meta(path)
-    return path, ref, f"runs:/{ref}/{artifact}"
+    def __init__(self, failures: dict[str, str]):
+        super().__init__("; ".join(f"task '{t}': {m}" for t, m in failures.items()))
+        self.failures = failures
 
 
-def list_labelled_folder(root: str) -> list[dict[str, str]]:
-    """[{input, label}] for root/<label>/<file>: the ingest lister's items that carry a class."""
-    from pipeline.data.sources.image_folder import list_image_folder
-
-    if not Path(root).is_dir():
-        raise ConfigError(f"eval.dataset: not a folder: {root}")
-    items = [{"input": it["input"], "label": it["labels"][0]} for it in list_image_folder(root) if it["labels"]]
-    if not items:
-        raise ConfigError(f"eval.dataset: no images in class sub-folders of {root}")
-    return items
+# ------------------------------------------------------------------------------------------- tasks
 
 
-def _split(labels: list[str], test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
-    counts = {c: labels.count(c) for c in set(labels)}
-    small = sorted(c for c, n in counts.items() if n < 2)
-    if small:
-        raise ValueError(f"classes with fewer than 2 readable images cannot be split: {small}")
-    return train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels)
-
-
-def _results_table(metrics: dict[str, float]) -> list[tuple[str, float, float | None]]:
-    return [(k, v, metrics.get(RANDOM_PREFIX + k)) for k, v in metrics.items() if not k.startswith(RANDOM_PREFIX)]
-
-
-def _write_results(out_dir: str, rows, info: dict[str, Any]) -> list[str]:
-    md = [f"# Eval of `{info['checkpoint']}` (step {info['step']})", ""]
-    md += [f"{info['n_train']} train / {info['n_test']} test images, {info['n_classes']} classes, skipped: {info['skipped'] or 'none'}", ""]
-    md += ["| metric | pretrained | random init | delta |", "|---|---|---|---|"]
-    md += [f"| {k} | {v:.4f} | {r:.4f} | {v - r:+.4f} |" if r is not None else f"| {k} | {v:.4f} | | |" for k, v, r in rows]
-    paths = [os.path.join(out_dir, "results.md"), os.path.join(out_dir, "results.csv")]
-    Path(paths[0]).write_text("\n".join(md) + "\n")
-    with open(paths[1], "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["metric", "pretrained", "random_init"])
-        writer.writerows([(k, v, "" if r is None else r) for k, v, r in rows])
-    return paths
+def task_roots(ev: EvalConfig) -> dict[str, str]:
+    """Task name -> dataset root, in `eval.tasks` order; `eval.dataset` is the `folder` task's root."""
+    tasks = list(dict.fromkeys(ev.tasks)) or [DEFAULT_TASK]
+    roots = dict(ev.task_roots)
+    if ev.dataset and DEFAULT_TASK not in roots:
+        roots[DEFAULT_TASK] = ev.dataset
+    missing = [t for t in tasks if not roots.get(t)]
+    if missing:
+        hint = " (or eval.dataset)" if DEFAULT_TASK in missing else ""
+        raise ConfigError(f"eval.task_roots: no dataset root for task(s) {missing}{hint}; give eval.task_roots.<task>=PATH")
+    return {t: roots[t] for t in tasks}
 
 
-def run_eval(cfg: Config) -> dict[str, Any]:
-    """Probe `cfg.eval.checkpoint` on `cfg.eval.dataset`; returns {run_id, metrics, ...}."""
-    import torch
+def eval_signature(ev: EvalConfig, task: str, root: str) -> str:
+    """Digest of everything that shapes a (checkpoint, task) result besides the weights."""
+    from pipeline.eval.cache import digest
 
-    from pipeline.eval.features import extract_features_multi
+    settings = {k: v for k, v in dataclasses.asdict(ev).items() if k not in _NOT_IN_SIGNATURE}
+    return digest({"task": task, "root": os.path.abspath(root) if "://" not in root else root, **settings})[:16]
+
+
+def check_probe_names(ev: EvalConfig) -> None:
     from pipeline.eval.probes import PROBES
-    from pipeline.train.tracking import RunLogger, start_run
 
-    cfg = cfg.resolved()
-    ev = cfg.eval
-    if not ev.checkpoint:
-        raise ConfigError("eval.checkpoint: give a checkpoint directory or a pretraining MLflow run id")
     unknown = [p for p in ev.probes if p not in PROBES]
     if unknown or not ev.probes:
         raise ConfigError(f"eval.probes: unknown {unknown or '(empty)'}; known: {', '.join(PROBES)}")
-    if not 0 < ev.test_fraction < 1:
-        raise ConfigError(f"eval.test_fraction: must be in (0, 1), got {ev.test_fraction}")
-    if not ev.dataset:
-        raise ConfigError("eval.dataset: give a labelled image folder (one sub-folder per class)")
-    items = list_labelled_folder(ev.dataset)
+
+
+def select_probes(ev: EvalConfig, kind: str) -> list[str]:
+    """The `eval.probes` that read this task kind (a box task skips kNN/linear, and so on).
+
+    Raises ValueError (a failure of this task alone) when none does."""
+    from pipeline.eval.probes import PROBES
+
+    chosen = [p for p in ev.probes if kind in PROBES[p].kinds]
+    if not chosen:
+        fitting = [name for name, p in PROBES.items() if kind in p.kinds]
+        raise ValueError(f"eval.probes: none of {ev.probes} reads {kind} tasks; add one of {fitting}")
+    return chosen
+
+
+def check_class_ids(data, root: str, max_per_split: int = 0) -> None:
+    """A label outside the class list, or test classes the train split never shows, is a dataset error."""
+    from pipeline.eval.tasks import TaskFormatError
+
+    n = data.info.num_classes
+    ids: dict[str, set[int]] = {}
+    for split, examples in (("train", data.train), ("test", data.test)):
+        if not examples:
+            raise TaskFormatError(f"{root}: task '{data.info.name}' has no {split} examples")
+        seen = ids.setdefault(split, set())
+        for ex in examples:
+            labels = [ex.label] if ex.label is not None else np.asarray(ex.box_labels if ex.box_labels is not None else [], np.int64).tolist()
+            for label in labels:
+                if not 0 <= int(label) < n:
+                    raise TaskFormatError(f"{ex.input}: class id {label} outside the task's {n} classes ({root})")
+                seen.add(int(label))
+    unseen = sorted(ids["test"] - ids["train"])
+    hint = f" (eval.max_per_split={max_per_split} may be too small for {n} classes)" if max_per_split else ""
+    if unseen and data.info.kind not in BOX_TASK_KINDS:
+        names = [data.info.class_names[i] for i in unseen[:5]]
+        raise TaskFormatError(
+            f"{root}: class-count mismatch: the test split has {len(ids['test'])} classes, the train split {len(ids['train'])}; "
+            f"test classes never seen in training: {names}{' ...' if len(unseen) > 5 else ''}{hint}"
+        )
+
+
+def _probe_split(examples, kept: np.ndarray, pooled: np.ndarray, tokens: np.ndarray | None, kind: str):
+    from pipeline.eval.probe_data import ProbeSplit
+
+    rows = [examples[i] for i in kept]
+    if kind in BOX_TASK_KINDS:
+        empty_boxes, empty_labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+        return ProbeSplit(
+            pooled=np.asarray(pooled),
+            tokens=None if tokens is None else np.asarray(tokens),
+            boxes=[np.asarray(ex.boxes, np.float32) if ex.boxes is not None else empty_boxes for ex in rows],
+            box_labels=[np.asarray(ex.box_labels, np.int64) if ex.box_labels is not None else empty_labels for ex in rows],
+        )
+    return ProbeSplit(pooled=np.asarray(pooled), tokens=None if tokens is None else np.asarray(tokens), labels=np.asarray([ex.label for ex in rows], np.int64))
+
+
+# ------------------------------------------------------------------------------------- one task's run
+
+
+@dataclasses.dataclass
+class _Encoder:
+    """An encoder to read features from; `directory` None = the random-init reference, written on a cache miss."""
+
+    name: str  # pretrained | random
+    fingerprint: str
+    directory: str | None
+
+
+@dataclasses.dataclass
+class _TaskRun:
+    """One (checkpoint, task) evaluation as it moves through the phases; `error` set = it failed."""
+
+    task: str
+    root: str
+    run_id: str
+    logger: Any
+    started: float
+    data: Any = None
+    probes: list[str] = dataclasses.field(default_factory=list)
+    tokens: bool = False
+    resize: str = "crop"
+    features: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # encoder -> split -> CachedFeatures
+    cached: list[str] = dataclasses.field(default_factory=list)
+    extract_s: float = 0.0
+    pending: list[tuple[str, str, Any]] = dataclasses.field(default_factory=list)  # (metric prefix, probe, ObjectRef)
+    error: str | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = _describe(exc)
+        self.logger.tags({"abpipe.error": self.error[:5000]})
+        self.logger.finish("FAILED")
+        log.warning("task '%s' failed: %s", self.task, self.error)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):  # KeyError's str() wraps the message in quotes
+        return f"KeyError: {exc.args[0] if exc.args else exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _open_task(tr: _TaskRun, ev: EvalConfig) -> None:
+    """Phase 1: the task's examples, validated, and what its probes need (tokens, resize mode)."""
+    from pipeline.eval.probes import PROBES
+    from pipeline.eval.tasks import load_task
+
+    tr.data = load_task(tr.task, tr.root, max_per_split=ev.max_per_split or None, seed=ev.seed)
+    check_class_ids(tr.data, tr.root, ev.max_per_split)
+    tr.probes = select_probes(ev, tr.data.info.kind)
+    tr.tokens = any(PROBES[p].needs_tokens for p in tr.probes)
+    tr.resize = "stretch" if tr.data.info.kind in BOX_TASK_KINDS else "crop"
+
+
+def _gather_features(runs: list[_TaskRun], encoders: list[_Encoder], model_cfg: Config, image_size: int, ev: EvalConfig, use_gpu: bool, cache, tmp: str) -> None:
+    """Phase 2: cache hits, then one extraction pass over every task split that missed."""
+    from pipeline.eval.cache import CachedFeatures, make_key
+    from pipeline.eval.features import extract_features_multi
+
+    keys, misses = {}, []
+    for tr in runs:
+        for enc in encoders:
+            for split in SPLITS:
+                inputs = [ex.input for ex in getattr(tr.data, split)]
+                keys[(tr.task, enc.name, split)] = make_key(enc.fingerprint, ev.weights, tr.task, tr.root, split, inputs, image_size, tr.resize)
+                tr.features.setdefault(enc.name, {})[split] = cache.get(keys[(tr.task, enc.name, split)], tr.tokens)
+                if tr.features[enc.name][split] is None:
+                    misses.append((tr, enc))
+        tr.cached = [e.name for e in encoders if all(tr.features[e.name][s] is not None for s in SPLITS)]
+    if not misses:
+        return
+    todo_runs = list({id(tr): tr for tr, _ in misses}.values())
+    todo_encoders = [e for e in encoders if any(e is enc for _, enc in misses)]
+    for enc in todo_encoders:
+        if enc.directory is None:
+            enc.directory = write_random_init(model_cfg, os.path.join(tmp, "random_init"))
+    inputs, modes, spans = [], [], {}
+    for tr in todo_runs:
+        for split in SPLITS:
+            paths = [ex.input for ex in getattr(tr.data, split)]
+            spans[(tr.task, split)] = (len(inputs), len(inputs) + len(paths))
+            inputs += paths
+            modes += [tr.resize] * len(paths)
+    started = time.perf_counter()
+    try:
+        got = extract_features_multi(
+            {e.name: e.directory for e in todo_encoders}, inputs, image_size, ev.batch_size,
+            which=ev.weights, use_gpu=use_gpu, tokens=any(tr.tokens for tr in todo_runs), resize=modes,
+        )  # fmt: skip
+    except CheckpointError:
+        raise
+    except Exception as exc:  # the pass failed as a whole: every task that needed it fails
+        for tr in todo_runs:
+            tr.fail(exc)
+        return
+    elapsed = time.perf_counter() - started
+    for tr in todo_runs:
+        tr.extract_s = elapsed
+        for split in SPLITS:
+            lo, hi = spans[(tr.task, split)]
+            rows = (got.kept >= lo) & (got.kept < hi)
+            for enc in todo_encoders:
+                if tr.features[enc.name][split] is not None:
+                    continue
+                tokens = got.tokens[enc.name][rows] if tr.tokens else None
+                feats = CachedFeatures(got.pooled[enc.name][rows], tokens, got.kept[rows] - lo, got.skipped_between(lo, hi))
+                cache.put(keys[(tr.task, enc.name, split)], feats)
+                tr.features[enc.name][split] = feats
+
+
+def _submit_probes(tr: _TaskRun, probe_ev: EvalConfig, use_gpu: bool) -> None:
+    """Phase 3: one Ray task per probe x encoder; awaited in phase 4, after every task has submitted."""
+    import ray
+
+    from pipeline.eval.probes import PROBES
+
+    kind = tr.data.info.kind
+    for encoder, prefix in (("pretrained", ""), ("random", RANDOM_PREFIX)):
+        if encoder not in tr.features:
+            continue
+        splits = {s: _probe_split(getattr(tr.data, s), f.kept, f.pooled, f.tokens, kind) for s, f in tr.features[encoder].items()}
+        for s, split in splits.items():
+            if len(split) == 0:
+                raise ValueError(f"{tr.root}: no readable image in the {s} split of task '{tr.task}' (skipped: {tr.features[encoder][s].skipped})")
+        train, test = ray.put(splits["train"]), ray.put(splits["test"])
+        for probe in tr.probes:
+            gpu = 1 if use_gpu and PROBES[probe].needs_tokens else 0
+            ref = _probe_task.options(num_cpus=1, num_gpus=gpu, name=f"probe-{probe}-{tr.task}").remote(probe, train, test, tr.data.info, probe_ev)
+            tr.pending.append((prefix, probe, ref))
+
+
+def _run_probe(name: str, train, test, task_info, cfg: EvalConfig) -> dict[str, float]:
+    import warnings
+
+    from pipeline.eval.probes import PROBES
+
+    with warnings.catch_warnings():  # Ray hands arrays over read-only (zero-copy); probes only read them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return PROBES[name](train, test, task_info, cfg)
+
+
+_probe_task = None  # the Ray remote of _run_probe, made on first use (ray is imported lazily)
+
+
+def _finish_task(tr: _TaskRun, info_base: dict[str, Any], step: int, tmp: str) -> dict[str, Any]:
+    """Phase 4: collect the probes' metrics, log them with the results table and plot, close the run."""
+    import ray
+
+    metrics: dict[str, float] = {}
+    errors = []
+    for prefix, probe, ref in tr.pending:
+        try:
+            for key, value in ray.get(ref).items():
+                name = key if key.startswith(probe) else f"{probe}_{key}"  # rankme's `rankme` stays `rankme`
+                metrics[f"{prefix}{name}"] = float(value)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            errors.append(f"probe '{probe}' ({'random init' if prefix else 'pretrained'}): {type(cause).__name__}: {cause}")
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    pre = tr.features["pretrained"]
+    skipped = {f"{s}/{reason}": n for s in SPLITS for reason, n in pre[s].skipped.items()}
+    for reason, n in getattr(tr.data, "skipped", {}).items():
+        skipped[reason] = skipped.get(reason, 0) + n
+    info = {
+        **info_base, "task": tr.task, "root": tr.root, "kind": tr.data.info.kind, "n_classes": tr.data.info.num_classes,
+        "n_train": len(pre["train"].kept), "n_test": len(pre["test"].kept), "skipped": skipped, "cached": tr.cached,
+    }  # fmt: skip
+    tr.logger.metrics(
+        {
+            **metrics,
+            **{f"skipped/{k}": v for k, v in skipped.items()},
+            "n_train": info["n_train"],
+            "n_test": info["n_test"],
+            "features_cached": float(len(tr.cached) == len(tr.features)),
+            "extract_s": tr.extract_s,
+            "eval_s": time.perf_counter() - tr.started,
+        },
+        step=step,
+    )
+    rows = result_rows(metrics)
+    out = os.path.join(tmp, f"results-{tr.task}")
+    os.makedirs(out, exist_ok=True)
+    paths = write_eval_results(out, rows, info)
+    paths.append(plot_eval(os.path.join(out, "results.png"), rows, f"{tr.task} @ step {info['step']}"))
+    for path in paths:
+        tr.logger.artifact(path)
+    tr.logger.finish()
+    return {"run_id": tr.run_id, "metrics": metrics, "rows": rows, **{k: info[k] for k in ("kind", "n_train", "n_test", "n_classes", "skipped", "cached")}}
+
+
+# ---------------------------------------------------------------------------------------------- job
+
+
+def _use_gpu(ev: EvalConfig) -> bool:
+    import ray
+
+    if ev.use_gpu is None:
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(ev.use_gpu)
+
+
+def _parent_info(uri: str, parent: str | None) -> tuple[str | None, str, dict[str, str]]:
+    """(experiment name of the pretraining run, its run name, its tags); empty where it is not in this store."""
+    if not parent:
+        return None, "", {}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        run = client.get_run(parent)
+        return client.get_experiment(run.info.experiment_id).name, run.info.run_name or "", dict(run.data.tags)
+    except Exception:
+        return None, "", {}
+
+
+def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = None, key: str | None = None) -> dict[str, Any]:
+    """Probe checkpoint `ref` on `tasks` (name -> root; default from eval.tasks); one MLflow run per task.
+
+    Raises CheckpointError when the checkpoint itself is unusable (missing, corrupt, wrong weights).
+    A task that fails (wrong dataset format, class-count mismatch, probe error) is recorded in
+    `failures` with its message, its run is marked FAILED, and the other tasks still run.
+    """
+    import ray
+
+    from pipeline.eval.cache import FeatureCache
+    from pipeline.models.checkpoint import load_frozen_model
+    from pipeline.train.tracking import RunLogger, start_run
+
+    global _probe_task
+    cfg = cfg.resolved()
+    ev = cfg.eval
+    tasks = tasks if tasks is not None else task_roots(ev)
+    if ev.weights not in ("teacher", "student"):
+        raise ConfigError(f"eval.weights: teacher or student, got {ev.weights!r}")
+    check_probe_names(ev)
     uri = cfg.tracking.tracking_uri
     init_ray(cfg.ray)
+    _probe_task = _probe_task or ray.remote(max_retries=0)(_run_probe)
+    use_gpu = _use_gpu(ev)
+    probe_ev = dataclasses.replace(ev, use_gpu=use_gpu)
+    cache = FeatureCache(ev.cache_dir or cfg.paths.under("feature_cache"))
 
     with tempfile.TemporaryDirectory(prefix="abpipe-eval-") as tmp:
-        ckpt_dir, source_run, recorded_path = resolve_checkpoint(ev.checkpoint, uri, os.path.join(tmp, "download"))
-        model, model_cfg = load_frozen_model(ckpt_dir)  # validates weights on the driver, clear errors
+        ckpt_dir, source_run, recorded_path = resolve_checkpoint(ref, uri, os.path.join(tmp, "download"))
+        _, model_cfg = load_frozen_model(ckpt_dir, which=ev.weights)  # validates the weights on the driver: clear errors
         meta = read_meta(ckpt_dir)
+        fingerprint = weights_fingerprint(ckpt_dir)
+        key = key or checkpoint_key(meta, source_run, fingerprint)
         parent = meta.get("mlflow_run_id") or source_run
+        experiment, parent_name, parent_tags = _parent_info(uri, parent)
         image_size = model_cfg.views.view_size  # the ViT's position embeddings fix its input size
         if ev.image_size and ev.image_size != image_size:
             log.warning("eval.image_size=%d ignored: the checkpoint's encoder takes %d px inputs (views.view_size)", ev.image_size, image_size)
-
-        # The reference: the exact weights pretraining started from (the trainer seeds the same way).
-        torch.manual_seed(model_cfg.train.seed)
-        from pipeline.models.ab_model import build_model
-
-        random_model = build_model(model_cfg.model, image_size).state_dict()
-        random_dir = os.path.join(tmp, "random_init")
-        save_checkpoint(random_dir, {"teacher": random_model, "student": random_model}, {"config": model_cfg.to_dict(), "step": 0})
-        del model, random_model
-
-        tags = {"abpipe.kind": "eval", "abpipe.checkpoint_path": recorded_path, "abpipe.checkpoint_step": str(meta.get("step", ""))}
+        encoders = [_Encoder("pretrained", fingerprint, ckpt_dir)]
+        if ev.random_init:
+            encoders.append(_Encoder("random", random_init_fingerprint(model_cfg), None))
+        tags = {
+            "abpipe.kind": "eval",
+            "abpipe.checkpoint_path": recorded_path,
+            "abpipe.checkpoint_step": str(meta.get("step", "")),
+            "abpipe.checkpoint_key": key,
+            "abpipe.objective": parent_tags.get("abpipe.objective") or model_cfg.objective.name,
+            "abpipe.pretrain_run_name": parent_name or model_cfg.train.run_name,
+        }
         if parent:
-            tags.update({"abpipe.parent_run_id": parent, "mlflow.parentRunId": parent})
-        params = {k: v for k, v in cfg.flat().items() if k.startswith("eval.")}
-        params.update({"eval.image_size": image_size, "model.encoder": model_cfg.model.encoder, "model.encoder_kwargs": model_cfg.model.encoder_kwargs})
-        run_id = start_run(uri, cfg.tracking.experiment, "eval", params, tags)
-        logger = RunLogger(uri, run_id)
-        try:
-            feats, labels, skipped = extract_features_multi(
-                {"pretrained": ckpt_dir, "random": random_dir}, items, image_size, ev.batch_size, which=ev.weights, use_gpu=ev.use_gpu
-            )
-            train_idx, test_idx = _split(labels, ev.test_fraction, ev.seed)
-            y = np.asarray(labels)
-            metrics: dict[str, float] = {}
-            for prefix, name in (("", "pretrained"), (RANDOM_PREFIX, "random")):
-                x = feats[name]
-                for probe in ev.probes:
-                    for key, value in PROBES[probe](x[train_idx], y[train_idx], x[test_idx], y[test_idx], ev).items():
-                        metrics[f"{prefix}{probe}_{key}"] = value
-            info = {
-                "checkpoint": recorded_path,
-                "step": meta.get("step", "?"),
-                "n_train": len(train_idx),
-                "n_test": len(test_idx),
-                "n_classes": len(set(labels)),
-                "skipped": skipped,
-            }
-            logger.metrics({**metrics, **{f"skipped_{k}": v for k, v in skipped.items()}, "n_train": info["n_train"], "n_test": info["n_test"]}, step=0)
-            rows = _results_table(metrics)
-            for path in _write_results(tmp, rows, info):
-                logger.artifact(path)
-        except BaseException:
-            logger.finish("FAILED")
-            raise
-        logger.finish()
+            tags["abpipe.parent_run_id"] = parent
+            if experiment:
+                tags["mlflow.parentRunId"] = parent  # nested in the MLflow UI (same experiment)
+        params = {k: v for k, v in cfg.flat().items() if k.startswith("eval.") and k not in ("eval.tasks", "eval.task_roots", "eval.dataset")}
+        params.update({"eval.image_size": image_size, "eval.use_gpu": use_gpu})
 
-    print(f"[abpipe] eval of {recorded_path}: {info['n_train']} train / {info['n_test']} test, skipped {skipped or 'none'}")
-    print(f"  {'metric':<18}{'pretrained':>11}{'random init':>13}")
-    for key, value, ref in rows:
-        print(f"  {key:<18}{value:>11.4f}{'' if ref is None else f'{ref:>13.4f}'}")
-    return {"run_id": run_id, "parent_run_id": parent, "checkpoint": recorded_path, "metrics": metrics, **{k: info[k] for k in ("n_train", "n_test", "n_classes", "skipped")}}
+        runs: list[_TaskRun] = []
+        for task, root in tasks.items():
+            run_tags = {**tags, "abpipe.task": task, "abpipe.task_root": root, "abpipe.eval_signature": eval_signature(ev, task, root)}
+            run_id = start_run(uri, experiment or cfg.tracking.experiment, f"eval/{task}", {**params, "eval.task": task, "eval.task_root": root}, run_tags)
+            tr = _TaskRun(task, root, run_id, RunLogger(uri, run_id), time.perf_counter())
+            runs.append(tr)
+            try:
+                _open_task(tr, ev)
+            except Exception as exc:  # one task's bad data must not stop the others
+                tr.fail(exc)
+        results: dict[str, dict[str, Any]] = {}
+        try:
+            _gather_features([tr for tr in runs if not tr.error], encoders, model_cfg, image_size, ev, use_gpu, cache, tmp)
+            for tr in runs:
+                if not tr.error:
+                    try:
+                        _submit_probes(tr, probe_ev, use_gpu)
+                    except Exception as exc:
+                        tr.fail(exc)
+            info_base = {"checkpoint": recorded_path, "step": meta.get("step", "?")}
+            for tr in runs:
+                if not tr.error:
+                    try:
+                        results[tr.task] = _finish_task(tr, info_base, int(meta.get("step") or 0), tmp)
+                    except Exception as exc:
+                        tr.fail(exc)
+        except BaseException as exc:  # a checkpoint error or an interrupt: no run stays RUNNING
+            for tr in runs:
+                if not tr.error and tr.task not in results:
+                    tr.fail(exc)
+            raise
+    failures = {tr.task: tr.error for tr in runs if tr.error}
+    _print_summary(recorded_path, results, failures)
+    return {
+        "checkpoint": recorded_path,
+        "checkpoint_key": key,
+        "step": meta.get("step"),
+        "parent_run_id": parent,
+        "tasks": results,
+        "failures": failures,
+        "metrics": _flat_metrics(results, len(tasks)),
+    }
+
+
+def _flat_metrics(results: dict[str, dict], n_tasks: int) -> dict[str, float]:
+    """One task: its metrics as they are (`knn_top1`, the single-dataset eval's shape that the demo
+    and the study read); several: prefixed `<task>/knn_top1`."""
+    if n_tasks == 1:
+        return next((dict(r["metrics"]) for r in results.values()), {})
+    return {f"{t}/{k}": v for t, r in results.items() for k, v in r["metrics"].items()}
+
+
+def _print_summary(checkpoint: str, results: dict[str, dict], failures: dict[str, str]) -> None:
+    print(f"[abpipe] eval of {checkpoint}")
+    for task, res in results.items():
+        cached = f", features from cache: {', '.join(res['cached'])}" if res["cached"] else ""
+        print(f"  task {task}: {res['n_train']} train / {res['n_test']} test, skipped {res['skipped'] or 'none'}{cached}")
+        print(f"    {'metric':<22}{'pretrained':>11}{'random init':>13}")
+        for key, value, ref in res["rows"]:
+            print(f"    {key:<22}{value:>11.4f}{'' if ref is None else f'{ref:>13.4f}'}")
+    for task, message in failures.items():
+        print(f"  task {task}: FAILED: {message}")
+
+
+def run_eval(cfg: Config) -> dict[str, Any]:
+    """`abpipe eval`: probe `eval.checkpoint` on `eval.tasks`; raises EvalError if any task failed."""
+    cfg = cfg.resolved()
+    if not cfg.eval.checkpoint:
+        raise ConfigError("eval.checkpoint: give a checkpoint directory, runs:/<run id>/<dir>, or a pretraining MLflow run id")
+    tasks = task_roots(cfg.eval)
+    result = evaluate_checkpoint(cfg, cfg.eval.checkpoint, tasks)
+    if result["failures"]:
+        raise EvalError(result["failures"])
+    return result

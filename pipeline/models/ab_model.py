@@ -6,7 +6,6 @@ annotation loss and the propagation loss share every weight, as in the paper.
 
 from __future__ import annotations
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,15 +13,10 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.data.boxes import IDENTITY_BOX
 from pipeline.models.decoder import ActionDecoder
+from pipeline.models.encoder import build_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def build_encoder(cfg: ModelConfig, img_size: int) -> nn.Module:
-    """A randomly initialised timm ViT (never downloads weights) sized for `img_size` views."""
-    kwargs = {"img_size": img_size, **cfg.encoder_kwargs}
-    return timm.create_model(cfg.encoder, pretrained=False, num_classes=0, **kwargs)
 
 
 class ProjectionHead(nn.Module):

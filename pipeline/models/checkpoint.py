@@ -65,20 +65,36 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def load_frozen_model(directory: str | os.PathLike, which: str = "teacher", device: str | torch.device = "cpu"):
-    """(model in eval mode without grads, Config) from a checkpoint directory.
+def encoder_state(state: dict[str, Any], which: str) -> dict[str, Any]:
+    """The bare ViT weights of `which` (teacher|student) from any abpipe checkpoint state.
 
-    `which` picks the EMA teacher (default: the smoother weights, as DINO evaluates) or the student.
+    Checkpoints written by the method-agnostic loop carry `encoder_<which>`; AB-model state dicts
+    (`<which>` holding the whole ABModel, as older checkpoints and the eval job's random-init
+    reference do) keep the encoder under the `encoder.` prefix.
     """
-    from pipeline.models.ab_model import build_model
+    if f"encoder_{which}" in state:
+        return state[f"encoder_{which}"]
+    if which in state:
+        prefix = "encoder."
+        return {k[len(prefix) :]: v for k, v in state[which].items() if k.startswith(prefix)}
+    raise KeyError(f"no '{which}' encoder weights (keys: {sorted(state)})")
+
+
+def load_frozen_model(directory: str | os.PathLike, which: str = "teacher", device: str | torch.device = "cpu"):
+    """(FrozenEncoder in eval mode without grads, Config) from a checkpoint directory.
+
+    `which` picks the EMA teacher (default: the smoother weights, as DINO evaluates) or the student;
+    methods without a teacher store the student under both names.
+    """
+    from pipeline.models.encoder import FrozenEncoder, build_encoder
 
     cfg = checkpoint_config(directory)
     state = load_state(directory, map_location=device)
     if which not in ("teacher", "student"):
         raise ValueError("which must be 'teacher' or 'student'")
-    model = build_model(cfg.model, cfg.views.view_size)
+    model = FrozenEncoder(build_encoder(cfg.model, cfg.views.view_size))
     try:
-        model.load_state_dict(state[which])
+        model.encoder.load_state_dict(encoder_state(state, which))
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{directory}: weights do not match the stored model config: {exc}") from None
     model.to(device).eval()

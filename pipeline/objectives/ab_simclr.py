@@ -13,11 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import ObjectiveConfig
-from pipeline.data.boxes import relative_box
-from pipeline.models.ab_model import images_to_float
+from pipeline.config import Config, ConfigError, ObjectiveConfig
+from pipeline.data.boxes import box_iou, relative_box
+from pipeline.data.pair_sampling import MODES as PAIR_MODES
+from pipeline.models.ab_model import build_model, images_to_float
+from pipeline.objectives import base
 from pipeline.objectives.contrastive import gather_no_grad, symmetric_info_nce
-from pipeline.objectives.propagation import propagation_loss, teacher_distribution
+from pipeline.objectives.ema import ema_update, make_teacher
+from pipeline.objectives.propagation import per_pair_error, propagation_loss, teacher_distribution
 
 
 @dataclass
@@ -53,3 +56,60 @@ def ab_simclr_step(student: nn.Module, teacher: nn.Module, crops: torch.Tensor, 
     propagation = propagation_loss(pred.float(), probs, z_ann_student.float(), cfg.temperature)
     loss = cfg.annotation_weight * annotation + cfg.propagation_weight * propagation
     return StepOutput(loss, annotation.detach(), propagation.detach(), pred.detach(), probs, z_ann_student)
+
+
+class ABSimCLR(base.Objective):
+    """AB_SimCLR as a trainable method, with the paper's Table 4 ablation switches.
+
+    `objective.teacher: student` is the "no target network" ablation (the student, under no_grad,
+    produces its own targets); `objective.annotation_weight: 0` removes the grounding loss,
+    `objective.propagation_weight: 0` the propagation loss, `objective.null_actions` the action
+    tokens, and `views.augment_views` adds augmentations to the propagation crops.
+    """
+
+    columns = ("views", "boxes", "ann_views")
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.student = build_model(cfg.model, cfg.views.view_size)
+        self.use_ema = cfg.objective.teacher == "ema"
+        self.teacher = make_teacher(self.student) if self.use_ema else None
+
+    def check_views(self) -> None:
+        if self.cfg.views.annotation_views != 2:
+            raise ConfigError(f"views.annotation_views must be 2 for {self.cfg.objective.name} (SimCLR's two views), got {self.cfg.views.annotation_views}")
+        if self.cfg.views.num_views < 1:
+            raise ConfigError(f"views.num_views must be >= 1 for {self.cfg.objective.name}")
+        if self.cfg.views.pair_sampling not in PAIR_MODES:
+            raise ConfigError(f"views.pair_sampling must be one of {PAIR_MODES}, got {self.cfg.views.pair_sampling!r}")
+        if self.cfg.objective.teacher not in ("ema", "student"):
+            raise ConfigError(f"objective.teacher must be 'ema' or 'student', got {self.cfg.objective.teacher!r}")
+
+    @property
+    def student_encoder(self) -> nn.Module:
+        return self.student.encoder
+
+    @property
+    def teacher_encoder(self) -> nn.Module | None:
+        return self.teacher.encoder if self.teacher is not None else None
+
+    def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
+        teacher = self.teacher if self.teacher is not None else self.student
+        out = ab_simclr_step(self.student, teacher, batch["views"], batch["boxes"], batch["ann_views"], self.cfg.objective)
+        probs = out.teacher_probs
+        terms = {"annotation": out.annotation, "propagation": out.propagation}
+        metrics = {"teacher_entropy": -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()}
+        diagnostics = {}
+        if progress.diagnose:
+            boxes = batch["boxes"].float().cpu().numpy()
+            diagnostics = {
+                "pair_error": per_pair_error(out.pred.float(), probs, out.annotations, self.cfg.objective.temperature),
+                "pair_iou": torch.as_tensor(box_iou(boxes[:, :, None, :], boxes[:, None, :, :])),
+                "head": out.annotations,
+            }
+        return base.StepOutput(out.loss, terms, metrics, diagnostics)
+
+    @torch.no_grad()
+    def after_step(self, progress: base.Progress) -> None:
+        if self.teacher is not None:
+            ema_update(self.teacher, self.student, progress.ema_rate)

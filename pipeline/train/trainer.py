@@ -36,14 +36,15 @@ def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
     """Fail fast where the data stage cannot fit beside the training workers.
 
     Ray Train leaves the data pipeline `cluster CPUs - training CPUs`; if one crop actor and one
-    shard-read task do not fit in that, the stream never starts and the run hangs silently.
+    shard-read task per stream do not fit in that, the stream never starts and the run hangs silently.
     """
+    streams = 2 if cfg.data.decoupled else 1
     budget = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker
-    need = cfg.views.cpus_per_actor + cfg.data.read_cpus
+    need = streams * (cfg.views.cpus_per_actor + cfg.data.read_cpus)
     if budget + 1e-9 < need:
         message = (
-            f"the data stage needs {need:g} CPUs (views.cpus_per_actor={cfg.views.cpus_per_actor:g} + "
-            f"data.read_cpus={cfg.data.read_cpus:g}) but only {budget:g} of the cluster's {cluster_cpus:g} are left "
+            f"the data stage needs {need:g} CPUs ({streams} stream(s) x (views.cpus_per_actor={cfg.views.cpus_per_actor:g} + "
+            f"data.read_cpus={cfg.data.read_cpus:g})) but only {budget:g} of the cluster's {cluster_cpus:g} are left "
             f"after {cfg.train.num_workers} training worker(s) x train.cpus_per_worker={cfg.train.cpus_per_worker:g}; "
             "lower those settings or add CPUs"
         )
@@ -53,19 +54,34 @@ def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
             raise ConfigError(message)
 
 
-def build_training_dataset(cfg: Config):
-    """Shards -> multi-view crops, as a lazy streaming Ray Dataset."""
+def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
+    """Shards -> multi-view crops, as lazy streaming Ray Datasets: {"train"} or, decoupled,
+    {"train": propagation crops, "annotations": annotation views}."""
+    import dataclasses
+
     import ray.data
 
     from pipeline.data.crop_stage import build_crop_dataset
+    from pipeline.data.mixing import stream_dataset
 
     # The one-line-per-interval training log is the progress display here; Ray Data's bars from
     # the split coordinator would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    from pipeline.data.shards import read_shards
-
-    shards = read_shards(cfg.data.shards, shuffle="files", num_cpus=cfg.data.read_cpus)
-    return build_crop_dataset(shards, cfg.views, seed=cfg.train.seed, stats_name=f"crop-stats-{cfg.train.run_name}")
+    crops = stream_dataset(cfg.data.shards, cfg.data.mixture, cfg.data.read_cpus)
+    name = f"crop-stats-{cfg.train.run_name}"
+    if not cfg.data.decoupled:
+        return {"train": build_crop_dataset(crops, cfg.views, seed=cfg.train.seed, stats_name=name)}
+    # Two actor pools share what training leaves; each gets a fixed half so neither can take all
+    # CPUs and starve the other (the trainer needs a batch from both every step).
+    free = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker - 2 * cfg.data.read_cpus
+    per_stream = max(1, int(free / 2 / cfg.views.cpus_per_actor)) if cfg.views.concurrency is None else cfg.views.concurrency
+    crop_views = dataclasses.replace(cfg.views, annotation_views=0, concurrency=per_stream)
+    ann_views = dataclasses.replace(cfg.views, num_views=0, concurrency=per_stream)
+    anns = stream_dataset(cfg.data.annotation_shards, cfg.data.annotation_mixture, cfg.data.read_cpus)
+    return {
+        "train": build_crop_dataset(crops, crop_views, seed=cfg.train.seed, stats_name=name),
+        "annotations": build_crop_dataset(anns, ann_views, seed=cfg.train.seed + 1, stats_name=f"{name}-annotations"),
+    }
 
 
 def run_pretrain(cfg: Config) -> dict[str, Any]:
@@ -75,7 +91,8 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
 
     cfg = cfg.resolved()
     init_ray(cfg.ray)
-    check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0))
+    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+    check_cpu_budget(cfg, cluster_cpus)
     storage = cfg.train.storage_path
     os.makedirs(storage, exist_ok=True) if "://" not in storage else None
 
@@ -84,12 +101,17 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     if previous:
         run_id = read_meta(previous).get("mlflow_run_id")
         print(f"[abpipe] resuming run '{cfg.train.run_name}' from {previous}", flush=True)
+    init = None  # MAWS stage: resolve train.init_from once here (a resumed run has its own weights)
+    if cfg.train.init_from and not previous:
+        from pipeline.train.init_from import resolve_init_source
+
+        init = resolve_init_source(cfg.train.init_from, cfg.tracking.tracking_uri, cfg.paths.under("init_from", cfg.train.run_name))
     if not run_id:
-        run_id = _start_mlflow_run(cfg)
+        run_id = _start_mlflow_run(cfg, init.tags(cfg.train.init_from) if init else None)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id},
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from_dir": init.directory if init else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -101,7 +123,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets={"train": build_training_dataset(cfg)},
+        datasets=build_training_datasets(cfg, cluster_cpus),
     )
     started = time.perf_counter()
     logger = tracking.RunLogger(cfg.tracking.tracking_uri, run_id)
@@ -117,14 +139,20 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": dict(result.metrics)}
 
 
-def _start_mlflow_run(cfg: Config) -> str | None:
+def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> str | None:
     try:
         return tracking.start_run(
             cfg.tracking.tracking_uri,
             cfg.tracking.experiment,
             cfg.train.run_name,
             cfg.flat(),
-            tags={"abpipe.kind": "pretrain", "abpipe.objective": cfg.objective.name, "abpipe.shards": cfg.data.shards},
+            tags={
+                "abpipe.kind": "pretrain",
+                "abpipe.objective": cfg.objective.name,
+                "abpipe.shards": ",".join(cfg.data.mixture) or cfg.data.shards,
+                "abpipe.annotation_shards": ",".join(cfg.data.annotation_mixture) or cfg.data.annotation_shards or "(same as shards)",
+                **(extra_tags or {}),  # lineage of a staged (MAWS) run: parent run, checkpoint sha256
+            },
         )
     except Exception as exc:  # tracking is best-effort; checkpoints are the source of truth
         print(f"[abpipe] WARNING: MLflow unavailable ({exc}); training without tracking", flush=True)

@@ -1,14 +1,21 @@
-"""Frozen-feature probes. Each is `fn(train_x, train_y, test_x, test_y, cfg: EvalConfig) -> metrics`.
+"""Frozen-feature probes, by name. Each `PROBES[name]` is a `Probe` (pipeline.eval.probes.base):
 
-Labels may be any hashable values (strings are fine); metric keys are un-prefixed (`top1`), the eval
-job prefixes them with the probe name (`knn_top1`). A new probe (decoder, attentive) is one entry.
+    PROBES[name](train: ProbeSplit, test: ProbeSplit, task: TaskInfo, cfg: EvalConfig) -> {metric: value}
+
+with attributes `kinds` (the task kinds it reads) and `needs_tokens` (whether the splits must carry
+the encoder's final tokens). Metric keys are un-prefixed (`top1`, `map`); the eval job prefixes them.
+Inputs are checked before any work (`ProbeInputError` names the split, image and field).
 """
 
 from __future__ import annotations
 
-from pipeline.eval.probes.knn import knn_probe
-from pipeline.eval.probes.linear import linear_probe
+from pipeline.eval.probes.attentive import ATTENTIVE
+from pipeline.eval.probes.base import Probe, ProbeInputError
+from pipeline.eval.probes.decoder import DECODER
+from pipeline.eval.probes.knn import KNN, knn_predict
+from pipeline.eval.probes.linear import LINEAR
+from pipeline.eval.probes.rankme import RANKME
 
-PROBES = {"knn": knn_probe, "linear": linear_probe}
+PROBES: dict[str, Probe] = {p.name: p for p in (KNN, LINEAR, ATTENTIVE, DECODER, RANKME)}
 
-__all__ = ["PROBES", "knn_probe", "linear_probe"]
+__all__ = ["PROBES", "Probe", "ProbeInputError", "knn_predict"]

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import EvalConfig
+from pipeline.eval.metrics import classification_metrics
+from pipeline.eval.probe_data import CLASSIFICATION, ProbeSplit, TaskInfo
+from pipeline.eval.probes.base import Probe
 
 _CHUNK = 1024  # test rows per similarity block: bounds memory at chunk x n_train
 
@@ -31,12 +34,10 @@ def knn_predict(train_x, train_y, test_x, k: int = 20, temperature: float = 0.07
     return torch.cat(out).numpy()
 
 
-def knn_probe(train_x, train_y, test_x, test_y, cfg: EvalConfig) -> dict[str, float]:
-    """top1 (and top5 when there are more than 5 classes) accuracy of the weighted kNN vote."""
-    classes, y = np.unique(np.concatenate([np.asarray(train_y), np.asarray(test_y)]), return_inverse=True)
-    ytr, yte = y[: len(train_y)], y[len(train_y) :]
-    pred = knn_predict(train_x, ytr, test_x, cfg.knn_k, cfg.knn_temperature, topk=5)
-    metrics = {"top1": float((pred[:, 0] == yte).mean())}
-    if len(classes) > 5:
-        metrics["top5"] = float((pred == yte[:, None]).any(axis=1).mean())
-    return metrics
+def knn_probe(train: ProbeSplit, test: ProbeSplit, task: TaskInfo, cfg: EvalConfig) -> dict[str, float]:
+    """top1 (and top5 when there are more than 5 classes) of the weighted kNN vote on pooled features."""
+    pred = knn_predict(train.pooled, train.labels, test.pooled, cfg.knn_k, cfg.knn_temperature, topk=5)
+    return classification_metrics(pred, np.asarray(test.labels), task.num_classes, ranked=True)
+
+
+KNN = Probe("knn", knn_probe, kinds=(CLASSIFICATION,), needs_tokens=False)

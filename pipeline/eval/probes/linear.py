@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import EvalConfig
+from pipeline.eval.metrics import classification_metrics
+from pipeline.eval.probe_data import CLASSIFICATION, ProbeSplit, TaskInfo
+from pipeline.eval.probes.base import Probe
 
 _MAX_BATCH = 65536  # rows per step; below this the probe is full-batch
 
@@ -36,19 +39,19 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, epochs: int, 
     return layer
 
 
-def linear_probe(train_x, train_y, test_x, test_y, cfg: EvalConfig) -> dict[str, float]:
-    """Test top1 (and train top1, to show under/over-fitting) of a linear classifier."""
-    classes, y = np.unique(np.concatenate([np.asarray(train_y), np.asarray(test_y)]), return_inverse=True)
-    ytr = torch.as_tensor(y[: len(train_y)], dtype=torch.long)
-    yte = torch.as_tensor(y[len(train_y) :], dtype=torch.long)
-    xtr = torch.as_tensor(np.asarray(train_x), dtype=torch.float32)
-    xte = torch.as_tensor(np.asarray(test_x), dtype=torch.float32)
-    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+def linear_probe(train: ProbeSplit, test: ProbeSplit, task: TaskInfo, cfg: EvalConfig) -> dict[str, float]:
+    """Test top1/top5 (and train top1, to show under/over-fitting) of a linear classifier on pooled features."""
+    ytr = torch.as_tensor(np.asarray(train.labels), dtype=torch.long)
+    xtr = torch.as_tensor(np.asarray(train.pooled), dtype=torch.float32)
+    xte = torch.as_tensor(np.asarray(test.pooled), dtype=torch.float32)
+    mean, std = xtr.mean(0), xtr.std(0).nan_to_num(1.0).clamp_min(1e-6)  # std of 1 row is NaN
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     with torch.enable_grad():
-        layer = train_linear(xtr, ytr, len(classes), cfg.linear_epochs, cfg.linear_lr, cfg.linear_weight_decay, cfg.seed)
+        layer = train_linear(xtr, ytr, task.num_classes, cfg.linear_epochs, cfg.linear_lr, cfg.linear_weight_decay, cfg.seed)
     with torch.no_grad():
-        return {
-            "top1": float((layer(xte).argmax(1) == yte).float().mean()),
-            "train_top1": float((layer(xtr).argmax(1) == ytr).float().mean()),
-        }
+        metrics = classification_metrics(layer(xte).numpy(), np.asarray(test.labels), task.num_classes)
+        metrics["train_top1"] = float((layer(xtr).argmax(1) == ytr).float().mean())
+    return metrics
+
+
+LINEAR = Probe("linear", linear_probe, kinds=(CLASSIFICATION,), needs_tokens=False)

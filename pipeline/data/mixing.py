@@ -1,0 +1,55 @@
+"""Weighted mixtures of shard sets as one Ray Dataset (e.g. 50% ImageNet + 50% COCO for DINO's
+mixture baseline in Fig. 3 of the AB paper).
+
+One pass ("epoch") of a mixture has as many samples as its sources together; source i contributes
+weight_i / sum(weights) of them: sources below their natural share are subsampled, sources above it
+are repeated whole and topped up with a sample. Sampling is per row and unseeded, so every epoch
+draws a different subset; expected counts are exact, realised counts vary by ~sqrt(n).
+"""
+
+from __future__ import annotations
+
+from pipeline.config import ConfigError
+
+
+def mixture_counts(sizes: dict[str, int], weights: dict[str, float]) -> dict[str, float]:
+    """Expected samples per source in one pass of the mixture."""
+    if not weights:
+        raise ConfigError("a mixture needs at least one {shard dir: weight} entry")
+    bad = {k: w for k, w in weights.items() if not (isinstance(w, (int, float)) and w >= 0)}
+    if bad or sum(weights.values()) <= 0:
+        raise ConfigError(f"mixture weights must be >= 0 and not all 0, got {weights}")
+    total = sum(sizes[k] for k in weights)
+    norm = sum(weights.values())
+    return {k: total * w / norm for k, w in weights.items()}
+
+
+def mixture_dataset(weights: dict[str, float], read_cpus: float | None = None):
+    """Ray Dataset mixing the shard sets in `weights` (columns as `read_shards`)."""
+    from pipeline.data.shards import load_stats, read_shards
+
+    sizes = {path: int(load_stats(path)["counts"].get("ok", 0)) for path in weights}
+    empty = [p for p, n in sizes.items() if n == 0 and weights[p] > 0]
+    if empty:
+        raise ConfigError(f"mixture: shard sets with no usable samples: {empty}")
+    parts = []
+    for path, want in mixture_counts(sizes, weights).items():
+        if want <= 0:
+            continue
+        whole, rest = divmod(want / sizes[path], 1.0)
+        ds = read_shards(path, shuffle="files", num_cpus=read_cpus)
+        parts += [ds] * int(whole)
+        if rest > 1e-9:
+            parts.append(ds.random_sample(rest))
+    first, *others = parts
+    return first.union(*others) if others else first
+
+
+def stream_dataset(shards: str, mixture: dict[str, float], read_cpus: float | None = None):
+    """One training stream: a mixture when given, else the single shard set."""
+    from pipeline.data.shards import read_shards
+
+    if mixture:
+        return mixture_dataset(mixture, read_cpus)
+    return read_shards(shards, shuffle="files", num_cpus=read_cpus)
+

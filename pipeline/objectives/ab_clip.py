@@ -1,0 +1,133 @@
+"""AB_CLIP: CLIP's loss as the annotation loss, AB propagation over the batch's text annotations.
+
+As AB_SimCLR (pipeline/objectives/ab_simclr.py) with the annotation tower swapped for open_clip's
+text transformer (paper Sec. 4, "Model"): f(x, l) = exp(s) phi(x)^T psi(l), phi(x) = the AB decoder's
+identity-action embedding, psi = the text tower, s CLIP's learnable log logit scale.
+
+- Annotation loss (Eq. 5): CLIP's symmetric InfoNCE between phi(x_i) of the annotation image
+  (`ann_views[:, 0]`, the annotation stream's image as in Algorithm 1) and psi(l_i) of its text.
+- Propagation loss (Eq. 4): over all M^2 (source, target) pairs of the M crops, the student's
+  prediction phi_bar(x_s, bb_{s->t}) is scored against the batch's texts (the student's own text
+  embeddings, detached, at its own scale, detached) and matched to the EMA teacher's distribution
+  over the same texts (teacher's text tower and scale) for the target crop x_t.
+The teacher is an EMA copy of the whole network (image model, text tower and logit scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, ConfigError, ObjectiveConfig
+from pipeline.data.boxes import box_iou
+from pipeline.models.ab_model import build_model, images_to_float
+from pipeline.models.text import build_text_encoder
+from pipeline.objectives import base
+from pipeline.objectives.ab_simclr import pair_actions
+from pipeline.objectives.clip import clamp_logit_scale_, check_text_views, clip_loss, logit_scale_parameter, pair_accuracy
+from pipeline.objectives.contrastive import gather_no_grad
+from pipeline.objectives.ema import ema_update, make_teacher
+from pipeline.objectives.propagation import per_pair_error, propagation_loss, teacher_distribution
+
+
+class ABCLIPNet(nn.Module):
+    """AB image model (ViT built first + action decoder + head) + text tower + log logit scale."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.image = build_model(cfg.model, cfg.views.view_size)
+        self.text = build_text_encoder(cfg.model, cfg.views.text.context_length, cfg.model.proj_dim)
+        self.log_scale = logit_scale_parameter(cfg.objective.clip.logit_scale_init)
+
+    def temperature(self) -> torch.Tensor:
+        return torch.exp(-self.log_scale.float())
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    annotation: torch.Tensor
+    propagation: torch.Tensor
+    pred: torch.Tensor  # (B, M, M, P), for diagnostics
+    teacher_probs: torch.Tensor  # (B, M, N)
+    texts: torch.Tensor  # (N, P) student text embeddings (detached, gathered)
+    images: torch.Tensor  # (B, P) phi of the annotation images (detached)
+    accuracy: torch.Tensor  # fraction of local images whose own text scores highest among local texts
+
+
+def ab_clip_step(student: ABCLIPNet, teacher: ABCLIPNet, crops: torch.Tensor, boxes: torch.Tensor, ann_views: torch.Tensor, tokens: torch.Tensor, cfg: ObjectiveConfig) -> StepOutput:
+    """Both losses for one batch: uint8 NHWC crops (B, M) and annotation views (B, 1), tokens (B, L)."""
+    x = images_to_float(crops)
+    a = images_to_float(ann_views)
+    actions = pair_actions(boxes.float(), cfg.null_actions)
+    pred, img = student.image(x, actions, a)
+    z_img = img[:, 0].float()
+    z_txt = student.text(tokens).float()
+    annotation = clip_loss(z_img, z_txt, student.log_scale)
+
+    b, m = x.shape[:2]
+    with torch.no_grad():
+        z_targets = teacher.image.embed(x.flatten(0, 1)).view(b, m, -1).float()
+        z_txt_teacher = gather_no_grad(teacher.text(tokens).float())
+        probs = teacher_distribution(z_targets, z_txt_teacher, teacher.temperature())
+    z_txt_student = gather_no_grad(z_txt.detach())
+    propagation = propagation_loss(pred.float(), probs, z_txt_student, student.temperature().detach())
+    loss = cfg.annotation_weight * annotation + cfg.propagation_weight * propagation
+    accuracy = pair_accuracy(z_img.detach(), z_txt.detach())
+    return StepOutput(loss, annotation.detach(), propagation.detach(), pred.detach(), probs, z_txt_student, z_img.detach(), accuracy)
+
+
+class ABCLIP(base.Objective):
+    """`objective.name: ab_clip`, with AB_SimCLR's ablation switches (teacher, weights, null_actions)."""
+
+    columns = ("views", "boxes", "ann_views", "tokens")
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.student = ABCLIPNet(cfg)
+        self.use_ema = cfg.objective.teacher == "ema"
+        self.teacher = make_teacher(self.student) if self.use_ema else None
+        # a zero-weighted loss leaves its tower without gradients; DDP must then not wait for them
+        self.find_unused_parameters = cfg.objective.annotation_weight == 0 or cfg.objective.propagation_weight == 0
+
+    def check_views(self) -> None:
+        check_text_views(self.cfg, "ab_clip", num_views=None, annotation_views=1)
+        if self.cfg.objective.teacher not in ("ema", "student"):
+            raise ConfigError(f"objective.teacher must be 'ema' or 'student', got {self.cfg.objective.teacher!r}")
+
+    @property
+    def student_encoder(self) -> nn.Module:
+        return self.student.image.encoder
+
+    @property
+    def teacher_encoder(self) -> nn.Module | None:
+        return self.teacher.image.encoder if self.teacher is not None else None
+
+    def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
+        teacher = self.teacher if self.teacher is not None else self.student
+        out = ab_clip_step(self.student, teacher, batch["views"], batch["boxes"], batch["ann_views"], batch["tokens"], self.cfg.objective)
+        probs = out.teacher_probs
+        terms = {"annotation": out.annotation, "propagation": out.propagation}
+        metrics = {
+            "teacher_entropy": -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(),
+            "logit_scale": self.student.log_scale.detach().exp(),
+            "pair_accuracy": out.accuracy,
+        }
+        diagnostics = {}
+        if progress.diagnose:
+            boxes = batch["boxes"].float().cpu().numpy()
+            diagnostics = {
+                "pair_error": per_pair_error(out.pred.float(), probs, out.texts, self.student.temperature().detach()),
+                "pair_iou": torch.as_tensor(box_iou(boxes[:, :, None, :], boxes[:, None, :, :])),
+                "head": out.texts,
+                "image": out.images,
+            }
+        return base.StepOutput(out.loss, terms, metrics, diagnostics)
+
+    @torch.no_grad()
+    def after_step(self, progress: base.Progress) -> None:
+        clamp_logit_scale_(self.student.log_scale, self.cfg.objective.clip.logit_scale_max)
+        if self.teacher is not None:
+            ema_update(self.teacher, self.student, progress.ema_rate)

@@ -1,0 +1,98 @@
+"""The small-scale Table 4 study: AB_SimCLR, SimCLR and the paper's ablations on one budget, each
+pretrained then probed the same way, printed next to the paper's numbers.
+
+Runs are named `repro-<arm>-s<seed>` under one root, so re-running the study resumes finished
+pretraining runs from their last checkpoint instead of starting again, and re-evaluates them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from pipeline.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "repro_small.yaml"
+
+
+@dataclass
+class Arm:
+    slug: str
+    description: str  # the paper's row name
+    overrides: list[str] = field(default_factory=list)
+    seeds: int = 1
+    paper: float | None = None  # ImageNet accuracy in the paper's Table 4 (400M views, ViT-S)
+
+
+ARMS = [
+    Arm("base", "Base (AB_SimCLR)", [], seeds=3, paper=63.0),
+    Arm("augment", "Adding augmentations", ["views.augment_views=true"], paper=62.5),
+    Arm("null_actions", "No action tokens", ["objective.null_actions=true"], seeds=3, paper=60.8),
+    Arm("simclr", "No propagation loss (SimCLR only)", ["objective.name=simclr", "views.num_views=0"], seeds=3, paper=59.4),
+    Arm("no_target", "No target network", ["objective.teacher=student"], paper=59.4),
+    Arm("no_grounding", "No grounding loss", ["objective.annotation_weight=0"], paper=39.0),
+]
+
+
+def run_arm(arm: Arm, seed: int, config: str | Path, extra: Sequence[str], digits_dir: Path, shards: str) -> dict:
+    from pipeline.eval.job import run_eval
+    from pipeline.train.trainer import run_pretrain
+
+    overrides = [*arm.overrides, f"train.seed={seed}", f"train.run_name=repro-{arm.slug}-s{seed}", f"data.shards={shards}", *extra]
+    cfg = load_config(config, overrides).resolved()
+    train = run_pretrain(cfg)
+    ev = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint=train["checkpoint"], dataset=str(digits_dir), seed=seed))
+    metrics = run_eval(ev)["metrics"]
+    return {"arm": arm.slug, "seed": seed, "run_id": train["run_id"], **{k: v for k, v in metrics.items() if not k.startswith("random_init/")}}
+
+
+def summarise(results: list[dict], arms: Sequence[Arm], metric: str = "linear_top1") -> list[str]:
+    """Markdown table: ours (mean ± sd over seeds, delta to base) next to the paper's Table 4."""
+    by_arm = {a.slug: [r[metric] * 100 for r in results if r["arm"] == a.slug and metric in r] for a in arms}
+    base = statistics.mean(by_arm["base"]) if by_arm.get("base") else None
+    lines = [f"| arm | ours {metric} (%) | seeds | ours delta | paper IN-1k (%) | paper delta |", "|---|---|---|---|---|---|"]
+    for a in arms:
+        vals = by_arm.get(a.slug) or []
+        if not vals:
+            lines.append(f"| {a.description} | not run | 0 | | {a.paper} | |")
+            continue
+        mean = statistics.mean(vals)
+        sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+        delta = f"{mean - base:+.1f}" if base is not None else ""
+        paper_delta = f"{a.paper - 63.0:+.1f}" if a.paper is not None else ""
+        lines.append(f"| {a.description} | {mean:.1f}{sd} | {len(vals)} | {delta} | {a.paper} | {paper_delta} |")
+    return lines
+
+
+def run_study(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), arms: Sequence[str] | None = None, max_seeds: int | None = None) -> dict:
+    from pipeline.data.sample_data import write_digits_folder
+    from pipeline.ingest import run_ingest
+
+    cfg = load_config(config, overrides).resolved()
+    selected = [a for a in ARMS if arms is None or a.slug in arms]
+    digits = Path(cfg.paths.under("data", "digits"))
+    if not digits.is_dir():
+        write_digits_folder(digits, size=cfg.views.view_size)
+    shards = cfg.paths.under("shards", "digits")
+    run_ingest(dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, source="image_folder", input=str(digits), output=shards)))
+
+    results_path = Path(cfg.paths.under("repro_results.jsonl"))
+    done = {(r["arm"], r["seed"]): r for r in map(json.loads, results_path.read_text().splitlines())} if results_path.exists() else {}
+    for arm in selected:
+        for seed in range(min(arm.seeds, max_seeds or arm.seeds)):
+            if (arm.slug, seed) in done:
+                continue
+            row = run_arm(arm, seed, config, overrides, digits, shards)
+            done[(arm.slug, seed)] = row
+            with results_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    results = list(done.values())
+    table = {m: summarise(results, selected, m) for m in ("linear_top1", "knn_top1")}
+    for metric, lines in table.items():
+        print(f"\n{metric}:\n" + "\n".join(lines))
+    return {"results": results, "tables": table, "results_file": str(results_path)}

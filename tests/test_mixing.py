@@ -1,0 +1,92 @@
+"""Decoupled annotation / propagation streams (AB_{I1K+D}) and weighted shard mixtures, on real Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.data.mixing import mixture_counts
+from pipeline.models.checkpoint import read_meta
+from tests.test_train import BATCH, A, M, micro_config
+
+
+@pytest.fixture(scope="module")
+def photo_shards(ray_cluster, photo_files, tmp_path_factory):
+    from pipeline.config import IngestConfig
+    from pipeline.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("photo_shards")
+    items = [{"input": str(p), "id": p.stem} for p in photo_files]
+    stats = write_shards(items, str(out), "files", IngestConfig(samples_per_shard=4))
+    assert stats["counts"]["ok"] == len(photo_files)
+    return out
+
+
+def test_mixture_counts_follow_the_weights():
+    sizes = {"a": 300, "b": 20}
+    counts = mixture_counts(sizes, {"a": 1.0, "b": 1.0})
+    assert counts == {"a": 160.0, "b": 160.0}  # one pass = 320 samples, half each: b repeated 8x
+    assert mixture_counts(sizes, {"a": 3, "b": 1}) == {"a": 240.0, "b": 80.0}
+    with pytest.raises(ConfigError, match="weights"):
+        mixture_counts(sizes, {"a": -1.0, "b": 1.0})
+    with pytest.raises(ConfigError, match="weights"):
+        mixture_counts(sizes, {"a": 0, "b": 0})
+
+
+def test_mixture_dataset_draws_each_source_at_its_weight(ray_cluster, digit_shards, photo_shards):
+    from pipeline.data.mixing import mixture_dataset
+
+    from pipeline.data.shards import load_stats
+
+    n_digits = load_stats(str(digit_shards))["counts"]["ok"]
+    n_photos = load_stats(str(photo_shards))["counts"]["ok"]
+    ds = mixture_dataset({str(digit_shards): 1.0, str(photo_shards): 1.0})
+    rows = ds.select_columns(["__url__"]).take_all()
+    by_source = Counter("photo_shards" in r["__url__"] for r in rows)
+    half = (n_digits + n_photos) / 2
+    # photos (small) are repeated whole floor(half / n_photos) times plus a Bernoulli top-up;
+    # digits are a Bernoulli sample of half their rows: both within 4 sd of the expectation
+    for realised in (by_source[True], by_source[False]):
+        assert abs(realised - half) <= 4 * math.sqrt(half), (by_source, half)
+    assert by_source[True] >= n_photos * int(half // n_photos)
+
+
+def test_unknown_or_empty_mixture_source_is_a_clear_error(ray_cluster, digit_shards, tmp_path):
+    from pipeline.data.mixing import mixture_dataset
+
+    with pytest.raises(FileNotFoundError, match="_stats.json"):
+        mixture_dataset({str(digit_shards): 1.0, str(tmp_path / "nope"): 1.0})
+
+
+def test_decoupled_streams_train_through_ray(ray_cluster, digit_shards, photo_shards, tmp_path):
+    """Annotations from the digits, propagation crops from the photos, one run, exact accounting."""
+    from pipeline.data.crop_stage import crop_stats
+    from pipeline.train.trainer import run_pretrain
+
+    cfg = micro_config(tmp_path, photo_shards, steps=3, run_name="decoupled")  # its own crop-stats actors
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, annotation_shards=str(digit_shards)))
+    result = run_pretrain(cfg)
+    meta = read_meta(result["checkpoint"])
+    assert meta["step"] == 3 and meta["views_seen"] == 3 * BATCH * (M + A)
+    crops = crop_stats(f"crop-stats-{cfg.train.run_name}")
+    anns = crop_stats(f"crop-stats-{cfg.train.run_name}-annotations")
+    # the photo stream only cut crops, the digit stream only annotation views: both were consumed
+    assert crops["ok"] >= 3 * BATCH / 2 and anns["ok"] >= 3 * BATCH
+    assert result["metrics"]["loss_annotation"] > 0 and result["metrics"]["loss_propagation"] > 0
+
+
+def test_decoupled_run_needs_cpus_for_both_streams(ray_cluster, digit_shards, photo_shards, tmp_path):
+    from pipeline.train.trainer import run_pretrain
+
+    cfg = micro_config(tmp_path, photo_shards, steps=1)
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, annotation_shards=str(digit_shards)),
+        train=dataclasses.replace(cfg.train, cpus_per_worker=1.0),
+    )
+    with pytest.raises(ConfigError, match=r"2 stream\(s\)"):
+        run_pretrain(cfg)
