@@ -90,3 +90,33 @@ def test_decoupled_run_needs_cpus_for_both_streams(ray_cluster, digit_shards, ph
     )
     with pytest.raises(ConfigError, match=r"2 stream\(s\)"):
         run_pretrain(cfg)
+
+
+def test_passes_needed_covers_the_budget_within_the_cap():
+    from pipeline.data.mixing import passes_needed
+
+    assert passes_needed(images_needed=600, pass_size=300, max_passes=50) == 3  # 2 passes + 1 spare
+    assert passes_needed(images_needed=601, pass_size=300, max_passes=50) == 4
+    assert passes_needed(images_needed=10, pass_size=300, max_passes=50) == 2
+    assert passes_needed(images_needed=10**6, pass_size=300, max_passes=50) == 50
+    assert passes_needed(images_needed=600, pass_size=300, max_passes=1) == 1
+
+
+def test_several_passes_stream_in_one_execution_with_new_crops_per_pass(ray_cluster, digit_shards):
+    """The trainer's multi-pass stream: every sample once per pass, and a pass never repeats crops."""
+    from pipeline.config import ViewsConfig
+    from pipeline.data.crop_stage import build_crop_dataset, crop_stats
+    from pipeline.data.mixing import stream_dataset, stream_size
+
+    size = stream_size(str(digit_shards), {})
+    assert size == 300
+    views = ViewsConfig(num_views=2, view_size=16, annotation_views=0, batch_size=50, concurrency=1, cpus_per_actor=0.5)
+    ds = stream_dataset(str(digit_shards), {}, read_cpus=0.25, passes=3)
+    rows = build_crop_dataset(ds, views, stats_name="three-passes", keep_meta=True).take_all()
+    boxes_by_key: dict[str, list] = {}
+    for row in rows:
+        boxes_by_key.setdefault(row["key"], []).append(row["boxes"].tobytes())
+    assert len(rows) == 3 * size and len(boxes_by_key) == size
+    assert all(len(seen) == 3 for seen in boxes_by_key.values())
+    assert all(len(set(seen)) == 3 for seen in boxes_by_key.values())  # each pass cut new boxes
+    assert crop_stats("three-passes") == {"ok": 3 * size}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from pipeline.data.crop_stage import MultiViewCropper, draft_size
 from pipeline.data.schema import decode_rgb
 from pipeline.data.views import (
     _shift_hue,
+    gaussian_blur,
     cut_views,
     make_views,
     sample_boxes,
@@ -216,6 +218,19 @@ def test_colour_ops_match_torchvision():
     for shift in (-0.2, 0.1, 0.45):
         diff = np.asarray(_shift_hue(pil, shift)).astype(int) - TF.adjust_hue(chw, shift).permute(1, 2, 0).numpy()
         assert np.abs(diff).mean() < 1.5
+
+
+def test_blur_matches_torchvision_gaussian_blur():
+    """SimCLR's blur (torchvision GaussianBlur, reflect padding) vs ours, kernel wide enough for +-3 sigma."""
+    import torchvision.transforms.v2.functional as TF
+
+    img = np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    pil, chw = Image.fromarray(img), torch.from_numpy(img).permute(2, 0, 1)
+    for sigma in (0.3, 1.0, 2.0):
+        k = 2 * math.ceil(3 * sigma) + 1
+        diff = np.asarray(gaussian_blur(pil, sigma)).astype(int) - TF.gaussian_blur(chw, [k, k], [sigma, sigma]).permute(1, 2, 0).numpy()
+        assert np.abs(diff).max() <= 1 and np.abs(diff).mean() < 0.5
+    assert np.abs(np.asarray(gaussian_blur(pil, 2.0)).astype(int) - img).mean() > 20  # it does blur noise away
 
 
 def test_simclr_augment_without_distortion_is_resized_or_flipped_image():

@@ -222,6 +222,8 @@ def build_crop_dataset(
         batch_size=cfg_views.batch_size,
         batch_format="numpy",
         zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_size),
+        # All actors start at once: growing the pool from 1 costs an actor start-up per added actor
+        # on every pass (Ray Data builds a new pool per execution); it may still shrink to 1.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_size, initial_size=max_size),
         num_cpus=cfg_views.cpus_per_actor,
     )

@@ -45,11 +45,34 @@ def mixture_dataset(weights: dict[str, float], read_cpus: float | None = None):
     return first.union(*others) if others else first
 
 
-def stream_dataset(shards: str, mixture: dict[str, float], read_cpus: float | None = None):
-    """One training stream: a mixture when given, else the single shard set."""
+def stream_size(shards: str, mixture: dict[str, float]) -> int:
+    """Samples in one pass of a stream (a mixture's pass is its sources' total)."""
+    from pipeline.data.shards import load_stats
+
+    paths = list(mixture) if mixture else [shards]
+    return sum(int(load_stats(p)["counts"].get("ok", 0)) for p in paths)
+
+
+def passes_needed(images_needed: int, pass_size: int, max_passes: int) -> int:
+    """Passes one execution should stream to cover `images_needed`, plus one for skips and the
+    last partial batch of each worker; at least 1, at most `max_passes`."""
+    if pass_size <= 0:
+        return 1
+    return max(1, min(max_passes, -(-images_needed // pass_size) + 1))
+
+
+def stream_dataset(shards: str, mixture: dict[str, float], read_cpus: float | None = None, passes: int = 1):
+    """One training stream: a mixture when given, else the single shard set, `passes` times over.
+
+    Several passes in one dataset mean one execution, so the crop actors start once, not once per
+    epoch; each pass is its own read (own file shuffle, own mixture sample), and the crop stage's
+    per-key epoch counter still gives every pass new crops.
+    """
     from pipeline.data.shards import read_shards
 
-    if mixture:
-        return mixture_dataset(mixture, read_cpus)
-    return read_shards(shards, shuffle="files", num_cpus=read_cpus)
+    def one_pass():
+        return mixture_dataset(mixture, read_cpus) if mixture else read_shards(shards, shuffle="files", num_cpus=read_cpus)
+
+    first, *others = [one_pass() for _ in range(max(1, passes))]
+    return first.union(*others) if others else first
 

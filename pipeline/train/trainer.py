@@ -16,7 +16,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.models.checkpoint import META_FILE, CheckpointError, read_meta
 from pipeline.runtime import init_ray
 from pipeline.train import tracking
-from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.loop import Budget, train_loop_per_worker
 
 
 def latest_checkpoint_dir(storage_path: str, run_name: str) -> str | None:
@@ -62,12 +62,18 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     import ray.data
 
     from pipeline.data.crop_stage import build_crop_dataset
-    from pipeline.data.mixing import stream_dataset
+    from pipeline.data.mixing import passes_needed, stream_dataset, stream_size
 
     # The one-line-per-interval training log is the progress display here; Ray Data's bars from
     # the split coordinator would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    crops = stream_dataset(cfg.data.shards, cfg.data.mixture, cfg.data.read_cpus)
+    images_needed = Budget.from_config(cfg, cfg.train.num_workers).total_steps * cfg.train.batch_size * cfg.train.num_workers
+
+    def stream(shards: str, mixture: dict[str, float]):
+        passes = passes_needed(images_needed, stream_size(shards, mixture), cfg.data.max_passes_per_execution)
+        return stream_dataset(shards, mixture, cfg.data.read_cpus, passes)
+
+    crops = stream(cfg.data.shards, cfg.data.mixture)
     name = f"crop-stats-{cfg.train.run_name}"
     if not cfg.data.decoupled:
         return {"train": build_crop_dataset(crops, cfg.views, seed=cfg.train.seed, stats_name=name)}
@@ -77,7 +83,7 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     per_stream = max(1, int(free / 2 / cfg.views.cpus_per_actor)) if cfg.views.concurrency is None else cfg.views.concurrency
     crop_views = dataclasses.replace(cfg.views, annotation_views=0, concurrency=per_stream)
     ann_views = dataclasses.replace(cfg.views, num_views=0, concurrency=per_stream)
-    anns = stream_dataset(cfg.data.annotation_shards, cfg.data.annotation_mixture, cfg.data.read_cpus)
+    anns = stream(cfg.data.annotation_shards, cfg.data.annotation_mixture)
     return {
         "train": build_crop_dataset(crops, crop_views, seed=cfg.train.seed, stats_name=name),
         "annotations": build_crop_dataset(anns, ann_views, seed=cfg.train.seed + 1, stats_name=f"{name}-annotations"),
