@@ -19,11 +19,13 @@ def test_summary_table_matches_a_hand_computation():
     assert "| 82.0 ± 2.0 | 3 | +0.0 | 63.0 | +0.0 |" in table["Base (AB_SimCLR)"]
     assert "| 30.0 | 1 | -52.0 | 39.0 | -24.0 |" in table["No grounding loss"]
     assert "not run" in table["Adding augmentations"]
+    assert "| not run | 0 | | — | |" in table["Base, teacher EMA 0.05 (small-budget check, not in the paper)"]
     assert "Random-init encoder (same probe)" not in table  # no random_init figures in these rows
 
 
 def test_summary_has_the_random_init_floor_when_measured():
     rows = [{"arm": "base", "seed": s, "linear_top1": v, "random_init/linear_top1": r} for s, (v, r) in enumerate([(0.80, 0.60), (0.84, 0.64)])]
+    rows += [{"arm": "simclr", "seed": 0, "linear_top1": 0.7, "random_init/linear_top1": 0.60}]  # seed 0's encoder again: counted once
     table = {line.split(" | ")[0].lstrip("| "): line for line in summarise(rows, ARMS, "linear_top1")[2:]}
     sd = statistics.stdev([60.0, 64.0])
     assert f"| 62.0 ± {sd:.1f} | 2 | -20.0 |" in table["Random-init encoder (same probe)"]
