@@ -103,6 +103,15 @@ def check_label(label: int, num_classes: int, where: str) -> int:
     return label
 
 
+def box_example(path: str, boxes: list, labels: list, skipped: Counter, keep_empty: bool) -> Example | None:
+    """An image's boxes (normalised xyxy, clipped to [0, 1]) and their classes as one Example;
+    None, counted as `no_boxes`, when it kept no box and empty images are not wanted."""
+    if not boxes and not keep_empty:
+        skipped["no_boxes"] += 1
+        return None
+    return Example(input=path, boxes=np.clip(np.asarray(boxes, np.float32).reshape(-1, 4), 0.0, 1.0), box_labels=np.asarray(labels, np.int64))
+
+
 def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 

@@ -14,9 +14,7 @@ import io
 import os
 from collections import Counter
 
-import numpy as np
-
-from pipeline.eval.task_formats.base import Example, SplitData, TaskFormatError, need_dir, need_file
+from pipeline.eval.task_formats.base import SplitData, TaskFormatError, box_example, need_dir, need_file
 
 SPLITS = {"train": "train2017", "test": "val2017"}
 LAYOUT = """\
@@ -67,16 +65,9 @@ def _read_split(coco, path: str, images: str, cat_index: dict[int, int], keep_em
                 continue
             boxes.append([x / width, y / height, (x + w) / width, (y + h) / height])
             labels.append(cat_index[ann["category_id"]])
-        if not boxes and not keep_empty:
-            skipped["no_boxes"] += 1
-            continue
-        examples.append(
-            Example(
-                input=os.path.join(images, file_name),
-                boxes=np.clip(np.asarray(boxes, np.float32).reshape(-1, 4), 0.0, 1.0),
-                box_labels=np.asarray(labels, np.int64),
-            )
-        )
+        example = box_example(os.path.join(images, file_name), boxes, labels, skipped, keep_empty)
+        if example is not None:
+            examples.append(example)
     return SplitData(examples, skipped)
 
 

@@ -16,7 +16,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.eval.task_formats.base import Example, SplitData, TaskFormatError, check_label, find_base, need_dir, need_file, read_json
+from pipeline.eval.task_formats.base import Example, SplitData, TaskFormatError, box_example, check_label, find_base, need_dir, need_file, read_json
 from pipeline.eval.task_formats.epic import read_class_csv
 
 ANNOTATION_SIZE = (1920.0, 1080.0)  # (width, height) of the frame VISOR's polygons are drawn in
@@ -71,16 +71,9 @@ def _read_video(path: str, frames: str, num_classes: int, keep_empty: bool, skip
             else:
                 boxes.append(box)
                 labels.append(label)
-        if not boxes and not keep_empty:
-            skipped["no_boxes"] += 1
-            continue
-        examples.append(
-            Example(
-                input=os.path.join(video_dir, name),
-                boxes=np.clip(np.asarray(boxes, np.float32).reshape(-1, 4), 0.0, 1.0),
-                box_labels=np.asarray(labels, np.int64),
-            )
-        )
+        example = box_example(os.path.join(video_dir, name), boxes, labels, skipped, keep_empty)
+        if example is not None:
+            examples.append(example)
     return examples
 
 
