@@ -25,8 +25,10 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -42,7 +44,53 @@ def load_jpegs(n: int, folder: str) -> list[bytes]:
     return [p.read_bytes() for p in sorted(paths)[:n]]
 
 
-def timed_pass(batches, rows_of) -> tuple[int, float, float]:
+def process_role(proc: psutil.Process, me: int) -> str:
+    """Which part of the pipeline a process is: what its CPU seconds are booked to."""
+    cmd = " ".join(proc.info["cmdline"] or [])
+    if proc.pid == me:
+        return "driver"
+    if "MultiViewCropper" in cmd or proc.info["ppid"] == me and not cmd.startswith("ray"):
+        return "crop workers"  # Ray crop actors, or the DataLoader's forked workers
+    if "ray" in cmd:
+        return "ray other"  # raylet, GCS, dashboard, read tasks, stats actor, idle workers
+    return "machine"
+
+
+class CpuLedger:
+    """CPU seconds each part of the pipeline spends during a pass (psutil snapshots, <= 2 per s).
+
+    Measures where the cores go: how much of the machine the crop workers get vs the driver and
+    Ray's own processes. A process that exits keeps its last snapshot, so a torn-down actor pool
+    loses at most its last half second.
+    """
+
+    def __init__(self):
+        self.me = os.getpid()
+        self.start = self._snapshot()
+        self.last, self.at = dict(self.start), time.perf_counter()
+
+    def _snapshot(self) -> dict:
+        out = {}
+        for proc in psutil.process_iter(["cmdline", "ppid", "cpu_times", "create_time"]):
+            cpu = proc.info["cpu_times"]
+            if cpu is not None:
+                out[(proc.pid, proc.info["create_time"])] = (process_role(proc, self.me), cpu.user + cpu.system)
+        return out
+
+    def tick(self, force: bool = False) -> None:
+        if force or time.perf_counter() - self.at > 0.5:
+            self.last.update(self._snapshot())
+            self.at = time.perf_counter()
+
+    def seconds(self) -> Counter:
+        self.tick(force=True)
+        totals: Counter = Counter()
+        for key, (role, cpu) in self.last.items():
+            totals[role] += cpu - self.start.get(key, (role, 0.0))[1]
+        return totals
+
+
+def timed_pass(batches, rows_of, ledger: CpuLedger | None = None) -> tuple[int, float, float]:
     """(rows, wall seconds, seconds after the first batch arrived) for one full pass."""
     t0 = time.perf_counter()
     first, rows, first_rows = None, 0, 0
@@ -50,6 +98,8 @@ def timed_pass(batches, rows_of) -> tuple[int, float, float]:
         rows += rows_of(batch)
         if first is None:
             first, first_rows = time.perf_counter(), rows
+        if ledger is not None:
+            ledger.tick()
     end = time.perf_counter()
     steady = (rows - first_rows) / (end - first) if first is not None and end > first else float("nan")
     return rows, end - t0, steady
@@ -61,7 +111,8 @@ def bench_ray(ds, cfg: ViewsConfig, name: str, passes: int = 1):
     out = build_crop_dataset(source, cfg, seed=0, stats_name=name)
     run = lambda: out.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
     timed_pass(run, lambda b: len(b["boxes"]))  # warm-up pass
-    return timed_pass(run, lambda b: len(b["boxes"]))
+    ledger = CpuLedger()
+    return (*timed_pass(run, lambda b: len(b["boxes"]), ledger), ledger.seconds())
 
 
 class ViewsDataset:
@@ -83,7 +134,8 @@ def bench_torch(jpegs: list[bytes], cfg: ViewsConfig, workers: int):
 
     loader = torch.utils.data.DataLoader(ViewsDataset(jpegs, cfg), batch_size=cfg.batch_size, num_workers=workers)
     timed_pass(lambda: iter(loader), lambda b: len(b["boxes"]))
-    return timed_pass(lambda: iter(loader), lambda b: len(b["boxes"]))
+    ledger = CpuLedger()
+    return (*timed_pass(lambda: iter(loader), lambda b: len(b["boxes"]), ledger), ledger.seconds())
 
 
 def bench_decode(jpegs: list[bytes], cfg: ViewsConfig):
@@ -101,19 +153,28 @@ def ms_per_call(fn, items) -> float:
     return (time.perf_counter() - t0) / len(items) * 1e3
 
 
+def pillow_cut_views(rgb: np.ndarray, boxes_px: np.ndarray, size: int) -> list:
+    """Baseline for the breakdown: Pillow's antialiased bilinear crop+resize (abpipe's earlier way)."""
+    from PIL import Image
+
+    image = Image.fromarray(rgb)
+    return [np.asarray(image.resize((size, size), Image.BILINEAR, box=tuple(map(float, b)))) for b in boxes_px]
+
+
 def print_breakdown(jpegs: list[bytes], cfg: ViewsConfig) -> None:
     """Where one core's time goes per image (one process, no Ray): why the decode-only floor is far."""
-    from pipeline.data.views import _pil, colour_jitter, cut_views, gaussian_blur, sample_boxes
+    from pipeline.data.views import colour_jitter, cut_views, gaussian_blur, sample_boxes
 
     draft = draft_size(cfg)
     rgbs = [decode_rgb(j, draft_to=draft) for j in jpegs]
     rng = np.random.default_rng(0)
     boxes = [sample_boxes(rng, r.shape[0], r.shape[1], cfg.num_views, cfg.scale, cfg.ratio) for r in rgbs]
-    views = [_pil(cut_views(r, b[:1], cfg.view_size)[0]) for r, b in zip(rgbs, boxes)]
+    views = [cut_views(r, b[:1], cfg.view_size)[0] for r, b in zip(rgbs, boxes)]
     decode = ms_per_call(lambda j: decode_rgb(j, draft_to=draft), jpegs)
     rows = [
         ("JPEG decode (draft-reduced)", decode),
         (f"cut + resize {cfg.num_views} crops", ms_per_call(lambda i: cut_views(rgbs[i], boxes[i], cfg.view_size), range(len(rgbs)))),
+        ("  same with Pillow (baseline)", ms_per_call(lambda i: pillow_cut_views(rgbs[i], boxes[i], cfg.view_size), range(len(rgbs)))),
         ("colour jitter, 1 view (p=0.8)", ms_per_call(lambda v: colour_jitter(rng, v, cfg.color_jitter), views)),
         ("Gaussian blur, 1 view (sigma 1)", ms_per_call(lambda v: gaussian_blur(v, 1.0), views)),
         (f"make_views: all {cfg.num_views} + {cfg.annotation_views} views", ms_per_call(lambda r: make_views(r, rng, cfg), rgbs)),
@@ -122,6 +183,19 @@ def print_breakdown(jpegs: list[bytes], cfg: ViewsConfig) -> None:
     for name, ms in rows:
         print(f"  {name:<36} {ms:>7.2f} {ms / decode:>6.1f}x")
     print(f"  the crop stage is at >= 0.5x the decode-only floor per core only if all of it costs <= {2 * decode:.2f} ms")
+
+
+def print_cpu_ledger(rows, cores: int) -> None:
+    """Where the machine's CPU seconds went in each measured pass (psutil, per process role)."""
+    roles = ("crop workers", "driver", "ray other", "machine")
+    print(f"\nCPU seconds per 100 images by process role (wall x {cores} cores = what the machine had)")
+    head = f"{'M':>2} {'path':<14} | {'wall x cores':>12} | " + " ".join(f"{r:>12}" for r in roles) + f" | {'crop share':>10}"
+    print(head)
+    print("-" * len(head))
+    for m, name, n, wall, cpu in rows:
+        per = 100 / n
+        cells = " ".join(f"{cpu.get(r, 0.0) * per:>12.2f}" for r in roles)
+        print(f"{m:>2} {name:<14} | {wall * cores * per:>12.2f} | {cells} | {cpu.get('crop workers', 0.0) / (wall * cores):>10.2f}")
 
 
 def main() -> None:
@@ -155,19 +229,22 @@ def main() -> None:
             f"{'torch img/s':>11} {'views/s':>8} | {'decode img/s':>12} | {'a/b':>5} {'a/c':>5}")
     print(head)
     print("-" * len(head))
+    cpu_rows = []
     for m in args.views:
         cfg = ViewsConfig(num_views=m, view_size=args.size, concurrency=args.workers, batch_size=32)
         per_image = cfg.num_views + cfg.annotation_views
-        n_one, t_one, steady = bench_ray(ds, cfg, f"bench-crop-{m}")
+        n_one, t_one, steady, _ = bench_ray(ds, cfg, f"bench-crop-{m}")
         assert n_one == len(jpegs), crop_stats(f"bench-crop-{m}")
-        n_ray, t_ray, _ = bench_ray(ds, cfg, f"bench-crop-{m}-passes", args.passes)
+        n_ray, t_ray, _, cpu_ray = bench_ray(ds, cfg, f"bench-crop-{m}-passes", args.passes)
         assert n_ray == args.passes * len(jpegs), crop_stats(f"bench-crop-{m}-passes")
-        n_torch, t_torch, _ = bench_torch(jpegs, cfg, args.workers)
+        n_torch, t_torch, _, cpu_torch = bench_torch(jpegs, cfg, args.workers)
         n_dec, t_dec, _ = bench_decode(jpegs, cfg)
         one, a, b, c = n_one / t_one, n_ray / t_ray, n_torch / t_torch, n_dec / t_dec
         print(f"{m:>2} {cfg.annotation_views:>2} | {one:>10.1f} {steady:>9.1f} | {a:>12.1f} {a * per_image:>8.0f} | "
               f"{b:>11.1f} {b * per_image:>8.0f} | {c:>12.1f} | {a / b:>5.2f} {a / args.workers / c:>5.2f}")
+        cpu_rows += [(m, f"ray {args.passes} passes", n_ray, t_ray, cpu_ray), (m, "torch", n_torch, t_torch, cpu_torch)]
     ray.shutdown()
+    print_cpu_ledger(cpu_rows, os.cpu_count())
     print_breakdown(jpegs, ViewsConfig(num_views=4, view_size=args.size))
 
 

@@ -39,6 +39,10 @@ ARMS = [
     # Not in the paper's table: at 300 steps the paper's EMA rate (0.004, a ~250-step time constant)
     # leaves the teacher at its random init for the whole run; this arm lets it follow (~20 steps).
     Arm("fast_teacher", "Base, teacher EMA 0.05 (small-budget check, not in the paper)", ["objective.ema_start=0.05"]),
+    # Equal views give SimCLR (2 views per image) 3x AB's steps (6 views per image). These two
+    # checks separate steps from views: SimCLR at AB's 300 steps, and AB at SimCLR's 900 steps.
+    Arm("simclr_300_steps", "SimCLR at AB's 300 steps (1/3 of the views; check, not in the paper)", ["objective.name=simclr", "views.num_views=0", "train.total_views=38400"]),
+    Arm("base_900_steps", "Base at SimCLR's 900 steps (3x the views; check, not in the paper)", ["train.total_views=345600"]),
 ]
 
 

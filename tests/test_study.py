@@ -35,3 +35,14 @@ def test_every_arm_overrides_a_real_config_key():
     for arm in ARMS:
         cfg = load_config(DEFAULT_CONFIG, arm.overrides)  # unknown keys would raise ConfigError
         assert cfg.train.total_views > 0
+
+
+def test_step_check_arms_swap_the_step_counts_of_ab_and_simclr():
+    """The two check arms hold steps, not views, equal: SimCLR at AB's step count and AB at SimCLR's."""
+    from pipeline.train.loop import Budget
+
+    arms = {a.slug: a for a in ARMS}
+    steps = {slug: Budget.from_config(load_config(DEFAULT_CONFIG, arms[slug].overrides), 1).total_steps for slug in arms}
+    assert steps["simclr"] == 3 * steps["base"]  # equal views: 2 views per image vs 6
+    assert steps["simclr_300_steps"] == steps["base"] == 300
+    assert steps["base_900_steps"] == steps["simclr"] == 900

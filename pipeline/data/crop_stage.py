@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 
 from pipeline.config import ViewsConfig, section_from_dict
 from pipeline.data.schema import CORRUPT, OK, BadImage, decode_rgb
@@ -127,6 +128,8 @@ class MultiViewCropper:
 
             self.tokenizer = build_tokenizer(self.text.tokenizer, self.text.context_length)
         self.keep_meta = keep_meta
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            torch.set_num_threads(1)  # a crop actor has one CPU (views.cpus_per_actor); views resize in torch
         self.draft = draft_size(self.cfg)
         self.stats = crop_stats_actor(stats_name) if stats_name else None
         self.local_visits: Counter = Counter()  # epochs when no stats actor is given

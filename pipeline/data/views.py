@@ -5,9 +5,11 @@ is paid once per image however many views it yields. Boxes follow torchvision's
 RandomResizedCrop.get_params distribution exactly (area fraction uniform in `scale`, log-uniform
 aspect ratio in `ratio`, integer sides by round(), 10 tries, then the central fallback crop), drawn
 from a numpy Generator so CPU workers carry no global torch RNG state and every image has its own
-reproducible stream. The SimCLR colour distortion uses Pillow's C ops for brightness, contrast and
-saturation, and OpenCV for the hue rotation and the blur, several times cheaper per view than
-tensor ops on a CPU worker (and than Pillow's HSV round trip and box-blur Gaussian: ~6x each).
+reproducible stream. Everything runs on uint8 arrays: crops are resized by torch's uint8
+antialiased kernel (torchvision's own resize), the SimCLR colour distortion by OpenCV (lookup
+tables, saturating blends): several times cheaper per view than Pillow's resize and enhancers or
+float tensor ops on a CPU worker, and checked against torchvision's functional ops in
+tests/test_views.py.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import math
 
 import cv2
 import numpy as np
-from PIL import Image, ImageEnhance
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from pipeline.config import ViewsConfig
 from pipeline.data.pair_sampling import select_boxes
 
 TRIES = 10  # get_params' number of attempts before the fallback
 
-# A crop actor is given one CPU (views.cpus_per_actor): OpenCV's own thread pool would oversubscribe it.
+# A crop actor is given one CPU (views.cpus_per_actor): OpenCV's own thread pool would oversubscribe
+# it (torch's is set to one thread by the crop actor itself: this module is imported by trainers too).
 cv2.setNumThreads(1)
 
 
@@ -62,82 +67,119 @@ def sample_boxes(rng: np.random.Generator, height: int, width: int, num: int, sc
     return np.stack([x0, y0, x0 + w, y0 + h], axis=-1).astype(np.float64)
 
 
-def _pil(image: np.ndarray | Image.Image) -> Image.Image:
-    return image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
+def _rgb(image: np.ndarray | Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
 
 
-def _crop_resize(image: Image.Image, box, size: int) -> Image.Image:
-    """Crop+resize one float xyxy box with antialiased bilinear, as RandomResizedCrop does.
+def _crop_resize(image: np.ndarray, box, size: int) -> np.ndarray:
+    """Crop+resize one xyxy pixel box to (size, size) with antialiased bilinear, as RandomResizedCrop.
 
-    Pillow's `resize(box=...)` alone would let the filter read pixels outside the box near its
-    edges (its support is clipped to the image, not the box), so the box is first cut to its
-    enclosing integer pixels: no content from outside the box leaks in. The remaining float offset
-    goes to `resize(box=...)`, so a view is sub-pixel exactly its normalised box. No
-    `reducing_gap`: it would trade that exactness for speed, and the JPEG draft decode already
-    bounds how far a view is downscaled.
+    A whole-pixel box (every sampled box) goes through torch's uint8 antialiased bilinear kernel,
+    which is torchvision's own resize (so the view equals RandomResizedCrop's bit for bit) and ~2x
+    cheaper than Pillow's. A fractional box (e.g. a float32-normalised box mapped back) goes through
+    Pillow's `resize(box=...)`, so a view is sub-pixel exactly its box: the box is first cut to its
+    enclosing integer pixels, so the filter reads nothing outside it (Pillow clips its support to the
+    image, not the box).
     """
     # Snap float noise (e.g. a float32-normalised box mapped back to pixels) to the whole pixel it
     # means: otherwise 39.99999 would pull pixel 39 into the filter's support.
     x0, y0, x1, y1 = (round(v) if abs(v - round(v)) < 1e-4 else v for v in map(float, box))
+    height, width = image.shape[:2]
     ix0, iy0 = max(0, math.floor(x0)), max(0, math.floor(y0))
-    ix1, iy1 = min(image.width, math.ceil(x1)), min(image.height, math.ceil(y1))
-    region = image.crop((ix0, iy0, ix1, iy1))
-    return region.resize((size, size), Image.BILINEAR, box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0))
+    ix1, iy1 = min(width, math.ceil(x1)), min(height, math.ceil(y1))
+    region = image[iy0:iy1, ix0:ix1]
+    if (x0, y0, x1, y1) == (ix0, iy0, ix1, iy1):
+        if region.shape[:2] == (size, size):
+            return region.copy()
+        # HWC uint8 viewed as a channels-last NCHW tensor: the layout torch's fast uint8 path takes.
+        chw = torch.from_numpy(np.require(region, requirements=["C", "W"])).permute(2, 0, 1)[None]
+        out = F.interpolate(chw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return out[0].permute(1, 2, 0).numpy()
+    crop = Image.fromarray(np.ascontiguousarray(region))
+    return np.asarray(crop.resize((size, size), Image.BILINEAR, box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0)))
 
 
-def _crops(image: Image.Image, boxes_px: np.ndarray, size: int) -> list[Image.Image]:
+def _crops(image: np.ndarray, boxes_px: np.ndarray, size: int) -> list[np.ndarray]:
     return [_crop_resize(image, b, size) for b in np.asarray(boxes_px, dtype=np.float64)]
 
 
-def _stack(views: list[Image.Image], size: int) -> np.ndarray:
+def _stack(views: list[np.ndarray], size: int) -> np.ndarray:
     if not views:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
-    return np.stack([np.asarray(v) for v in views])
+    return np.stack(views)
 
 
 def cut_views(image: np.ndarray | Image.Image, boxes_px: np.ndarray, size: int) -> np.ndarray:
     """(num, size, size, 3) uint8 views of the given pixel xyxy boxes of an HWC uint8 image."""
-    return _stack(_crops(_pil(image), boxes_px, size), size)
+    return _stack(_crops(_rgb(image), boxes_px, size), size)
+
+
+def _lut(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+_LEVELS = np.arange(256, dtype=np.float64)
+
+
+def adjust_brightness(view: np.ndarray, factor: float) -> np.ndarray:
+    """Blend with black (torchvision's adjust_brightness): one 256-entry lookup table."""
+    return cv2.LUT(view, _lut(_LEVELS * factor))
+
+
+_GREY_WEIGHTS = np.array([0.2989, 0.587, 0.114], dtype=np.float32)
+
+
+def _grey(view: np.ndarray) -> np.ndarray:
+    """torchvision's rgb_to_grayscale on uint8: its weights, truncated (OpenCV's rounds)."""
+    return (view.astype(np.float32) @ _GREY_WEIGHTS).astype(np.uint8)
+
+
+def adjust_contrast(view: np.ndarray, factor: float) -> np.ndarray:
+    """Blend with the mean grey level (torchvision's adjust_contrast): a lookup table."""
+    mean = float(_grey(view).mean())
+    return cv2.LUT(view, _lut(_LEVELS * factor + (1 - factor) * mean))
+
+
+def adjust_saturation(view: np.ndarray, factor: float) -> np.ndarray:
+    """Blend with the greyscale image (torchvision's adjust_saturation), saturating to [0, 255]."""
+    grey = cv2.cvtColor(_grey(view), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(view, factor, grey, 1 - factor, 0.0)
 
 
 _HUE_STEPS = 256  # OpenCV's 8-bit "FULL" HSV stores hue as h * 256 (one turn = 256 steps)
 
 
-def _shift_hue(view: Image.Image, shift: float) -> Image.Image:
+def adjust_hue(view: np.ndarray, shift: float) -> np.ndarray:
     """Rotate hue by `shift` turns (in [-0.5, 0.5]) through OpenCV's 8-bit full-range HSV."""
-    hsv = cv2.cvtColor(np.asarray(view), cv2.COLOR_RGB2HSV_FULL)
+    hsv = cv2.cvtColor(view, cv2.COLOR_RGB2HSV_FULL)
     d = round(shift * _HUE_STEPS)
     lut = ((np.arange(256) + d) % _HUE_STEPS).astype(np.uint8)
     hsv[..., 0] = cv2.LUT(hsv[..., 0], lut)
-    return Image.fromarray(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL))
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
-def gaussian_blur(view: Image.Image, sigma: float) -> Image.Image:
+def gaussian_blur(view: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur with standard deviation `sigma` px, kernel +-3 sigma, reflected borders
     (torchvision's GaussianBlur pads the same way)."""
-    return Image.fromarray(cv2.GaussianBlur(np.asarray(view), (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101))
+    return cv2.GaussianBlur(view, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
 
 
-def colour_jitter(rng: np.random.Generator, view: Image.Image, strength: float) -> Image.Image:
-    """SimCLR's RandomApply(ColorJitter(0.8s, 0.8s, 0.8s, 0.2s), p=0.8), ops in random order.
-
-    Pillow's enhancers blend with the same references as torchvision's ColorJitter (black for
-    brightness, the grey mean for contrast, the greyscale image for saturation).
-    """
+def colour_jitter(rng: np.random.Generator, view: np.ndarray, strength: float) -> np.ndarray:
+    """SimCLR's RandomApply(ColorJitter(0.8s, 0.8s, 0.8s, 0.2s), p=0.8), ops in random order."""
     if strength <= 0 or rng.random() >= 0.8:
         return view
     bcs = (max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength)
-    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    blends = (adjust_brightness, adjust_contrast, adjust_saturation)
     for op in rng.permutation(4):
         if op < 3:
-            view = enhancers[op](view).enhance(rng.uniform(*bcs))
+            view = blends[op](view, rng.uniform(*bcs))
         else:
-            view = _shift_hue(view, rng.uniform(-min(0.5, 0.2 * strength), min(0.5, 0.2 * strength)))
+            view = adjust_hue(view, rng.uniform(-min(0.5, 0.2 * strength), min(0.5, 0.2 * strength)))
     return view
 
 
-def _flip(rng: np.random.Generator, view: Image.Image) -> Image.Image:
-    return view.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else view
+def _flip(rng: np.random.Generator, view: np.ndarray) -> np.ndarray:
+    return cv2.flip(view, 1) if rng.random() < 0.5 else view
 
 
 def simclr_augment(rng: np.random.Generator, image: np.ndarray | Image.Image, size: int, cfg: ViewsConfig, scale=None) -> np.ndarray:
@@ -148,15 +190,15 @@ def simclr_augment(rng: np.random.Generator, image: np.ndarray | Image.Image, si
     224-px views (kernel = 10% of the side); it is scaled with the view side so small test/demo
     views are blurred by the same fraction of their extent, not wiped out.
     """
-    pil = _pil(image)
-    box = sample_boxes(rng, pil.height, pil.width, 1, scale or cfg.annotation_scale, cfg.ratio)
-    view = _flip(rng, _crops(pil, box, size)[0])
+    rgb = _rgb(image)
+    box = sample_boxes(rng, rgb.shape[0], rgb.shape[1], 1, scale or cfg.annotation_scale, cfg.ratio)
+    view = _flip(rng, _crop_resize(rgb, box[0], size))
     view = colour_jitter(rng, view, cfg.color_jitter)
     if rng.random() < cfg.grayscale_p:
-        view = view.convert("L").convert("RGB")
+        view = cv2.cvtColor(_grey(view), cv2.COLOR_GRAY2RGB)
     if rng.random() < cfg.blur_p:
         view = gaussian_blur(view, rng.uniform(0.1, 2.0) * size / 224)
-    return np.asarray(view)
+    return view
 
 
 def make_views(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: ViewsConfig) -> dict[str, np.ndarray]:
@@ -169,25 +211,25 @@ def make_views(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: V
     AB crops are un-augmented by default: their relation is carried by the boxes.
     `cfg.augment_views` (ablation) adds flip + colour jitter to them; the boxes are left as sampled.
     """
-    pil = _pil(image)
-    width, height = pil.size
+    rgb = _rgb(image)
+    height, width = rgb.shape[:2]
     size = cfg.view_size
     if cfg.pair_sampling == "iid" or cfg.num_views < 2:
         boxes_px = sample_boxes(rng, height, width, cfg.num_views, cfg.scale, cfg.ratio)
     else:  # Fig. 3's crop-distance control: same box marginal, crops grouped near/far by IoU
         pool = sample_boxes(rng, height, width, cfg.num_views * max(cfg.pair_pool, 1), cfg.scale, cfg.ratio)
         boxes_px = select_boxes(pool, cfg.num_views, cfg.pair_sampling, rng)
-    crops = _crops(pil, boxes_px, size)
+    crops = _crops(rgb, boxes_px, size)
     if cfg.augment_views:
         crops = [colour_jitter(rng, _flip(rng, c), cfg.color_jitter) for c in crops]
     boxes = (boxes_px / np.array([width, height, width, height], dtype=np.float64)).astype(np.float32)
-    ann = [simclr_augment(rng, pil, size, cfg) for _ in range(cfg.annotation_views)]
+    ann = [simclr_augment(rng, rgb, size, cfg) for _ in range(cfg.annotation_views)]
     out = {
         "views": _stack(crops, size),
         "boxes": boxes,
         "ann_views": np.stack(ann) if ann else np.zeros((0, size, size, 3), np.uint8),
     }
     if cfg.local_views > 0:
-        local = [simclr_augment(rng, pil, cfg.local_size, cfg, cfg.local_scale) for _ in range(cfg.local_views)]
+        local = [simclr_augment(rng, rgb, cfg.local_size, cfg, cfg.local_scale) for _ in range(cfg.local_views)]
         out["local_views"] = np.stack(local)
     return out
