@@ -281,6 +281,10 @@ def test_make_views_shapes_box_content_and_reproducibility(photo_files):
         assert np.abs(redo.astype(int) - view.astype(int)).max() <= 1
     again = make_views(img, np.random.default_rng(1), cfg)
     assert all(np.array_equal(out[k], again[k]) for k in out)
+    # Written into preallocated batch rows (the crop stage's way): the same views, in those arrays.
+    rows = {k: np.zeros((2, *v.shape), v.dtype) for k, v in out.items()}
+    into = make_views(img, np.random.default_rng(1), cfg, into={k: v[1] for k, v in rows.items()})
+    assert all(np.array_equal(rows[k][1], out[k]) and np.shares_memory(into[k], rows[k]) and not rows[k][0].any() for k in out)
     # Ablation: same boxes (drawn first from the same stream), but the views are augmented.
     aug = make_views(img, np.random.default_rng(1), ViewsConfig(num_views=3, view_size=48, annotation_views=2, augment_views=True))
     np.testing.assert_array_equal(aug["boxes"], out["boxes"])

@@ -185,9 +185,7 @@ class MultiViewCropper:
         if c.local_views > 0:  # DINO multi-crop
             out["local_views"] = np.empty((len(kept), c.local_views, c.local_size, c.local_size, 3), np.uint8)
         for i, ((key, rgb, _), epoch) in enumerate(zip(kept, epochs)):
-            views = make_views(rgb, self.rng_for(key, epoch), c)
-            for name, column in out.items():
-                column[i] = views[name]
+            make_views(rgb, self.rng_for(key, epoch), c, into={name: column[i] for name, column in out.items()})
         if self.text is not None:
             from pipeline.models.text import tokenize
 

@@ -103,10 +103,11 @@ def _crops(image: np.ndarray, boxes_px: np.ndarray, size: int) -> list[np.ndarra
     return [_crop_resize(image, b, size) for b in np.asarray(boxes_px, dtype=np.float64)]
 
 
-def _stack(views: list[np.ndarray], size: int) -> np.ndarray:
+def _stack(views: list[np.ndarray], size: int, into: np.ndarray | None = None) -> np.ndarray:
+    """Stack views, into a caller's preallocated slot when given (one copy fewer per view)."""
     if not views:
-        return np.zeros((0, size, size, 3), dtype=np.uint8)
-    return np.stack(views)
+        return np.zeros((0, size, size, 3), dtype=np.uint8) if into is None else into
+    return np.stack(views, out=into)
 
 
 def cut_views(image: np.ndarray | Image.Image, boxes_px: np.ndarray, size: int) -> np.ndarray:
@@ -201,8 +202,8 @@ def simclr_augment(rng: np.random.Generator, image: np.ndarray | Image.Image, si
     return view
 
 
-def make_views(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: ViewsConfig) -> dict[str, np.ndarray]:
-    """All views of one image.
+def make_views(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: ViewsConfig, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """All views of one image (written into `into`'s arrays when given: the crop stage's batch rows).
 
     Returns {"views": (M, S, S, 3) uint8, "boxes": (M, 4) float32 xyxy in the image's [0, 1]
     frame, "ann_views": (A, S, S, 3) uint8}, plus "local_views": (L, s, s, 3) uint8 when
@@ -224,12 +225,16 @@ def make_views(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: V
         crops = [colour_jitter(rng, _flip(rng, c), cfg.color_jitter) for c in crops]
     boxes = (boxes_px / np.array([width, height, width, height], dtype=np.float64)).astype(np.float32)
     ann = [simclr_augment(rng, rgb, size, cfg) for _ in range(cfg.annotation_views)]
+    into = into or {}
+    if "boxes" in into:
+        into["boxes"][...] = boxes
+        boxes = into["boxes"]
     out = {
-        "views": _stack(crops, size),
+        "views": _stack(crops, size, into.get("views")),
         "boxes": boxes,
-        "ann_views": np.stack(ann) if ann else np.zeros((0, size, size, 3), np.uint8),
+        "ann_views": _stack(ann, size, into.get("ann_views")),
     }
     if cfg.local_views > 0:
         local = [simclr_augment(rng, rgb, cfg.local_size, cfg, cfg.local_scale) for _ in range(cfg.local_views)]
-        out["local_views"] = np.stack(local)
+        out["local_views"] = _stack(local, cfg.local_size, into.get("local_views"))
     return out
