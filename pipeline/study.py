@@ -113,7 +113,7 @@ def run_study(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = ()
         with results_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
     results = list(done.values())
-    table = {m: summarise(results, selected, m) for m in ("linear_top1", "knn_top1")}
+    table = {m: summarise(results, selected, m) for m in ("decoder_top1", "linear_top1", "knn_top1")}
     for metric, lines in table.items():
         print(f"\n{metric}:\n" + "\n".join(lines))
     return {"results": results, "tables": table, "results_file": str(results_path)}
