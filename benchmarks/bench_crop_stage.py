@@ -1,26 +1,31 @@
 """Crop-stage throughput: the Ray Data actor stage vs a torch DataLoader vs a decode-only floor.
 
-All three start from the same JPEG bytes in memory (real photos from scikit-image, re-cropped into
-`--images` files at max side 384), so the comparison is decode + view cutting, not disk I/O:
-  (a) ray:    build_crop_dataset on a materialised dataset, `--workers` crop actors;
-  (b) torch:  a DataLoader with `--workers` processes doing the same decode_rgb + make_views;
+All three read the same real WebDataset shards, written by abpipe's own ingest (`write_shards`) from
+`--images` real photos (scikit-image, re-cropped, max side 384), `--shards` tar files (page cache
+warm: the comparison is read + decode + view cutting, not the disk):
+  (a) ray:    `read_shards` -> `build_crop_dataset`, `--workers` crop actors: the trainer's path;
+  (b) torch:  a DataLoader over `webdataset.WebDataset` on the same tars, `--workers` processes doing
+      the same decode_rgb + make_views: the usual way a PyTorch job streams shards;
   (c) decode: decode_rgb of every image in this one process: what one core spends before cutting
       a single view (a/c says how many decode-only cores the whole stage is worth).
-Each row is the second of two runs (imports and page cache warm). Ray's wall time includes starting
-its actor pool, which Ray Data does anew on every execution: "ray 1 pass" pays it per pass, "ray P
-passes" streams P passes in one execution as the trainer does (`data.max_passes_per_execution`);
-"steady" excludes the time to the first batch (actor start-up, pipeline fill): what a long run
-sees; a/b is on whole passes, "steady" on the steady columns. Views/s counts every view once, M crops + A
-annotation views, as the budget does. The DataLoader rebuilds its worker processes per pass too
-(fork: cheap), as a default `DataLoader` does.
+Each path first runs one warm-up pass (imports, page cache, Ray's worker pool), then is timed over
+`--passes` passes (default: `data.max_passes_per_execution`, the most the trainer streams per
+execution): Ray in ONE execution, as the trainer does, the DataLoader rebuilding its worker
+processes per pass (fork: cheap), as a default `DataLoader` does. "start s"
+is the time to the first batch: Ray Data starts a new actor pool per execution (worker processes
+importing ray.data, torch, OpenCV), paid once per execution; "steady" is the rate after it: what a
+long run sees. a/b is on the whole run, "steady" on the steady columns. "ray 1 pass" runs one
+execution per pass (what an epoch-by-epoch loop would get). "0.9 from": images one execution has to
+stream for the whole-run a/b to reach 0.9, from the measured start-up and steady rates (the trainer
+streams up to 16 passes of the dataset per execution). Views/s counts every view once, M crops
++ A annotation views, as the budget does.
 
-    .venv/bin/python benchmarks/bench_crop_stage.py --images 400
+    .venv/bin/python benchmarks/bench_crop_stage.py --images 1000
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -33,16 +38,28 @@ import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline.config import RayConfig, ViewsConfig
+from pipeline.config import DataConfig, IngestConfig, RayConfig, ViewsConfig
 from pipeline.data.crop_stage import build_crop_dataset, crop_stats, draft_size
 from pipeline.data.sample_data import photo_arrays, write_photo_files
 from pipeline.data.schema import decode_rgb
+from pipeline.data.shards import read_shards, write_shards
 from pipeline.data.views import make_views
 
 
-def load_jpegs(n: int, folder: str) -> list[bytes]:
-    paths = write_photo_files(folder, copies=-(-n // len(photo_arrays())), max_side=384)
-    return [p.read_bytes() for p in sorted(paths)[:n]]
+def write_bench_shards(n: int, folder: str, shards: int) -> tuple[str, list[str]]:
+    """`n` photos ingested by abpipe into `shards` WebDataset tars: (shard dir, tar paths)."""
+    photos = sorted(write_photo_files(os.path.join(folder, "photos"), copies=-(-n // len(photo_arrays())), max_side=384))[:n]
+    items = [{"input": str(p), "id": p.stem, "labels": []} for p in photos]
+    out = os.path.join(folder, "shards")
+    stats = write_shards(items, out, "image_folder", IngestConfig(samples_per_shard=-(-n // shards), max_side=384))
+    assert stats["counts"] == {"ok": n}, stats["counts"]
+    return out, [os.path.join(out, name) for name in stats["shards"]]
+
+
+def shard_jpegs(tars: list[str]) -> list[bytes]:
+    import webdataset as wds
+
+    return [sample["jpg"] for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False)]
 
 
 def process_role(proc: psutil.Process, me: int) -> str:
@@ -91,8 +108,8 @@ class CpuLedger:
         return totals
 
 
-def timed_pass(batches, rows_of, ledger: CpuLedger | None = None) -> tuple[int, float, float]:
-    """(rows, wall seconds, seconds after the first batch arrived) for one full pass."""
+def timed_pass(batches, rows_of, ledger: CpuLedger | None = None) -> tuple[int, float, float, float]:
+    """(rows, wall seconds, rows/s after the first batch arrived, seconds to the first batch) for one run."""
     t0 = time.perf_counter()
     first, rows, first_rows = None, 0, 0
     for batch in batches():
@@ -103,47 +120,58 @@ def timed_pass(batches, rows_of, ledger: CpuLedger | None = None) -> tuple[int, 
             ledger.tick()
     end = time.perf_counter()
     steady = (rows - first_rows) / (end - first) if first is not None and end > first else float("nan")
-    return rows, end - t0, steady
+    return rows, end - t0, steady, (first if first is not None else end) - t0
 
 
-def bench_ray(ds, cfg: ViewsConfig, name: str, passes: int = 1):
-    """`passes` passes over `ds` in ONE execution (as the trainer streams them): one actor start-up."""
-    source = ds.union(*[ds] * (passes - 1)) if passes > 1 else ds
+def bench_ray(shard_dir: str, cfg: ViewsConfig, name: str, passes: int = 1, warm_up: bool = False):
+    """`passes` passes over the shards in ONE execution (as the trainer streams them): one actor start-up."""
+    read = lambda: read_shards(shard_dir, num_cpus=DataConfig().read_cpus)
+    source = read().union(*[read() for _ in range(passes - 1)]) if passes > 1 else read()
     out = build_crop_dataset(source, cfg, seed=0, stats_name=name)
     run = lambda: out.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
-    timed_pass(run, lambda b: len(b["boxes"]))  # warm-up pass
+    if warm_up:
+        timed_pass(run, lambda b: len(b["boxes"]))
     ledger = CpuLedger()
     return (*timed_pass(run, lambda b: len(b["boxes"]), ledger), ledger.seconds())
 
 
-class ViewsDataset:
-    """Map-style torch dataset: the same decode + make_views per image as one crop-actor row."""
+class SampleViews:
+    """WebDataset sample -> the same decode + make_views as one crop-actor row (picklable for workers)."""
 
-    def __init__(self, jpegs: list[bytes], cfg: ViewsConfig):
-        self.jpegs, self.cfg, self.draft = jpegs, cfg, draft_size(cfg)
+    def __init__(self, cfg: ViewsConfig):
+        self.cfg, self.draft = cfg, draft_size(cfg)
 
-    def __len__(self) -> int:
-        return len(self.jpegs)
-
-    def __getitem__(self, i: int):
-        rgb = decode_rgb(self.jpegs[i], draft_to=self.draft)
-        return make_views(rgb, np.random.default_rng([0, i]), self.cfg)
+    def __call__(self, sample: dict):
+        rgb = decode_rgb(sample["jpg"], draft_to=self.draft)
+        return make_views(rgb, np.random.default_rng([0, int(sample["__key__"])]), self.cfg)
 
 
-def bench_torch(jpegs: list[bytes], cfg: ViewsConfig, workers: int):
+def bench_torch(tars: list[str], cfg: ViewsConfig, workers: int, passes: int = 1):
+    """A DataLoader over the same tars (webdataset splits the shards between the workers), `passes` times."""
     import torch.utils.data
+    import webdataset as wds
 
-    loader = torch.utils.data.DataLoader(ViewsDataset(jpegs, cfg), batch_size=cfg.batch_size, num_workers=workers)
-    timed_pass(lambda: iter(loader), lambda b: len(b["boxes"]))
+    dataset = wds.WebDataset(tars, shardshuffle=False, empty_check=False).map(SampleViews(cfg))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers)
+    timed_pass(lambda: iter(loader), lambda b: len(b["boxes"]))  # warm-up: one pass
+    run = lambda: (batch for _ in range(passes) for batch in loader)
     ledger = CpuLedger()
-    return (*timed_pass(lambda: iter(loader), lambda b: len(b["boxes"]), ledger), ledger.seconds())
+    return (*timed_pass(run, lambda b: len(b["boxes"]), ledger), ledger.seconds())
 
 
 def bench_decode(jpegs: list[bytes], cfg: ViewsConfig):
     draft = draft_size(cfg)
     run = lambda: ([decode_rgb(j, draft_to=draft)] for j in jpegs)
     timed_pass(run, len)
-    return timed_pass(run, len)
+    return timed_pass(run, len)[:2]
+
+
+def images_for_ratio(start_s: float, ray_steady: float, torch_steady: float, ratio: float = 0.9) -> float:
+    """Images one execution must stream for Ray's whole-run rate, N / (start + N / ray_steady), to
+    reach `ratio` x the DataLoader's steady rate: how long a run has to be for the one-off actor
+    start-up not to matter (inf when even the steady rates are below the ratio)."""
+    target = ratio * torch_steady
+    return target * start_s / (1 - target / ray_steady) if ray_steady > target else float("inf")
 
 
 def ms_per_call(fn, items) -> float:
@@ -201,12 +229,17 @@ def print_cpu_ledger(rows, cores: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--shards", type=int, default=8, help="tar files (>= workers: webdataset gives each DataLoader worker whole shards)")
     ap.add_argument("--views", type=int, nargs="+", default=[2, 4, 8], help="values of M")
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=ViewsConfig().batch_size, help="rows per crop batch (both paths)")
     ap.add_argument("--workers", type=int, default=2, help="crop actors / DataLoader workers")
-    ap.add_argument("--passes", type=int, default=4, help="passes streamed in one Ray execution (the trainer's way)")
-    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray instance")
+    ap.add_argument("--passes", type=int, default=DataConfig().max_passes_per_execution,
+                    help="passes per timed run (Ray: streamed in one execution, the trainer's way)")
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() + 1,
+                    help="logical CPUs of the local Ray instance: one per crop actor plus one for the shard-read tasks "
+                    "(data.read_cpus each, mostly I/O), which the trainer reserves the same way")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -218,32 +251,33 @@ def main() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="bench-crop-") as tmp:
-        jpegs = load_jpegs(args.images, tmp)
-    meta = json.dumps({"labels": []})
-    ds = ray.data.from_items([{"key": f"{i:09d}", "jpg": j, "json": meta} for i, j in enumerate(jpegs)]).materialize()
-    print(f"{len(jpegs)} JPEGs, max side 384, {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB mean; "
-          f"view size {args.size}; {args.workers} Ray crop actors / DataLoader workers; {os.cpu_count()} CPU cores")
-
-    print(f"ray 1 pass: one execution per pass (what an epoch-by-epoch loop gets); ray {args.passes} passes: one execution "
-          f"streaming {args.passes} passes (what the trainer does); a/b uses the latter, a/c is per core (a / workers / c)")
-    head = (f"{'M':>2} {'A':>2} | {'ray 1 pass':>10} {'(steady)':>9} | {f'ray {args.passes} passes':>12} {'(steady)':>9} {'views/s':>8} | "
-            f"{'torch img/s':>11} {'(steady)':>9} {'views/s':>8} | {'decode img/s':>12} | {'a/b':>5} {'steady':>6} {'a/c':>5}")
-    print(head)
-    print("-" * len(head))
-    cpu_rows = []
-    for m in args.views:
-        cfg = ViewsConfig(num_views=m, view_size=args.size, concurrency=args.workers, batch_size=32)
-        per_image = cfg.num_views + cfg.annotation_views
-        n_one, t_one, steady, _ = bench_ray(ds, cfg, f"bench-crop-{m}")
-        assert n_one == len(jpegs), crop_stats(f"bench-crop-{m}")
-        n_ray, t_ray, steady_ray, cpu_ray = bench_ray(ds, cfg, f"bench-crop-{m}-passes", args.passes)
-        assert n_ray == args.passes * len(jpegs), crop_stats(f"bench-crop-{m}-passes")
-        n_torch, t_torch, steady_torch, cpu_torch = bench_torch(jpegs, cfg, args.workers)
-        n_dec, t_dec, _ = bench_decode(jpegs, cfg)
-        one, a, b, c = n_one / t_one, n_ray / t_ray, n_torch / t_torch, n_dec / t_dec
-        print(f"{m:>2} {cfg.annotation_views:>2} | {one:>10.1f} {steady:>9.1f} | {a:>12.1f} {steady_ray:>9.1f} {a * per_image:>8.0f} | "
-              f"{b:>11.1f} {steady_torch:>9.1f} {b * per_image:>8.0f} | {c:>12.1f} | {a / b:>5.2f} {steady_ray / steady_torch:>6.2f} {a / args.workers / c:>5.2f}")
-        cpu_rows += [(m, f"ray {args.passes} passes", n_ray, t_ray, cpu_ray), (m, "torch", n_torch, t_torch, cpu_torch)]
+        shard_dir, tars = write_bench_shards(args.images, tmp, args.shards)
+        jpegs = shard_jpegs(tars)
+        print(f"{len(jpegs)} JPEGs in {len(tars)} shards, max side 384, {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB mean; "
+              f"view size {args.size}; batches of {args.batch}; {args.workers} Ray crop actors / DataLoader workers; {os.cpu_count()} CPU cores")
+        print(f"ray 1 pass: one execution per pass (an epoch-by-epoch loop); ray / torch: {args.passes} passes per run (Ray: one "
+              f"execution, the trainer's way); start s: to the first batch; a/b on whole runs, a/c per core (a / workers / c); 0.9 from: images per "
+              f"execution from which the whole-run a/b >= 0.9")
+        head = (f"{'M':>2} {'A':>2} | {'ray 1 pass':>10} | {'ray img/s':>9} {'start s':>7} {'(steady)':>9} {'views/s':>8} | "
+                f"{'torch img/s':>11} {'start s':>7} {'(steady)':>9} | {'decode img/s':>12} | {'a/b':>5} {'steady':>6} {'a/c':>5} | {'0.9 from':>8}")
+        print(head)
+        print("-" * len(head))
+        cpu_rows = []
+        for m in args.views:
+            cfg = ViewsConfig(num_views=m, view_size=args.size, concurrency=args.workers, batch_size=args.batch)
+            per_image = cfg.num_views + cfg.annotation_views
+            n_one, t_one, _, _, _ = bench_ray(shard_dir, cfg, f"bench-crop-{m}", warm_up=True)  # also warms the next
+            assert n_one == len(jpegs), crop_stats(f"bench-crop-{m}")
+            n_ray, t_ray, steady_ray, start_ray, cpu_ray = bench_ray(shard_dir, cfg, f"bench-crop-{m}-passes", args.passes)
+            assert n_ray == args.passes * len(jpegs), crop_stats(f"bench-crop-{m}-passes")
+            n_torch, t_torch, steady_torch, start_torch, cpu_torch = bench_torch(tars, cfg, args.workers, args.passes)
+            assert n_torch == n_ray, (n_torch, n_ray)
+            n_dec, t_dec = bench_decode(jpegs, cfg)
+            one, a, b, c = n_one / t_one, n_ray / t_ray, n_torch / t_torch, n_dec / t_dec
+            print(f"{m:>2} {cfg.annotation_views:>2} | {one:>10.1f} | {a:>9.1f} {start_ray:>7.2f} {steady_ray:>9.1f} {a * per_image:>8.0f} | "
+                  f"{b:>11.1f} {start_torch:>7.2f} {steady_torch:>9.1f} | {c:>12.1f} | {a / b:>5.2f} {steady_ray / steady_torch:>6.2f} {a / args.workers / c:>5.2f} | "
+                  f"{images_for_ratio(start_ray, steady_ray, steady_torch):>8.0f}")
+            cpu_rows += [(m, "ray", n_ray, t_ray, cpu_ray), (m, "torch", n_torch, t_torch, cpu_torch)]
     ray.shutdown()
     print_cpu_ledger(cpu_rows, os.cpu_count())
     print_breakdown(jpegs, ViewsConfig(num_views=4, view_size=args.size))

@@ -5,7 +5,7 @@ have >= view_size pixels) and all views are cut from that one array. Samples tha
 are dropped from the batch and counted by reason, so a corrupt shard member costs one counted
 skip, not a dead worker.
 
-Counting and epochs share one named `CropStats` actor per run, reached with ONE synchronous call
+Counting and epochs share one named `CropStats` actor per run (crop_stats.py), reached with ONE synchronous call
 per batch (not per image):
 - counts are recorded before the batch leaves the stage, so `crop_stats(name)` read after the
   dataset is consumed is exact (a fire-and-forget call from an actor Ray Data is tearing down could
@@ -31,52 +31,10 @@ import ray
 import torch
 
 from pipeline.config import ViewsConfig, section_from_dict
+from pipeline.data.crop_stats import crop_stats, crop_stats_actor  # noqa: F401 - crop_stats is this stage's read-out
 from pipeline.data.schema import CORRUPT, OK, BadImage, decode_rgb
 from pipeline.data.text_annotations import MissingAnnotation, annotation_texts, check_text_config, pick
 from pipeline.data.views import make_views
-
-STATS_NAMESPACE = "abpipe"
-
-
-@ray.remote(num_cpus=0)
-class CropStats:
-    """Per-run counts by status ("ok" plus each skip reason) and per-key visit counts (epochs)."""
-
-    def __init__(self):
-        self.counts: Counter = Counter()
-        self.visits: dict[str, int] = {}
-
-    def record(self, counts: dict[str, int], keys: list[str]) -> list[int]:
-        """Add a batch's counts; return each kept key's epoch (visits before this one)."""
-        self.counts.update(counts)
-        epochs = []
-        for key in keys:
-            seen = self.visits.get(key, 0)
-            self.visits[key] = seen + 1
-            epochs.append(seen)
-        return epochs
-
-    def get(self) -> dict[str, int]:
-        return {k: v for k, v in self.counts.items() if v}
-
-
-_DRIVER_HANDLES: dict[str, Any] = {}  # a non-detached named actor lives while its owner does
-
-
-def crop_stats_actor(name: str):
-    """Get or create the named stats actor.
-
-    A non-detached actor dies with the process that created it, so `build_crop_dataset` creates it
-    on the driver (and keeps the handle here): it then outlives the crop actors' pool.
-    """
-    handle = CropStats.options(name=name, namespace=STATS_NAMESPACE, get_if_exists=True).remote()
-    _DRIVER_HANDLES[name] = handle
-    return handle
-
-
-def crop_stats(name: str = "crop-stats") -> dict[str, int]:
-    """Counts so far by status: {"ok": n, "<skip reason>": n, ...} (reasons from schema.py)."""
-    return ray.get(ray.get_actor(name, namespace=STATS_NAMESPACE).get.remote())
 
 
 def draft_size(cfg: ViewsConfig) -> int:
