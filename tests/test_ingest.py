@@ -105,6 +105,17 @@ def test_small_jpeg_keeps_its_original_bytes(ray_cluster, photo_files, tmp_path)
     assert max(Image.open(io.BytesIO(rows["a/big"]["jpg"])).size) == 120
 
 
+def test_shards_read_as_one_block_per_tar(ray_cluster, photo_files, tmp_path):
+    """Ray Data would split each file's block into odd pieces (a short crop batch per piece)."""
+    for i, path in enumerate(photo_files[:9]):
+        (tmp_path / "in" / "c").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / "c" / f"{i}.jpg").write_bytes(path.read_bytes())
+    stats = ingest(tmp_path / "in", tmp_path / "shards", samples_per_shard=3)
+    assert len(stats["shards"]) == 3
+    bundles = list(read_shards(str(tmp_path / "shards")).iter_internal_ref_bundles())
+    assert sorted(b.num_rows() for b in bundles) == [3, 3, 3]
+
+
 def test_file_list_counts_missing_paths(ray_cluster, photo_files, tmp_path):
     listing = tmp_path / "paths.txt"
     listing.write_text("# a comment\n" + "\n".join(str(p) for p in photo_files[:3]) + f"\n\n{tmp_path}/nope.jpg\nrelative_missing.png\n")
