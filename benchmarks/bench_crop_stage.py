@@ -1,8 +1,8 @@
 """Crop-stage throughput: the Ray Data actor stage vs a torch DataLoader vs a decode-only floor.
 
-All three read the same real WebDataset shards, written by abpipe's own ingest (`write_shards`) from
-`--images` real photos (scikit-image, re-cropped, max side 384), `--shards` tar files (page cache
-warm: the comparison is read + decode + view cutting, not the disk):
+All three read the same real WebDataset shards: `--images` real photos (scikit-image, re-cropped, max
+side 384) written into `--shards` tar files by abpipe's own ingest (`write_photo_shards`); page cache
+warm, so the comparison is read + decode + view cutting, not the disk:
   (a) ray:    `read_shards` -> `build_crop_dataset`, `--workers` crop actors: the trainer's path;
   (b) torch:  a DataLoader over `webdataset.WebDataset` on the same tars, `--workers` processes doing
       the same decode_rgb + make_views: the usual way a PyTorch job streams shards;
@@ -11,10 +11,9 @@ warm: the comparison is read + decode + view cutting, not the disk):
 Each path first runs one warm-up pass (imports, page cache, Ray's worker pool), then is timed over
 `--passes` passes (default: `data.max_passes_per_execution`, the most the trainer streams per
 execution): Ray in ONE execution, as the trainer does, the DataLoader rebuilding its worker
-processes per pass (fork: cheap), as a default `DataLoader` does. "start s"
-is the time to the first batch: Ray Data starts a new actor pool per execution (worker processes
-importing ray.data, torch, OpenCV), paid once per execution; "steady" is the rate after it: what a
-long run sees. a/b is on the whole run, "steady" on the steady columns. "ray 1 pass" runs one
+processes per pass (fork: cheap), as a default `DataLoader` does. "start s" is the time to the
+first batch: Ray Data starts a new actor pool per execution (worker processes importing ray.data,
+torch, OpenCV), paid once per execution; "steady" is the rate after it: what a long run sees. a/b is on the whole run, "steady" on the steady columns. "ray 1 pass" runs one
 execution per pass (what an epoch-by-epoch loop would get). "0.9 from": images one execution has to
 stream for the whole-run a/b to reach 0.9, from the measured start-up and steady rates (the trainer
 streams up to 16 passes of the dataset per execution). Views/s counts every view once, M crops
@@ -38,21 +37,19 @@ import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline.config import DataConfig, IngestConfig, RayConfig, ViewsConfig
+from pipeline.config import DataConfig, RayConfig, ViewsConfig
 from pipeline.data.crop_stage import build_crop_dataset, crop_stats, draft_size
-from pipeline.data.sample_data import photo_arrays, write_photo_files
+from pipeline.data.sample_data import write_photo_shards
 from pipeline.data.schema import decode_rgb
-from pipeline.data.shards import read_shards, write_shards
+from pipeline.data.shards import read_shards
 from pipeline.data.views import make_views
 
 
 def write_bench_shards(n: int, folder: str, shards: int) -> tuple[str, list[str]]:
     """`n` photos ingested by abpipe into `shards` WebDataset tars: (shard dir, tar paths)."""
-    photos = sorted(write_photo_files(os.path.join(folder, "photos"), copies=-(-n // len(photo_arrays())), max_side=384))[:n]
-    items = [{"input": str(p), "id": p.stem, "labels": []} for p in photos]
-    out = os.path.join(folder, "shards")
-    stats = write_shards(items, out, "image_folder", IngestConfig(samples_per_shard=-(-n // shards), max_side=384))
+    stats = write_photo_shards(folder, n, samples_per_shard=-(-n // shards))
     assert stats["counts"] == {"ok": n}, stats["counts"]
+    out = os.path.join(folder, "shards")
     return out, [os.path.join(out, name) for name in stats["shards"]]
 
 

@@ -28,10 +28,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline.config import Config, DataConfig, IngestConfig, RayConfig, TrainConfig, ViewsConfig  # noqa: E402
-from pipeline.data.sample_data import photo_arrays, write_photo_files  # noqa: E402
-from pipeline.data.shards import write_shards  # noqa: E402
-from pipeline.data.sources.image_folder import list_image_files  # noqa: E402
+from pipeline.config import Config, DataConfig, RayConfig, TrainConfig, ViewsConfig  # noqa: E402
+from pipeline.data.sample_data import write_photo_shards  # noqa: E402
 
 
 def timed_runs(make_iter, views_of, runs: int = 1) -> tuple[float, float]:
@@ -99,10 +97,8 @@ def main() -> None:
     from pipeline.train.trainer import build_training_datasets
 
     work = tempfile.mkdtemp(prefix="abpipe-bench-e2e-")
-    photos = write_photo_files(os.path.join(work, "photos"), copies=-(-args.images // len(photo_arrays())), max_side=384)
-    items = list_image_files([str(p) for p in sorted(photos)[: args.images]])
+    write_photo_shards(work, args.images, samples_per_shard=50)
     shards = os.path.join(work, "shards")
-    write_shards(items, shards, "files", IngestConfig(max_side=384, samples_per_shard=50))
 
     cfg = Config(
         data=DataConfig(shards=shards, max_passes_per_execution=args.passes),

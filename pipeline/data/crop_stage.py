@@ -5,8 +5,8 @@ have >= view_size pixels) and all views are cut from that one array. Samples tha
 are dropped from the batch and counted by reason, so a corrupt shard member costs one counted
 skip, not a dead worker.
 
-Counting and epochs share one named `CropStats` actor per run (crop_stats.py), reached with ONE synchronous call
-per batch (not per image):
+Counting and epochs share one named `CropStats` actor per run (crop_stats.py), reached with ONE
+synchronous call per batch (not per image):
 - counts are recorded before the batch leaves the stage, so `crop_stats(name)` read after the
   dataset is consumed is exact (a fire-and-forget call from an actor Ray Data is tearing down could
   still be in flight, or lost);

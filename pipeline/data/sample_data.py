@@ -4,6 +4,8 @@
   and written as PNG/JPEG files in class sub-folders: a labelled set for probes and the demo.
 - `write_photo_files`: scikit-image's sample photographs (astronaut, coffee, chelsea, rocket, ...)
   as JPEGs: real camera images with real JPEG statistics for the crop stage and benchmarks.
+- `write_photo_shards`: `n` of those (re-cropped copies) ingested by abpipe into WebDataset shards:
+  the benchmarks' training stream.
 """
 
 from __future__ import annotations
@@ -105,3 +107,18 @@ def write_photo_files(out_dir: str | os.PathLike, copies: int = 1, max_side: int
             pil.save(path, quality=quality)
             paths.append(path)
     return paths
+
+
+def write_photo_shards(out_dir: str | os.PathLike, n: int, samples_per_shard: int, max_side: int = 384) -> dict:
+    """`n` photos (re-cropped copies) ingested by `write_shards` into `out_dir`/shards; its stats.
+
+    Needs Ray initialised (the ingest runs as Ray tasks).
+    """
+    from pipeline.config import IngestConfig
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources.image_folder import list_image_files
+
+    out = Path(out_dir)
+    photos = sorted(write_photo_files(out / "photos", copies=-(-n // len(photo_arrays())), max_side=max_side))[:n]
+    items = list_image_files([str(p) for p in photos])
+    return write_shards(items, str(out / "shards"), "files", IngestConfig(max_side=max_side, samples_per_shard=samples_per_shard))

@@ -76,10 +76,10 @@ def _crop_resize(image: np.ndarray, box, size: int) -> np.ndarray:
 
     A whole-pixel box (every sampled box) goes through torch's uint8 antialiased bilinear kernel,
     which is the kernel torchvision's resize calls (the view equals RandomResizedCrop's to within 1
-    grey level, tested) and ~2.8x cheaper than Pillow's. A fractional box (e.g. a float32-normalised box mapped back) goes through
-    Pillow's `resize(box=...)`, so a view is sub-pixel exactly its box: the box is first cut to its
-    enclosing integer pixels, so the filter reads nothing outside it (Pillow clips its support to the
-    image, not the box).
+    grey level, tested) and ~2.8x cheaper than Pillow's. A fractional box (e.g. a float32-normalised
+    box mapped back) goes through Pillow's `resize(box=...)`, so a view is sub-pixel exactly its box:
+    the box is first cut to its enclosing integer pixels, so the filter reads nothing outside it
+    (Pillow clips its support to the image, not the box).
     """
     # Snap float noise (e.g. a float32-normalised box mapped back to pixels) to the whole pixel it
     # means: otherwise 39.99999 would pull pixel 39 into the filter's support.
