@@ -1,9 +1,10 @@
 """Crop-stage throughput: the Ray Data actor stage vs a torch DataLoader vs a decode-only floor.
 
 All three read the same real WebDataset shards: `--images` real photos (scikit-image, re-cropped, max
-side 384) written into `--shards` tar files by abpipe's own ingest (`write_photo_shards`); page cache
+side `--max-side`, default 384 = `ingest.max_side`) written into `--shards` tar files by abpipe's own ingest (`write_photo_shards`); page cache
 warm, so the comparison is read + decode + view cutting, not the disk:
-  (a) ray:    `read_shards` -> `build_crop_dataset`, `--workers` crop actors: the trainer's path;
+  (a) ray:    `stream_dataset` -> `build_crop_dataset`, `--workers` crop actors: the trainer's path
+      (one read of all passes, `default_read_concurrency` read tasks);
   (b) torch:  a DataLoader over `webdataset.WebDataset` on the same tars, `--workers` processes doing
       the same decode_rgb + make_views: the usual way a PyTorch job streams shards;
   (c) decode: decode_rgb of every image in this one process: what one core spends before cutting
@@ -37,17 +38,17 @@ import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline.config import DataConfig, RayConfig, ViewsConfig
-from pipeline.data.crop_stage import build_crop_dataset, crop_stats, draft_size
+from pipeline.config import DataConfig, IngestConfig, RayConfig, ViewsConfig
+from pipeline.data.crop_stage import build_crop_dataset, crop_pool_size, crop_stats, draft_size
+from pipeline.data.mixing import default_read_concurrency, stream_dataset
 from pipeline.data.sample_data import write_photo_shards
 from pipeline.data.schema import decode_rgb
-from pipeline.data.shards import read_shards
 from pipeline.data.views import make_views
 
 
-def write_bench_shards(n: int, folder: str, shards: int) -> tuple[str, list[str]]:
+def write_bench_shards(n: int, folder: str, shards: int, max_side: int) -> tuple[str, list[str]]:
     """`n` photos ingested by abpipe into `shards` WebDataset tars: (shard dir, tar paths)."""
-    stats = write_photo_shards(folder, n, samples_per_shard=-(-n // shards))
+    stats = write_photo_shards(folder, n, samples_per_shard=-(-n // shards), max_side=max_side)
     assert stats["counts"] == {"ok": n}, stats["counts"]
     out = os.path.join(folder, "shards")
     return out, [os.path.join(out, name) for name in stats["shards"]]
@@ -122,8 +123,7 @@ def timed_pass(batches, rows_of, ledger: CpuLedger | None = None) -> tuple[int, 
 
 def bench_ray(shard_dir: str, cfg: ViewsConfig, name: str, passes: int = 1, warm_up: bool = False):
     """`passes` passes over the shards in ONE execution (as the trainer streams them): one actor start-up."""
-    read = lambda: read_shards(shard_dir, num_cpus=DataConfig().read_cpus)
-    source = read().union(*[read() for _ in range(passes - 1)]) if passes > 1 else read()
+    source = stream_dataset(shard_dir, {}, DataConfig().read_cpus, passes, default_read_concurrency(crop_pool_size(cfg)))
     out = build_crop_dataset(source, cfg, seed=0, stats_name=name)
     run = lambda: out.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
     if warm_up:
@@ -230,6 +230,8 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=8, help="tar files (>= workers: webdataset gives each DataLoader worker whole shards)")
     ap.add_argument("--views", type=int, nargs="+", default=[2, 4, 8], help="values of M")
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--max-side", type=int, default=IngestConfig().max_side,
+                    help="longest side of the stored JPEGs (ingest.max_side): the decode floor grows with it, the views' cost little")
     ap.add_argument("--batch", type=int, default=ViewsConfig().batch_size, help="rows per crop batch (both paths)")
     ap.add_argument("--workers", type=int, default=2, help="crop actors / DataLoader workers")
     ap.add_argument("--passes", type=int, default=DataConfig().max_passes_per_execution,
@@ -248,9 +250,9 @@ def main() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="bench-crop-") as tmp:
-        shard_dir, tars = write_bench_shards(args.images, tmp, args.shards)
+        shard_dir, tars = write_bench_shards(args.images, tmp, args.shards, args.max_side)
         jpegs = shard_jpegs(tars)
-        print(f"{len(jpegs)} JPEGs in {len(tars)} shards, max side 384, {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB mean; "
+        print(f"{len(jpegs)} JPEGs in {len(tars)} shards, max side {args.max_side}, {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB mean; "
               f"view size {args.size}; batches of {args.batch}; {args.workers} Ray crop actors / DataLoader workers; {os.cpu_count()} CPU cores")
         print(f"ray 1 pass: one execution per pass (an epoch-by-epoch loop); ray / torch: {args.passes} passes per run (Ray: one "
               f"execution, the trainer's way); start s: to the first batch; a/b on whole runs, a/c per core (a / workers / c); 0.9 from: images per "

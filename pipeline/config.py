@@ -160,6 +160,9 @@ class DataConfig:
         return bool(self.annotation_shards or self.annotation_mixture)
     shuffle_buffer: int = 256  # local shuffle buffer (rows) in the trainer's iterator
     read_cpus: float = 0.25  # per shard-read task: reading is I/O, and must not starve the crop actors
+    # Concurrent shard-read tasks per stream; None = one per 8 crop actors. Each starts a worker
+    # process when the stream starts, beside the crop actors: more only slows the start-up.
+    read_concurrency: int | None = None
     # Passes over the data one Ray Data execution streams (the training budget's worth, at most this
     # many): Ray Data starts a new crop-actor pool per execution, so 1 = an actor start-up per epoch.
     max_passes_per_execution: int = 16

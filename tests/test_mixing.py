@@ -102,6 +102,32 @@ def test_passes_needed_covers_the_budget_within_the_cap():
     assert passes_needed(images_needed=600, pass_size=300, max_passes=1) == 1
 
 
+def test_passes_are_one_capped_read_each_pass_in_its_own_seeded_file_order(ray_cluster, digit_shards):
+    """A single shard set's passes are one read operator (so `read_concurrency` bounds the worker
+    processes an execution starts) listing every file once per pass, each pass shuffled by seed."""
+    from pipeline.data.mixing import default_read_concurrency, stream_dataset
+    from pipeline.data.shards import load_stats
+
+    files = sorted(load_stats(str(digit_shards))["shards"])
+    assert len(files) == 3
+
+    def file_order(seed: int) -> list[str]:
+        ds = stream_dataset(str(digit_shards), {}, read_cpus=0.25, passes=4, read_concurrency=1, seed=seed)
+        assert str(ds._logical_plan.dag).startswith("Read[")  # one read operator, not a union of per-pass reads
+        blocks = ds.iter_batches(batch_size=None, batch_format="numpy")  # one per tar; concurrency 1: in order
+        return [str(block["__url__"][0]).rsplit("/", 1)[-1] for block in blocks]
+
+    order = file_order(seed=0)
+    passes = [order[i : i + 3] for i in range(0, 12, 3)]
+    assert all(sorted(p) == files for p in passes), order  # every file once per pass
+    assert len({tuple(p) for p in passes}) > 1, order  # passes are not all in one order
+    assert file_order(seed=0) == order and file_order(seed=1) != order  # the seed decides it
+
+    assert [default_read_concurrency(n) for n in (1, 8, 9, 40)] == [1, 1, 2, 5]
+    with pytest.raises(ConfigError, match="read_concurrency"):
+        stream_dataset(str(digit_shards), {}, read_concurrency=0)
+
+
 def test_several_passes_stream_in_one_execution_with_new_crops_per_pass(ray_cluster, digit_shards):
     """The trainer's multi-pass stream: every sample once per pass, and a pass never repeats crops."""
     from pipeline.config import ViewsConfig

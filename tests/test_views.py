@@ -25,6 +25,7 @@ from pipeline.data.boxes import (
 from pipeline.data.crop_stage import MultiViewCropper, draft_size
 from pipeline.data.schema import decode_rgb
 from pipeline.data.views import (
+    _crop_resize,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -205,6 +206,29 @@ def test_cut_views_matches_torchvision_resized_crop(photo_files):
         ours = cut_views(img, np.array([[x0, y0, x1, y1]], dtype=np.float64), size)[0].astype(np.float32)
         ref = TF.resized_crop(chw, y0, x0, y1 - y0, x1 - x0, [size, size], antialias=True).permute(1, 2, 0).numpy()
         assert np.abs(ours - ref.astype(np.float32)).max() <= 1, ((x0, y0, x1, y1), size)  # same uint8 kernel
+
+
+def test_resized_crop_is_packed_hwc(photo_files):
+    """A resized crop comes out as a C-contiguous HWC array. torch's uint8 kernel returns planar
+    (NCHW) memory unless its input is restrided (pytorch/pytorch#68430); every OpenCV op and the
+    batch copy would then pay a strided copy costing ~2x the resize (benchmarks/bench_crop_stage.py)."""
+    img = np.asarray(Image.open(photo_files[0]).convert("RGB"))
+    box = np.array([[40, 30, 200, 150]], dtype=np.float64)
+    ref = torchvision_resized_crop(img, box[0], 64)
+    region = img[30:150, 40:200]
+    for view in (_crop_resize(img, box[0], 64), _crop_resize(region.copy(), np.array([0, 0, 160, 120]), 64)):
+        assert view.shape == (64, 64, 3) and view.flags["C_CONTIGUOUS"], view.strides
+        assert np.abs(view.astype(int) - ref).max() <= 1
+    cfg = ViewsConfig(color_jitter=0.0, grayscale_p=0.0, blur_p=0.0)  # the bare crop (maybe flipped)
+    assert simclr_augment(np.random.default_rng(0), img, 64, cfg).flags["C_CONTIGUOUS"]
+
+
+def torchvision_resized_crop(img: np.ndarray, box_px, size: int) -> np.ndarray:
+    import torchvision.transforms.v2.functional as TF
+
+    x0, y0, x1, y1 = map(int, box_px)
+    chw = torch.from_numpy(img.copy()).permute(2, 0, 1)
+    return TF.resized_crop(chw, y0, x0, y1 - y0, x1 - x0, [size, size], antialias=True).permute(1, 2, 0).numpy().astype(int)
 
 
 def test_cut_views_sub_pixel_box():

@@ -155,6 +155,11 @@ class MultiViewCropper:
         return out
 
 
+def crop_pool_size(cfg_views: ViewsConfig) -> int:
+    """Most crop actors one stream runs: `views.concurrency`, or the cluster's CPUs - 1."""
+    return cfg_views.concurrency or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+
+
 def build_crop_dataset(
     ds: ray.data.Dataset,
     cfg_views: ViewsConfig,
@@ -169,7 +174,7 @@ def build_crop_dataset(
     """
     if stats_name:
         crop_stats_actor(stats_name)
-    max_size = cfg_views.concurrency or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+    max_size = crop_pool_size(cfg_views)
     return ds.map_batches(
         MultiViewCropper,
         fn_constructor_kwargs={

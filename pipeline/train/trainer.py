@@ -61,21 +61,22 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
 
     import ray.data
 
-    from pipeline.data.crop_stage import build_crop_dataset
-    from pipeline.data.mixing import passes_needed, stream_dataset, stream_size
+    from pipeline.data.crop_stage import build_crop_dataset, crop_pool_size
+    from pipeline.data.mixing import default_read_concurrency, passes_needed, stream_dataset, stream_size
 
     # The one-line-per-interval training log is the progress display here; Ray Data's bars from
     # the split coordinator would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     images_needed = Budget.from_config(cfg, cfg.train.num_workers).total_steps * cfg.train.batch_size * cfg.train.num_workers
 
-    def stream(shards: str, mixture: dict[str, float]):
+    def stream(shards: str, mixture: dict[str, float], views, seed: int):
         passes = passes_needed(images_needed, stream_size(shards, mixture), cfg.data.max_passes_per_execution)
-        return stream_dataset(shards, mixture, cfg.data.read_cpus, passes)
+        readers = default_read_concurrency(crop_pool_size(views)) if cfg.data.read_concurrency is None else cfg.data.read_concurrency
+        return stream_dataset(shards, mixture, cfg.data.read_cpus, passes, readers, seed)
 
-    crops = stream(cfg.data.shards, cfg.data.mixture)
     name = f"crop-stats-{cfg.train.run_name}"
     if not cfg.data.decoupled:
+        crops = stream(cfg.data.shards, cfg.data.mixture, cfg.views, cfg.train.seed)
         return {"train": build_crop_dataset(crops, cfg.views, seed=cfg.train.seed, stats_name=name)}
     # Two actor pools share what training leaves; each gets a fixed half so neither can take all
     # CPUs and starve the other (the trainer needs a batch from both every step).
@@ -83,7 +84,8 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     per_stream = max(1, int(free / 2 / cfg.views.cpus_per_actor)) if cfg.views.concurrency is None else cfg.views.concurrency
     crop_views = dataclasses.replace(cfg.views, annotation_views=0, concurrency=per_stream)
     ann_views = dataclasses.replace(cfg.views, num_views=0, concurrency=per_stream)
-    anns = stream(cfg.data.annotation_shards, cfg.data.annotation_mixture)
+    crops = stream(cfg.data.shards, cfg.data.mixture, crop_views, cfg.train.seed)
+    anns = stream(cfg.data.annotation_shards, cfg.data.annotation_mixture, ann_views, cfg.train.seed + 1)
     return {
         "train": build_crop_dataset(crops, crop_views, seed=cfg.train.seed, stats_name=name),
         "annotations": build_crop_dataset(anns, ann_views, seed=cfg.train.seed + 1, stats_name=f"{name}-annotations"),
