@@ -1,8 +1,9 @@
 """Crop-stage throughput: the Ray Data actor stage vs a torch DataLoader vs a decode-only floor.
 
 All three read the same real WebDataset shards: `--images` real photos (scikit-image, re-cropped, max
-side `--max-side`, default 384 = `ingest.max_side`) written into `--shards` tar files by abpipe's own ingest (`write_photo_shards`); page cache
-warm, so the comparison is read + decode + view cutting, not the disk:
+side `--max-side`, default 384 = `ingest.max_side`) written into `--shards` tar files by abpipe's own
+ingest (`write_photo_shards`); page cache warm, so the comparison is read + decode + view cutting,
+not the disk:
   (a) ray:    `stream_dataset` -> `build_crop_dataset`, `--workers` crop actors: the trainer's path
       (one read of all passes, `default_read_concurrency` read tasks);
   (b) torch:  a DataLoader over `webdataset.WebDataset` on the same tars, `--workers` processes doing

@@ -161,7 +161,8 @@ class DataConfig:
     shuffle_buffer: int = 256  # local shuffle buffer (rows) in the trainer's iterator
     read_cpus: float = 0.25  # per shard-read task: reading is I/O, and must not starve the crop actors
     # Concurrent shard-read tasks per stream; None = one per 8 crop actors. Each starts a worker
-    # process when the stream starts, beside the crop actors: more only slows the start-up.
+    # process when the stream starts, beside the crop actors: more than the reads need only slows
+    # the start-up (raise it for object storage, where one task reads slower than local disk).
     read_concurrency: int | None = None
     # Passes over the data one Ray Data execution streams (the training budget's worth, at most this
     # many): Ray Data starts a new crop-actor pool per execution, so 1 = an actor start-up per epoch.
