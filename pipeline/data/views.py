@@ -102,7 +102,8 @@ def _resize_hwc(region: np.ndarray, size: int) -> np.ndarray:
     The HWC array is viewed as a channels-last 1x3xHxW tensor, the layout the fast uint8 kernel
     works in, with the batch stride set to numel: with any other batch stride torch allocates the
     output NCHW-contiguous (pytorch/pytorch#68430), so the kernel re-packs its result to planar and
-    every later HWC consumer pays a strided copy back: ~3x the cost of the resize itself. This is
+    every later HWC consumer pays a strided copy back (300 px -> 224 px, ready to use: 287 vs 94 us
+    packed, bench_crop_stage's breakdown). This is
     the same restride torchvision's v2 resize does, without importing torchvision into a crop
     actor (+1 s at every actor start).
     """
