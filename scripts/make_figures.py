@@ -7,8 +7,10 @@
 - crops.png: one of scikit-image's shipped photos with AB's M crop boxes drawn on it, the M crops,
   the SimCLR annotation views, and the action tokens of one source crop (`make_views`, the crop
   stage's own function, on the demo's view settings scaled to 128 px so the picture reads).
-- curves.png: the training curves of a short run (by default a fresh run of jobs/configs/tiny.yaml,
-  the demo's config, under a temporary root; or any logged run named with --tracking-uri/--run).
+- curves.png: the training curves of a short run (by default a fresh 300-step run of
+  jobs/configs/tiny.yaml, the demo's config, under a temporary root; `--config` another recipe; or any
+  logged run named with --tracking-uri/--run), with log(global batch), chance for the batch softmaxes,
+  drawn on the loss and teacher-entropy panels.
 - study.png: the small-scale study read from its jsonl (default: the newest
   benchmarks/results/repro_study_*.jsonl). Nothing is assumed about arms or metrics beyond the
   columns `arm`, `seed` and numeric metric columns: each arm is a group of bars (mean over seeds,
@@ -42,6 +44,7 @@ IMAGES = REPO / "docs" / "images"
 STUDY_DOC = REPO / "docs" / "study.md"
 TABLE_START, TABLE_END = "<!-- study-table:start -->", "<!-- study-table:end -->"
 CURVE_KEYS = ("loss_annotation", "loss_propagation", "teacher_entropy", "rankme_encoder", "lr", "views_per_s")
+CHANCE_KEYS = ("loss_annotation", "loss_propagation", "teacher_entropy")  # log(batch) = chance for a batch softmax
 FLOOR_PREFIX = "random_init/"
 COLOURS = plt.cm.tab10.colors
 
@@ -99,8 +102,8 @@ def crops_figure(out: Path, photo: str = "chelsea", seed: int = 3) -> Path:
 
 # ---- learning curves ----------------------------------------------------------------------------
 
-def short_run(root: Path, steps: int) -> tuple[str, str]:
-    """Ingest the digits and pretrain the demo config for `steps` steps; returns (tracking uri, run id)."""
+def short_run(root: Path, steps: int, config: Path) -> tuple[str, str]:
+    """Ingest the digits and pretrain `config` for `steps` steps; returns (tracking uri, run id)."""
     import dataclasses
 
     from pipeline.config import load_config
@@ -110,8 +113,7 @@ def short_run(root: Path, steps: int) -> tuple[str, str]:
     from pipeline.train.trainer import run_pretrain
 
     quiet_environment()
-    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml",
-                      [f"paths.root={root}", "train.run_name=figures", "train.log_every_steps=10"]).resolved()
+    cfg = load_config(config, [f"paths.root={root}", "train.run_name=figures", "train.log_every_steps=10"]).resolved()
     per_step = cfg.train.batch_size * (cfg.views.num_views + cfg.views.annotation_views)
     digits, shards = Path(cfg.paths.under("data", "digits")), cfg.paths.under("shards", "digits")
     if not digits.is_dir():
@@ -126,8 +128,8 @@ def short_run(root: Path, steps: int) -> tuple[str, str]:
     return cfg.tracking.tracking_uri, run_pretrain(cfg)["run_id"]
 
 
-def metric_histories(tracking_uri: str, run: str, keys=CURVE_KEYS) -> tuple[str, dict[str, list[tuple[int, float]]]]:
-    """{metric: [(step, value), ...]} of one run, named by id or by run name (the newest of that name)."""
+def metric_histories(tracking_uri: str, run: str, keys=CURVE_KEYS) -> tuple[str, dict[str, list[tuple[int, float]]], dict]:
+    """(run name, {metric: [(step, value), ...]}, params) of one run, by id or by name (the newest of that name)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -144,10 +146,18 @@ def metric_histories(tracking_uri: str, run: str, keys=CURVE_KEYS) -> tuple[str,
         hist = sorted(client.get_metric_history(found.info.run_id, key), key=lambda m: m.step)
         if hist:
             out[key] = [(m.step, m.value) for m in hist]
-    return found.info.run_name, out
+    return found.info.run_name, out, found.data.params
 
 
-def curves_figure(out: Path, name: str, histories: dict[str, list[tuple[int, float]]]) -> Path:
+def global_batch(params: dict) -> int | None:
+    """Images per step over all workers, from the run's logged config (None if it was not logged)."""
+    try:
+        return int(params["train.batch_size"]) * int(params.get("train.num_workers", 1))
+    except (KeyError, ValueError):
+        return None
+
+
+def curves_figure(out: Path, name: str, histories: dict[str, list[tuple[int, float]]], batch: int | None = None) -> Path:
     if not histories:
         raise SystemExit("make_figures: the run has none of the curve metrics " + ", ".join(CURVE_KEYS))
     cols = min(3, len(histories))
@@ -156,6 +166,9 @@ def curves_figure(out: Path, name: str, histories: dict[str, list[tuple[int, flo
     for ax, (key, points) in zip(axes.flat, histories.items()):
         steps, values = zip(*points)
         ax.plot(steps, values, marker=".", ms=4, color=COLOURS[0])
+        if batch and key in CHANCE_KEYS:
+            ax.axhline(math.log(batch), ls="--", lw=1, color="grey", label=f"log {batch}: chance")
+            ax.legend(fontsize=8, loc="best")
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)
@@ -316,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="curves from this MLflow store (with --run) instead of a fresh run")
     parser.add_argument("--run", default=None, help="MLflow run id or run name for the curves")
     parser.add_argument("--steps", type=int, default=300, help="length of the fresh run for the curves (default: the demo's 300)")
+    parser.add_argument("--config", type=Path, default=REPO / "jobs" / "configs" / "tiny.yaml",
+                        help="config of the fresh run for the curves (default: the demo's, jobs/configs/tiny.yaml)")
     args = parser.parse_args(argv)
     wanted = set(args.only.split(","))
     unknown = wanted - {"crops", "curves", "study"}
@@ -343,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
             uri, run = args.tracking_uri, args.run
         else:
             root = Path(tempfile.mkdtemp(prefix="abpfig-", dir="/tmp"))  # short: Ray's socket paths
-            uri, run = short_run(root, args.steps)
-        name, histories = metric_histories(uri, run)
-        curves_figure(args.out / "curves.png", name, histories)
+            uri, run = short_run(root, args.steps, args.config)
+        name, histories, params = metric_histories(uri, run)
+        curves_figure(args.out / "curves.png", name, histories, global_batch(params))
     return 0
 
 
