@@ -281,7 +281,7 @@ class ProbeConfig:
 
     Defaults are sized for CPU runs. The AB paper (appendix A.1) fixes a 4-layer autoregressive
     decoder cross-attending to the ViT's final tokens, one probe per task, and takes the rest from
-    Beyer et al. (2023); `ProbeConfig.paper_scale()` is the GPU-scale preset (see README).
+    Beyer et al. (2023); `ProbeConfig.paper_scale()` is the GPU-scale preset (see docs/evaluation.md).
     """
 
     decoder_depth: int = 2  # paper: 4 (A.1)

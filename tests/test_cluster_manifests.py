@@ -25,7 +25,7 @@ CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 PAPER = REPO / "jobs" / "configs" / "ab_simclr_vit_s16_800m.yaml"
 DATASET_CONFIGS = ["cc12m", "coco", "epic_kitchens", "imagenet"]
 
-# Measured on the 2-core dev machine and one H100 (README "Measured figures" / "GPU figures"):
+# Measured on the 2-core dev machine and one H100 (benchmarks/README.md: crop stage, GPU step):
 CROP_IMAGES_PER_S_PER_CPU = 425.8 / 2  # crop stage, 224 px, M = 4 + 2 SimCLR views, 2 actors, 16 passes per execution
 GPU_VIEWS_PER_S = 4234  # ViT-S/16 AB_SimCLR M = 4, bf16, batch 128 per H100
 

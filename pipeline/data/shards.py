@@ -389,7 +389,7 @@ def read_shards(
     whole stream. Every concurrent read task is a worker process that starts (Python, Ray, Arrow:
     ~2 CPU-s) when an execution starts, on the same cores as the crop actors' own start-up: a union
     of per-pass reads runs several at once whatever each one's cap. On 2 cores, 16 passes: first
-    batch after 10.4-12.3 s as a union, 4.6-5.6 s as one read at concurrency 1 (README, Performance).
+    batch after 10.4-12.3 s as a union, 4.6-5.6 s as one read at concurrency 1 (ad hoc, 2026-11-23).
     """
     import ray.data
 
