@@ -1,11 +1,25 @@
 """Write notebooks/quickstart.ipynb and notebooks/results.ipynb from the cell sources below.
 
-The notebooks are generated (and committed) so their code lives in one reviewable place; CI
-executes them with nbclient (tests/test_notebooks.py). Re-run after editing: python notebooks/build_notebooks.py
+The notebooks are generated so their code lives in one reviewable place, and committed WITH their
+outputs so a reader sees the crops, curves and tables without running anything. After editing the
+cells (or when the pipeline's output changes), refresh both with one command:
+
+    .venv/bin/python notebooks/build_notebooks.py --execute
+
+It executes the quickstart on a fresh root under /tmp (a real local Ray, a real MLflow store), then the
+results notebook on that store, and writes both with their outputs. In the committed copy the fresh
+root's path reads as the default `abpipe_runs/quickstart`, stderr streams (Ray's and MLflow's logs) and
+per-cell timings are left out, so a refresh diffs only on what a reader sees. Without `--execute` the
+notebooks are written with no outputs (tests/test_docs.py then fails until they are executed).
+CI executes them again from scratch with nbclient (tests/test_notebooks.py).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -167,7 +181,65 @@ def build(cells) -> nbformat.NotebookNode:
     return nb
 
 
+NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "results.ipynb": RESULTS}
+DEFAULT_ROOT = "abpipe_runs/quickstart"  # what the quickstart's root reads as in committed outputs
+EXECUTE_STEPS = 60  # the committed quickstart's run: enough logged points for its curves (20 by default)
+
+
+def execute(nb: nbformat.NotebookNode, env: dict[str, str], timeout: int = 1200) -> nbformat.NotebookNode:
+    """Run every cell in a real kernel started in notebooks/ with `env` added to its environment."""
+    from nbclient import NotebookClient
+
+    old = dict(os.environ)
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return nb
+
+
+def for_commit(nb: nbformat.NotebookNode, root: str) -> nbformat.NotebookNode:
+    """Drop stderr streams and timings; the temporary root's path reads as the default root."""
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.outputs:
+            if out.output_type == "stream" and out.name == "stderr":
+                continue
+            if out.output_type == "stream":
+                out.text = out.text.replace(root, DEFAULT_ROOT)
+            for kind, value in out.get("data", {}).items():
+                if kind.startswith("text/") and isinstance(value, str):
+                    out["data"][kind] = value.replace(root, DEFAULT_ROOT)
+            kept.append(out)
+        cell.outputs = kept
+    return nb
+
+
+def execute_all() -> None:
+    """Quickstart on a fresh root, then the results notebook on its MLflow store; both written with outputs."""
+    root = tempfile.mkdtemp(prefix="abpnb-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    try:
+        quick = execute(build(QUICKSTART), {"ABPIPE_ROOT": root, "ABPIPE_RAY_TMP": os.path.join(root, "ray"),
+                                            "ABPIPE_QUICKSTART_STEPS": str(EXECUTE_STEPS)})
+        results = execute(build(RESULTS), {"ABPIPE_TRACKING_URI": f"sqlite:///{root}/mlflow.db"})
+        for name, nb in (("quickstart.ipynb", quick), ("results.ipynb", results)):
+            nbformat.write(for_commit(nb, root), HERE / name)
+            print("wrote", HERE / name, "(executed)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 if __name__ == "__main__":
-    for name, cells in (("quickstart.ipynb", QUICKSTART), ("results.ipynb", RESULTS)):
-        nbformat.write(build(cells), HERE / name)
-        print("wrote", HERE / name)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--execute", action="store_true", help="run both notebooks and keep their outputs (~5 min on 2 cores)")
+    if parser.parse_args().execute:
+        execute_all()
+    else:
+        for name, cells in NOTEBOOKS.items():
+            nbformat.write(build(cells), HERE / name)
+            print("wrote", HERE / name, "(no outputs: run with --execute before committing)")
