@@ -193,7 +193,8 @@ def execute(nb: nbformat.NotebookNode, env: dict[str, str], timeout: int = 1200)
     old = dict(os.environ)
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}})
+        client.execute()
     finally:
         os.environ.clear()
         os.environ.update(old)
@@ -236,7 +237,8 @@ def execute_all() -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--execute", action="store_true", help="run both notebooks and keep their outputs (~5 min on 2 cores)")
+    parser.add_argument("--execute", action="store_true",
+                        help="run both notebooks and keep their outputs (5-10 min on 2 cores)")
     if parser.parse_args().execute:
         execute_all()
     else:

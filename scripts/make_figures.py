@@ -31,11 +31,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+plt.switch_backend("Agg")  # files only, never a window
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout: the checkout's `pipeline` wins
@@ -51,15 +50,17 @@ COLOURS = plt.cm.tab10.colors
 
 # ---- crops with boxes ---------------------------------------------------------------------------
 
+
 def crops_figure(out: Path, photo: str = "chelsea", seed: int = 3) -> Path:
     """The photo with its M boxes, the M crops, the A annotation views, and one crop's action tokens."""
     import dataclasses
+
+    import torch
 
     from pipeline.config import load_config
     from pipeline.data.sample_data import photo_arrays
     from pipeline.data.views import make_views
     from pipeline.objectives.ab_simclr import pair_actions
-    import torch
 
     photos = photo_arrays()
     image = photos.get(photo, next(iter(photos.values())))
@@ -77,30 +78,41 @@ def crops_figure(out: Path, photo: str = "chelsea", seed: int = 3) -> Path:
     for i, (x0, y0, x1, y1) in enumerate(views["boxes"] * np.array([w, h, w, h])):
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2.5, color=COLOURS[i]))
         right, bottom = i % 2 == 1, i % 4 >= 2  # each label in its own corner, so none hides another
-        ax.text(x1 - 4 if right else x0 + 4, y1 - 4 if bottom else y0 + 4, str(i), color="white", fontsize=11,
-                ha="right" if right else "left", va="bottom" if bottom else "top", weight="bold",
-                bbox=dict(facecolor=COLOURS[i], pad=1.5, lw=0))
+        ax.text(
+            x1 - 4 if right else x0 + 4,
+            y1 - 4 if bottom else y0 + 4,
+            str(i),
+            color="white",
+            fontsize=11,
+            ha="right" if right else "left",
+            va="bottom" if bottom else "top",
+            weight="bold",
+            bbox={"facecolor": COLOURS[i], "pad": 1.5, "lw": 0},
+        )
     ax.set_title(f"the image and its M = {m} crop boxes", fontsize=11)
     ax.axis("off")
     for i in range(m):
         sub = fig.add_subplot(grid[0, 1 + i])
         sub.imshow(views["views"][i])
         t = actions[0, i]
-        sub.set_title(f"crop {i}\naction 0→{i}: ({t[0]:.2f}, {t[1]:.2f},\n{t[2]:.2f}, {t[3]:.2f})",
-                      color=COLOURS[i], fontsize=8.5)
+        sub.set_title(
+            f"crop {i}\naction 0→{i}: ({t[0]:.2f}, {t[1]:.2f},\n{t[2]:.2f}, {t[3]:.2f})", color=COLOURS[i], fontsize=8.5
+        )
         sub.axis("off")
     for j in range(a):
         sub = fig.add_subplot(grid[1, 1 + j])
         sub.imshow(views["ann_views"][j])
         sub.set_title(f"annotation view {j}\n(SimCLR-augmented)", fontsize=8.5)
         sub.axis("off")
-    fig.suptitle("AB's views of one image: action 0→t = target t's corners in crop 0's frame (crop 0 is [0, 1]²)",
-                 fontsize=11)
+    fig.suptitle(
+        "AB's views of one image: action 0→t = target t's corners in crop 0's frame (crop 0 is [0, 1]²)", fontsize=11
+    )
     fig.tight_layout()
     return _save(fig, out)
 
 
 # ---- learning curves ----------------------------------------------------------------------------
+
 
 def short_run(root: Path, steps: int, config: Path) -> tuple[str, str]:
     """Ingest the digits and pretrain `config` for `steps` steps; returns (tracking uri, run id)."""
@@ -128,16 +140,21 @@ def short_run(root: Path, steps: int, config: Path) -> tuple[str, str]:
     return cfg.tracking.tracking_uri, run_pretrain(cfg)["run_id"]
 
 
-def metric_histories(tracking_uri: str, run: str, keys=CURVE_KEYS) -> tuple[str, dict[str, list[tuple[int, float]]], dict]:
+def metric_histories(
+    tracking_uri: str, run: str, keys=CURVE_KEYS
+) -> tuple[str, dict[str, list[tuple[int, float]]], dict]:
     """(run name, {metric: [(step, value), ...]}, params) of one run, by id or by name (the newest of that name)."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     try:
         found = client.get_run(run)
-    except Exception:  # not a run id: look it up by name
+    except MlflowException:  # not a run id: look it up by name
         experiments = [e.experiment_id for e in client.search_experiments()]
-        hits = client.search_runs(experiments, f"attributes.run_name = '{run}'", order_by=["attributes.start_time DESC"])
+        hits = client.search_runs(
+            experiments, f"attributes.run_name = '{run}'", order_by=["attributes.start_time DESC"]
+        )
         if not hits:
             raise SystemExit(f"make_figures: no MLflow run '{run}' in {tracking_uri}")
         found = hits[0]
@@ -157,7 +174,9 @@ def global_batch(params: dict) -> int | None:
         return None
 
 
-def curves_figure(out: Path, name: str, histories: dict[str, list[tuple[int, float]]], batch: int | None = None) -> Path:
+def curves_figure(
+    out: Path, name: str, histories: dict[str, list[tuple[int, float]]], batch: int | None = None
+) -> Path:
     if not histories:
         raise SystemExit("make_figures: the run has none of the curve metrics " + ", ".join(CURVE_KEYS))
     cols = min(3, len(histories))
@@ -172,7 +191,7 @@ def curves_figure(out: Path, name: str, histories: dict[str, list[tuple[int, flo
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(histories):]:
+    for ax in list(axes.flat)[len(histories) :]:
         ax.axis("off")
     fig.suptitle(f"training curves of run '{name}' (MLflow metrics)", fontsize=11)
     fig.tight_layout()
@@ -180,6 +199,7 @@ def curves_figure(out: Path, name: str, histories: dict[str, list[tuple[int, flo
 
 
 # ---- the study ----------------------------------------------------------------------------------
+
 
 def read_rows(path: Path) -> list[dict]:
     """The study's jsonl: one row per (arm, seed); a later row for the same pair replaces an earlier one."""
@@ -199,7 +219,12 @@ def study_metrics(rows: list[dict]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
         for key, value in row.items():
-            if key.endswith("_top1") and "/" not in key and isinstance(value, (int, float)) and not key.endswith("train_top1"):
+            if (
+                key.endswith("_top1")
+                and "/" not in key
+                and isinstance(value, (int, float))
+                and not key.endswith("train_top1")
+            ):
                 seen[key] = None
     return list(seen)
 
@@ -223,7 +248,11 @@ def summarise_study(rows: list[dict], metrics: list[str]) -> dict:
                 cells[(arm, metric)] = (*_mean_sd(values), len(values), values)
     floor = {}
     for metric in metrics:
-        per_seed = {r.get("seed"): float(r[FLOOR_PREFIX + metric]) for r in rows if isinstance(r.get(FLOOR_PREFIX + metric), (int, float))}
+        per_seed = {
+            r.get("seed"): float(r[FLOOR_PREFIX + metric])
+            for r in rows
+            if isinstance(r.get(FLOOR_PREFIX + metric), (int, float))
+        }
         if per_seed:
             floor[metric] = (*_mean_sd(list(per_seed.values())), len(per_seed))
     return {"arms": arms, "cells": cells, "floor": floor}
@@ -233,8 +262,9 @@ def arm_labels(arms: list[str]) -> dict[str, str]:
     """The study's own description of each arm where pipeline.study knows it, else the slug."""
     try:
         from pipeline.study import ARMS
+
         known = {a.slug: a.description for a in ARMS}
-    except Exception:  # the study module changed shape: slugs are still a readable label
+    except (ImportError, AttributeError):  # the study module changed shape: slugs still read
         known = {}
     return {arm: known.get(arm, arm) for arm in arms}
 
@@ -273,8 +303,13 @@ def study_figure(out: Path, summary: dict, metrics: list[str], labels: dict[str,
             for v in summary["cells"].get((arm, metric), (0, 0, 0, []))[3]:
                 ax.plot(xi, 100 * v, "o", ms=3, color="black", alpha=0.6)
         if metric in summary["floor"]:
-            ax.axhline(100 * summary["floor"][metric][0], ls="--", lw=1.2, color=colour,
-                       label=f"{metric.removesuffix('_top1')}: random-init floor")
+            ax.axhline(
+                100 * summary["floor"][metric][0],
+                ls="--",
+                lw=1.2,
+                color=colour,
+                label=f"{metric.removesuffix('_top1')}: random-init floor",
+            )
     ax.set_xticks(x, [_wrap(labels[a]) for a in arms], fontsize=8)
     ax.set_ylabel("top-1 % (mean over seeds; dots: seeds)")
     fig.suptitle(f"small-scale study ({source})", fontsize=10)
@@ -312,6 +347,7 @@ def newest_study_jsonl() -> Path:
 
 # ---- main ---------------------------------------------------------------------------------------
 
+
 def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, metadata={"Software": None})  # no version string: re-runs diff only on content
@@ -324,13 +360,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="crops,curves,study", help="comma-separated: crops, curves, study")
     parser.add_argument("--out", type=Path, default=IMAGES, help="folder for the PNGs (default docs/images)")
-    parser.add_argument("--study-jsonl", type=Path, default=None, help="default: newest benchmarks/results/repro_study_*.jsonl")
-    parser.add_argument("--study-doc", type=Path, default=STUDY_DOC, help="markdown file whose study-table block is rewritten")
-    parser.add_argument("--tracking-uri", default=None, help="curves from this MLflow store (with --run) instead of a fresh run")
+    parser.add_argument(
+        "--study-jsonl", type=Path, default=None, help="default: newest benchmarks/results/repro_study_*.jsonl"
+    )
+    parser.add_argument(
+        "--study-doc", type=Path, default=STUDY_DOC, help="markdown file whose study-table block is rewritten"
+    )
+    parser.add_argument(
+        "--tracking-uri", default=None, help="curves from this MLflow store (with --run) instead of a fresh run"
+    )
     parser.add_argument("--run", default=None, help="MLflow run id or run name for the curves")
-    parser.add_argument("--steps", type=int, default=300, help="length of the fresh run for the curves (default: the demo's 300)")
-    parser.add_argument("--config", type=Path, default=REPO / "jobs" / "configs" / "tiny.yaml",
-                        help="config of the fresh run for the curves (default: the demo's, jobs/configs/tiny.yaml)")
+    parser.add_argument(
+        "--steps", type=int, default=300, help="length of the fresh run for the curves (default: the demo's 300)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "jobs" / "configs" / "tiny.yaml",
+        help="config of the fresh run for the curves (default: the demo's, jobs/configs/tiny.yaml)",
+    )
     args = parser.parse_args(argv)
     wanted = set(args.only.split(","))
     unknown = wanted - {"crops", "curves", "study"}

@@ -17,7 +17,12 @@ from pipeline.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-PAGES = [README, *sorted((REPO / "docs").glob("*.md")), REPO / "cluster" / "README.md", REPO / "benchmarks" / "README.md"]
+PAGES = [
+    README,
+    *sorted((REPO / "docs").glob("*.md")),
+    REPO / "cluster" / "README.md",
+    REPO / "benchmarks" / "README.md",
+]
 MAX_README_LINES = 250
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -26,7 +31,9 @@ SECTIONS = {f.name for f in dataclasses.fields(Config)}
 # a dotted key: a Config section, then names; not part of a path, a URL or another dotted name, not a call
 KEY = re.compile(r"(?<![\w./-])(" + "|".join(sorted(SECTIONS)) + r")((?:\.[A-Za-z_*][\w*]*)+)(?![\w(])")
 NOT_CONFIG = {"ray.io", "ray.init", "ray.train"}  # Ray's names that look like keys
-REPO_PATH = re.compile(r"(?<![\w/.-])((?:jobs|benchmarks|scripts|tests|notebooks|cluster|pipeline|docs)/[\w./-]*\w\.(?:py|yaml|ipynb|sh|md|txt|jsonl|png))")
+REPO_PATH = re.compile(
+    r"(?<![\w/.-])((?:jobs|benchmarks|scripts|tests|notebooks|cluster|pipeline|docs)/[\w./-]*\w\.(?:py|yaml|ipynb|sh|md|txt|jsonl|png))"
+)
 FILE_NAME = re.compile(r"\.(?:md|py|txt|yaml|yml|json|jsonl|png|ipynb|sh|csv|parquet|tar|db)$")
 # `abpipe CMD args` where a command is shown: in a code block or an inline code span
 COMMAND = re.compile(r"(?:^|[\s`/])abpipe (\w+)((?: +[^\s|`]+)*)")
@@ -66,7 +73,11 @@ def test_readme_is_short():
 
 def test_readme_shows_the_command_ci_runs():
     """.ci/run runs 'the README's test command': the two must be the same line."""
-    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines() if "-m pytest" in line and not line.lstrip().startswith("#")]
+    ci = [
+        line.strip()
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if "-m pytest" in line and not line.lstrip().startswith("#")
+    ]
     assert ci, ".ci/run runs no pytest command"
     _, blocks = prose_and_code(README)
     shown = "\n".join(text for _, text in blocks)
@@ -136,12 +147,21 @@ def test_every_abpipe_command_and_flag_named_exists():
                 wrong.append(f"{page.relative_to(REPO)}: abpipe {name} is not a command")
                 continue
             flags = {f for f in re.findall(r"(?<!\S)(--?[A-Za-z][\w-]*)", args)}
-            wrong += [f"{page.relative_to(REPO)}: abpipe {name} {f}" for f in flags if f not in commands[name]._option_string_actions]
+            wrong += [
+                f"{page.relative_to(REPO)}: abpipe {name} {f}"
+                for f in flags
+                if f not in commands[name]._option_string_actions
+            ]
     assert not wrong, "documented but not in pipeline/cli.py: " + "; ".join(sorted(set(wrong)))
 
 
 def test_every_repository_file_named_exists():
-    missing = [f"{page.relative_to(REPO)}: {p}" for page in PAGES for p in REPO_PATH.findall(page.read_text()) if not (REPO / p).exists()]
+    missing = [
+        f"{page.relative_to(REPO)}: {p}"
+        for page in PAGES
+        for p in REPO_PATH.findall(page.read_text())
+        if not (REPO / p).exists()
+    ]
     assert not missing, "files the docs name that do not exist: " + ", ".join(sorted(set(missing)))
 
 
@@ -158,8 +178,9 @@ def test_committed_notebook_is_the_generated_one_with_outputs(name):
     build = _build_notebooks()
     committed = nbformat.read(REPO / "notebooks" / name, as_version=4)
     expected = build.build(build.NOTEBOOKS[name])
-    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in expected.cells], \
+    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in expected.cells], (
         f"notebooks/{name} differs from build_notebooks.py: run `python notebooks/build_notebooks.py --execute`"
+    )
     code = [c for c in committed.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), f"notebooks/{name} has unexecuted cells"
     assert all(c.outputs for c in code), f"notebooks/{name} has cells without outputs"

@@ -27,9 +27,18 @@ def write_study(path: Path) -> list[dict]:
     rows = []
     for arm, seeds in (("scenes_ab", 3), ("scenes_simclr", 1)):
         for seed in range(seeds):
-            rows.append({"arm": arm, "seed": seed, "run_id": f"{arm}{seed}", "probe_top1": float(rng.uniform(0.3, 0.9)),
-                         "knn_top1": float(rng.uniform(0.3, 0.9)), "linear_train_top1": 0.99,
-                         "random_init/probe_top1": 0.2 + 0.01 * seed, "train/loss": 4.0})
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "run_id": f"{arm}{seed}",
+                    "probe_top1": float(rng.uniform(0.3, 0.9)),
+                    "knn_top1": float(rng.uniform(0.3, 0.9)),
+                    "linear_train_top1": 0.99,
+                    "random_init/probe_top1": 0.2 + 0.01 * seed,
+                    "train/loss": 4.0,
+                }
+            )
     stale = dict(rows[0], probe_top1=0.0)  # an earlier attempt at (scenes_ab, 0): the later row wins
     path.write_text("\n".join(json.dumps(r) for r in [stale, *rows]) + "\n\n")
     return rows
@@ -63,7 +72,18 @@ def test_study_plot_and_doc_block(tmp_path, figures):
     write_study(tmp_path / "study.jsonl")
     doc = tmp_path / "study.md"
     doc.write_text(f"intro\n{figures.TABLE_START}\nold table\n{figures.TABLE_END}\nafter\n")
-    figures.main(["--only", "study", "--study-jsonl", str(tmp_path / "study.jsonl"), "--out", str(tmp_path), "--study-doc", str(doc)])
+    figures.main(
+        [
+            "--only",
+            "study",
+            "--study-jsonl",
+            str(tmp_path / "study.jsonl"),
+            "--out",
+            str(tmp_path),
+            "--study-doc",
+            str(doc),
+        ]
+    )
     text = doc.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith(f"{figures.TABLE_END}\nafter\n")
     assert "| scenes_simclr |" in text and "4 runs" in text
