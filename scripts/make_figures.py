@@ -1,6 +1,6 @@
 """Draw the documentation's figures into docs/images/ (and the study table into docs/study.md).
 
-    .venv/bin/python scripts/make_figures.py                  # all three; the curves run ~4 min on 2 cores
+    .venv/bin/python scripts/make_figures.py                  # all three; the curves need a 300-step run (minutes)
     .venv/bin/python scripts/make_figures.py --only crops,study
     .venv/bin/python scripts/make_figures.py --only curves --tracking-uri sqlite:///abpipe_runs/mlflow.db --run demo
 
