@@ -155,7 +155,7 @@ def test_iou_binned_error_matches_a_loop():
 
 def test_diagnostics_reach_mlflow_on_logged_steps(tmp_path):
     from pipeline.train.loop import train_loop_per_worker
-    from pipeline.train.tracking import start_run
+    from pipeline.tracking import start_run
 
     cfg = micro_config(tmp_path, tmp_path, steps=4, log_every_steps=2, checkpoint_every_steps=1000)
     run_id = start_run(cfg.tracking.tracking_uri, "unit", "diag", cfg.flat())

@@ -161,7 +161,7 @@ def store_cfg(tmp_path_factory) -> Config:
 @pytest.fixture
 def pretrain_setup(tmp_path, trained_state, store_cfg):
     """A checkpoint whose meta points at a real (sqlite) pretraining run; a feature cache of its own."""
-    from pipeline.train.tracking import start_run
+    from pipeline.tracking import start_run
 
     cfg = dataclasses.replace(store_cfg, paths=PathsConfig(root=str(tmp_path)))  # feature_cache/ under tmp_path
     uri = cfg.tracking.tracking_uri

@@ -92,7 +92,7 @@ def test_mae_run_then_ab_run_from_its_mlflow_run_id(ray_cluster, digit_shards, t
     from pipeline.models.checkpoint import read_meta
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.trainer import run_pretrain
-    from pipeline.train.tracking import start_run
+    from pipeline.tracking import start_run
     from tests.test_objectives_ssl import fixed_batch
     from tests.test_train import micro_config
 

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.models.checkpoint import read_meta
-from pipeline.train import tracking
+from pipeline import tracking
 from tests.test_train import BATCH, A, M, micro_config
 
 

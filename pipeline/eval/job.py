@@ -366,7 +366,7 @@ def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = No
 
     from pipeline.eval.cache import FeatureCache
     from pipeline.models.checkpoint import load_frozen_model
-    from pipeline.train.tracking import RunLogger, start_run
+    from pipeline.tracking import RunLogger, start_run
 
     global _probe_task
     cfg = cfg.resolved()

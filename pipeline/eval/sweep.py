@@ -161,7 +161,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     """Evaluate every not-yet-done (checkpoint, task) pair; write + log the comparison table."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.tracking import RunLogger, start_run
+    from pipeline.tracking import RunLogger, start_run
 
     cfg = cfg.resolved()
     sc, ev = cfg.sweep, cfg.eval

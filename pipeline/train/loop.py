@@ -26,7 +26,7 @@ from pipeline.objectives.diagnostics import step_diagnostics
 from pipeline.objectives.ema import ema_rate
 from pipeline.objectives.registry import build_objective
 from pipeline.objectives.schedules import warmup_cosine
-from pipeline.train.tracking import RunLogger
+from pipeline.tracking import RunLogger
 
 log = logging.getLogger("abpipe.train")
 

@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.config import Config, ConfigError
 from pipeline.models.checkpoint import META_FILE, CheckpointError, read_meta
 from pipeline.runtime import init_ray
-from pipeline.train import tracking
+from pipeline import tracking
 from pipeline.train.loop import Budget, train_loop_per_worker
 
 
