@@ -374,10 +374,9 @@ def test_crop_stage_on_ray_emits_tokens_and_counts_uncaptioned(caption_shards):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", sorted(LAYOUT))
 def test_pretrain_smoke_through_ray_train(name, caption_shards, tmp_path):
-    from tests.test_train import BATCH, micro_config
-
-    from pipeline.models.checkpoint import read_meta
+    from pipeline.checkpoints import read_meta
     from pipeline.train.trainer import run_pretrain
+    from tests.test_train import BATCH, micro_config
 
     m, a = LAYOUT[name]
     base = micro_config(tmp_path, caption_shards, steps=2)

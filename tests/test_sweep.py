@@ -11,8 +11,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.checkpoints import save_checkpoint
 from pipeline.config import Config, EvalConfig, ObjectiveConfig, PathsConfig, RayConfig, SweepConfig, TrackingConfig, TrainConfig, ViewsConfig
-from pipeline.models.checkpoint import save_checkpoint
 from tests.micro import MICRO_MODEL
 
 EXPERIMENT = "sweep-test"

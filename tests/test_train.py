@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.checkpoints import read_meta
 from pipeline.config import (
     Config,
     DataConfig,
@@ -17,7 +18,6 @@ from pipeline.config import (
     TrainConfig,
     ViewsConfig,
 )
-from pipeline.models.checkpoint import read_meta
 from pipeline.train.loop import NonFiniteLossError, train_loop_per_worker
 from tests.micro import MICRO_MODEL
 

@@ -97,7 +97,7 @@ class _Encoders:
     def __init__(self, checkpoints: dict[str, str], which: str, use_gpu: bool, tokens: bool):
         import torch
 
-        from pipeline.models.checkpoint import load_frozen_model
+        from pipeline.models.encoder import load_frozen_model
 
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.tokens = tokens
@@ -169,7 +169,7 @@ def extract_features_multi(
     """
     import ray
 
-    from pipeline.models.checkpoint import read_meta
+    from pipeline.checkpoints import read_meta
 
     for path in checkpoints.values():
         read_meta(path)  # fail on the driver with a CheckpointError, not inside an actor

@@ -25,11 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.checkpoints import CheckpointError, checkpoint_key, read_meta, weights_fingerprint
 from pipeline.config import Config, ConfigError
-from pipeline.eval.checkpoints import checkpoint_key, weights_fingerprint
 from pipeline.eval.job import RANDOM_PREFIX, check_probe_names, eval_signature, evaluate_checkpoint, task_roots
 from pipeline.eval.report import comparison_table, plot_sweep, write_comparison, write_records
-from pipeline.models.checkpoint import CheckpointError, read_meta
 
 log = logging.getLogger("abpipe.sweep")
 

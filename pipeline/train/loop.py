@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.checkpoints import load_state, read_meta, save_checkpoint
 from pipeline.config import Config, config_from_dict
 from pipeline.models.ab_model import images_to_float
-from pipeline.models.checkpoint import load_state, read_meta, save_checkpoint
 from pipeline.objectives.base import Objective, Progress
 from pipeline.objectives.diagnostics import step_diagnostics
 from pipeline.objectives.ema import ema_rate
