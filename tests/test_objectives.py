@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import ObjectiveConfig
-from pipeline.data.boxes import relative_box
+from pipeline.geometry import relative_box
 from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.objectives.ab_simclr import ab_simclr_step, pair_actions
 from pipeline.objectives.contrastive import symmetric_info_nce

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import ClipConfig, Config, ConfigError, ObjectiveConfig, TextViewsConfig, ViewsConfig
-from pipeline.data.boxes import relative_box
 from pipeline.data.crop_stage import MultiViewCropper
+from pipeline.geometry import relative_box
 from pipeline.models.ab_model import images_to_float
 from pipeline.models.encoder import build_encoder
 from pipeline.models.text import build_tokenizer

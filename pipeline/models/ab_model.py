@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
-from pipeline.data.boxes import IDENTITY_BOX
+from pipeline.geometry import IDENTITY_BOX
 from pipeline.models.decoder import ActionDecoder
 from pipeline.models.encoder import build_encoder
 

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError, ObjectiveConfig
-from pipeline.data.boxes import box_iou
+from pipeline.geometry import box_iou
 from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.models.text import build_text_encoder
 from pipeline.objectives import base
 from pipeline.objectives.ab_simclr import pair_actions
-from pipeline.objectives.clip import clamp_logit_scale_, check_text_views, clip_loss, logit_scale_parameter, pair_accuracy
+from pipeline.objectives.clip import check_text_views, clamp_logit_scale_, clip_loss, logit_scale_parameter, pair_accuracy
 from pipeline.objectives.contrastive import gather_no_grad
 from pipeline.objectives.ema import ema_update, make_teacher
 from pipeline.objectives.propagation import per_pair_error, propagation_loss, teacher_distribution

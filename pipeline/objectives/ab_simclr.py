@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError, ObjectiveConfig
-from pipeline.data.boxes import box_iou, relative_box
 from pipeline.data.pair_sampling import MODES as PAIR_MODES
+from pipeline.geometry import box_iou, relative_box
 from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.objectives import base
 from pipeline.objectives.contrastive import gather_no_grad, symmetric_info_nce
