@@ -13,9 +13,9 @@ from pipeline.geometry import relative_box
 from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.objectives.ab_simclr import ab_simclr_step, pair_actions
 from pipeline.objectives.contrastive import symmetric_info_nce
-from pipeline.objectives.ema import ema_rate, ema_update, make_teacher
+from pipeline.objectives.ema import ema_update, make_teacher
 from pipeline.objectives.propagation import propagation_loss, teacher_distribution
-from pipeline.objectives.schedules import warmup_cosine
+from pipeline.schedules import ema_rate, warmup_cosine
 from tests.micro import MICRO_MODEL
 
 

@@ -23,9 +23,8 @@ from pipeline.config import Config, config_from_dict
 from pipeline.models.ab_model import images_to_float
 from pipeline.objectives.base import Objective, Progress
 from pipeline.objectives.diagnostics import step_diagnostics
-from pipeline.objectives.ema import ema_rate
 from pipeline.objectives.registry import build_objective
-from pipeline.objectives.schedules import warmup_cosine
+from pipeline.schedules import ema_rate, warmup_cosine
 from pipeline.tracking import RunLogger
 
 log = logging.getLogger("abpipe.train")
