@@ -18,8 +18,8 @@ from scipy import stats
 from pipeline.config import Config, ConfigError, ObjectiveConfig, ViewsConfig
 from pipeline.data.pair_sampling import mean_pair_iou, select_boxes
 from pipeline.data.views import sample_boxes
-from pipeline.eval.metrics import rankme
 from pipeline.geometry import box_iou
+from pipeline.metrics import rankme
 from pipeline.objectives.ab_simclr import ab_simclr_step
 from pipeline.objectives.base import Progress
 from pipeline.objectives.diagnostics import embedding_std, iou_binned_error
