@@ -16,10 +16,10 @@ from PIL import Image
 
 from pipeline.config import ClipConfig, Config, ConfigError, ObjectiveConfig, TextViewsConfig, ViewsConfig
 from pipeline.data.crop_stage import MultiViewCropper
+from pipeline.data.tokens import build_tokenizer
 from pipeline.geometry import relative_box
 from pipeline.models.ab_model import images_to_float
 from pipeline.models.encoder import build_encoder
-from pipeline.models.text import build_tokenizer
 from pipeline.objectives.base import Progress
 from pipeline.objectives.ema import make_teacher
 from pipeline.objectives.registry import build_objective

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError
+from pipeline.data.tokens import build_tokenizer
 from pipeline.models.ab_model import images_to_float
 from pipeline.models.encoder import build_encoder
-from pipeline.models.text import build_text_encoder, build_tokenizer
+from pipeline.models.text import build_text_encoder
 from pipeline.objectives import base
 from pipeline.objectives.contrastive import symmetric_info_nce
 
