@@ -170,8 +170,8 @@ def test_ab_clip_step_matches_loop_reference():
                     pred[i, s, t] = np64(student.image.predict(memory, action))[0, 0]
     annotation = ref_symmetric_nce(z_img, texts_s, 9.0)
     propagation = ref_propagation(pred, targets, texts_s, texts_t, 9.0, 4.0)
-    assert out.annotation.item() == pytest.approx(annotation, rel=1e-5)
-    assert out.propagation.item() == pytest.approx(propagation, rel=1e-4)
+    assert out.terms["annotation"].item() == pytest.approx(annotation, rel=1e-5)
+    assert out.terms["propagation"].item() == pytest.approx(propagation, rel=1e-4)
     assert out.loss.item() == pytest.approx(0.7 * annotation + 1.3 * propagation, rel=1e-4)
 
 
