@@ -71,6 +71,7 @@ def features_in_process(model, images: np.ndarray, batch_size: int = 256, device
     import torch
 
     from pipeline.models.ab_model import images_to_float
+    from pipeline.models.encoder import pool_tokens
 
     pooled, toks = [], []
     with torch.inference_mode():
@@ -79,7 +80,7 @@ def features_in_process(model, images: np.ndarray, batch_size: int = 256, device
             if tokens:
                 t = model.encode(x)
                 toks.append(t.half().cpu().numpy())
-                pooled.append(model.encoder.forward_head(t, pre_logits=True).float().cpu().numpy())
+                pooled.append(pool_tokens(model.encoder, t).float().cpu().numpy())
             else:
                 pooled.append(model.encoder_features(x).float().cpu().numpy())
     out = np.concatenate(pooled).astype(np.float32, copy=False) if pooled else np.zeros((0, model.embed_dim), np.float32)

@@ -17,6 +17,17 @@ from pipeline.checkpoints import CheckpointError, checkpoint_config, encoder_sta
 from pipeline.config import ModelConfig
 
 
+def pool_tokens(encoder: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Final ViT tokens (B, N, D) -> the pooled encoder output (B, D), by the timm model's own pooling
+    (class token or mean, as configured): what linear/kNN probes and the SSL heads read."""
+    return encoder.forward_head(tokens, pre_logits=True)
+
+
+def pooled_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Normalised float images (B, 3, H, W) -> the pooled encoder output (B, D), in one pass."""
+    return pool_tokens(encoder, encoder.forward_features(x))
+
+
 def build_encoder(cfg: ModelConfig, img_size: int) -> nn.Module:
     """A randomly initialised timm ViT (never downloads weights) sized for `img_size` views."""
     kwargs = {"img_size": img_size, **cfg.encoder_kwargs}
@@ -41,7 +52,7 @@ class FrozenEncoder(nn.Module):
 
     def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled encoder output (B, D), the timm model's own pooling (class token or mean)."""
-        return self.encoder.forward_head(self.encoder.forward_features(x), pre_logits=True)
+        return pooled_features(self.encoder, x)
 
 
 def load_frozen_model(directory: str | os.PathLike, which: str = "teacher", device: str | torch.device = "cpu"):

@@ -21,6 +21,7 @@ import torch
 from pipeline.checkpoints import load_state, read_meta, save_checkpoint
 from pipeline.config import Config, config_from_dict
 from pipeline.models.ab_model import images_to_float
+from pipeline.models.encoder import pooled_features
 from pipeline.objectives.base import Objective, Progress
 from pipeline.objectives.diagnostics import step_diagnostics
 from pipeline.objectives.registry import build_objective
@@ -87,7 +88,7 @@ def _encoder_diagnostics(objective: Objective, batch: dict) -> dict[str, torch.T
             encoder = objective.encoders()["student"]
             with torch.no_grad():
                 x = images_to_float(images[:, 0])
-                return {"encoder": encoder.forward_head(encoder.forward_features(x), pre_logits=True)}
+                return {"encoder": pooled_features(encoder, x)}
     return {}
 
 
