@@ -84,7 +84,7 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
 
 def _log_to_mlflow(cfg: Config, stats: dict[str, Any]) -> None:
     """An ingest run records what went in and what was skipped, as the lineage root of training."""
-    from pipeline.train.tracking import RunLogger, start_run
+    from pipeline.tracking import RunLogger, start_run
 
     try:
         params = {k: v for k, v in cfg.flat().items() if k.startswith("ingest.")}

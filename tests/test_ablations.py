@@ -16,16 +16,16 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from pipeline.config import Config, ConfigError, ObjectiveConfig, ViewsConfig
-from pipeline.data.boxes import box_iou
 from pipeline.data.pair_sampling import mean_pair_iou, select_boxes
 from pipeline.data.views import sample_boxes
+from pipeline.geometry import box_iou
+from pipeline.metrics import rankme
 from pipeline.objectives.ab_simclr import ab_simclr_step
 from pipeline.objectives.base import Progress
-from pipeline.eval.metrics import rankme
 from pipeline.objectives.diagnostics import embedding_std, iou_binned_error
 from pipeline.objectives.registry import build_objective
 from tests.micro import MICRO_MODEL
-from tests.test_train import A, BATCH, M, _batch, micro_config
+from tests.test_train import BATCH, A, M, _batch, micro_config
 
 
 def _objective(**objective):
@@ -154,8 +154,8 @@ def test_iou_binned_error_matches_a_loop():
 
 
 def test_diagnostics_reach_mlflow_on_logged_steps(tmp_path):
+    from pipeline.tracking import start_run
     from pipeline.train.loop import train_loop_per_worker
-    from pipeline.train.tracking import start_run
 
     cfg = micro_config(tmp_path, tmp_path, steps=4, log_every_steps=2, checkpoint_every_steps=1000)
     run_id = start_run(cfg.tracking.tracking_uri, "unit", "diag", cfg.flat())

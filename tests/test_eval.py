@@ -13,6 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.checkpoints import CheckpointError, save_checkpoint
 from pipeline.config import (
     Config,
     EvalConfig,
@@ -23,7 +24,6 @@ from pipeline.config import (
     ViewsConfig,
 )
 from pipeline.eval.probe_data import CLASSIFICATION, ProbeSplit, TaskInfo
-from pipeline.models.checkpoint import CheckpointError, save_checkpoint
 from tests.micro import MICRO_MODEL
 
 # ----------------------------------------------------------------------------------------- probes
@@ -161,7 +161,7 @@ def store_cfg(tmp_path_factory) -> Config:
 @pytest.fixture
 def pretrain_setup(tmp_path, trained_state, store_cfg):
     """A checkpoint whose meta points at a real (sqlite) pretraining run; a feature cache of its own."""
-    from pipeline.train.tracking import start_run
+    from pipeline.tracking import start_run
 
     cfg = dataclasses.replace(store_cfg, paths=PathsConfig(root=str(tmp_path)))  # feature_cache/ under tmp_path
     uri = cfg.tracking.tracking_uri
@@ -321,7 +321,7 @@ def test_ray_features_match_in_process(ray_cluster, digits_folder, pretrain_setu
 
     from pipeline.data.sources.image_folder import list_image_folder
     from pipeline.eval.features import extract_features, features_in_process, load_and_resize
-    from pipeline.models.checkpoint import load_frozen_model
+    from pipeline.models.encoder import load_frozen_model
 
     _, ckpt, _ = pretrain_setup
     inputs = [it["input"] for it in list_image_folder(str(digits_folder))][::7]
@@ -352,7 +352,7 @@ def test_ray_features_match_in_process(ray_cluster, digits_folder, pretrain_setu
 
 
 def test_resolve_checkpoint_by_run_id_prefers_local_path(pretrain_setup, tmp_path):
-    from pipeline.eval.job import resolve_checkpoint
+    from pipeline.checkpoints import resolve_checkpoint
 
     cfg, ckpt, parent = pretrain_setup
     uri = cfg.tracking.tracking_uri

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pipeline.models.checkpoint import read_meta
+from pipeline.checkpoints import read_meta
 from tests.test_train import BATCH, A, M, micro_config
 
 

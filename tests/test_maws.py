@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.checkpoints import file_sha256, save_checkpoint
 from pipeline.config import Config, ConfigError, ModelConfig, ObjectiveConfig, TrainConfig, ViewsConfig
-from pipeline.models.checkpoint import file_sha256, save_checkpoint
 from pipeline.objectives.registry import build_objective
 from pipeline.train.init_from import adapt_position_embedding, initialise_encoders, resolve_init_source
 from tests.micro import MICRO_MODEL
@@ -89,10 +89,10 @@ def test_mae_run_then_ab_run_from_its_mlflow_run_id(ray_cluster, digit_shards, t
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
-    from pipeline.models.checkpoint import read_meta
+    from pipeline.checkpoints import read_meta
+    from pipeline.tracking import start_run
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.trainer import run_pretrain
-    from pipeline.train.tracking import start_run
     from tests.test_objectives_ssl import fixed_batch
     from tests.test_train import micro_config
 

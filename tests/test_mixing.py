@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
+from pipeline.checkpoints import read_meta
 from pipeline.config import ConfigError
 from pipeline.data.mixing import mixture_counts
-from pipeline.models.checkpoint import read_meta
 from tests.test_train import BATCH, A, M, micro_config
 
 
@@ -39,7 +39,6 @@ def test_mixture_counts_follow_the_weights():
 
 def test_mixture_dataset_draws_each_source_at_its_weight(ray_cluster, digit_shards, photo_shards):
     from pipeline.data.mixing import mixture_dataset
-
     from pipeline.data.shards import load_stats
 
     n_digits = load_stats(str(digit_shards))["counts"]["ok"]

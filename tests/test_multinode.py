@@ -28,8 +28,7 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.models.checkpoint import read_meta
-from pipeline.train.trainer import latest_checkpoint_dir
+from pipeline.checkpoints import latest_checkpoint_dir, read_meta
 from tests.micro import MICRO_MODEL
 from tests.test_fault_tolerance import ray_train_worker_pids
 

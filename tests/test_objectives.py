@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from pipeline.config import ObjectiveConfig
-from pipeline.data.boxes import relative_box
+from pipeline.geometry import relative_box
 from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.objectives.ab_simclr import ab_simclr_step, pair_actions
 from pipeline.objectives.contrastive import symmetric_info_nce
-from pipeline.objectives.ema import ema_rate, ema_update, make_teacher
+from pipeline.objectives.ema import ema_update, make_teacher
 from pipeline.objectives.propagation import propagation_loss, teacher_distribution
-from pipeline.objectives.schedules import warmup_cosine
+from pipeline.schedules import ema_rate, warmup_cosine
 from tests.micro import MICRO_MODEL
 
 
@@ -161,9 +161,13 @@ def test_student_step_diagonal_equals_plain_embedding():
     crops = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
     boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 1.0, 0.9], [0.1, 0.3, 0.6, 1.0]]).expand(2, 3, 4)
     ann = torch.randint(0, 256, (2, 2, 32, 32, 3), dtype=torch.uint8)
-    out = ab_simclr_step(student, teacher, crops, boxes, ann, ObjectiveConfig())
+    pred, _ = student(images_to_float(crops), pair_actions(boxes), images_to_float(ann))  # what the step runs
     phi = student.embed(images_to_float(crops).flatten(0, 1)).view(2, 3, -1)
     for s in range(3):
-        assert torch.allclose(out.pred[:, s, s], phi[:, s], atol=1e-5)
-    assert out.teacher_probs.shape == (2, 3, 2)
-    assert torch.allclose(out.teacher_probs.sum(-1), torch.ones(2, 3))
+        assert torch.allclose(pred[:, s, s], phi[:, s], atol=1e-5)
+    out = ab_simclr_step(student, teacher, crops, boxes, ann, ObjectiveConfig(), diagnose=True)
+    assert set(out.terms) == {"annotation", "propagation"}
+    assert out.diagnostics["pair_error"].shape == (2, 3, 3) and out.diagnostics["pair_iou"].shape == (2, 3, 3)
+    assert torch.allclose(out.diagnostics["pair_iou"].diagonal(dim1=1, dim2=2), torch.ones(2, 3, dtype=torch.float64))
+    assert 0 < out.metrics["teacher_entropy"] <= math.log(2) + 1e-6  # a distribution over the 2 annotations
+    assert ab_simclr_step(student, teacher, crops, boxes, ann, ObjectiveConfig()).diagnostics == {}

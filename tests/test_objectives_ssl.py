@@ -374,7 +374,8 @@ def test_method_trains_through_ray_train(ray_cluster, request, tmp_path, name):
     SiLC trains on digit shards that carry captions (its text annotations)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.models.checkpoint import load_frozen_model, read_meta
+    from pipeline.checkpoints import read_meta
+    from pipeline.models.encoder import load_frozen_model
     from pipeline.train.trainer import run_pretrain
     from tests.test_train import micro_config
 

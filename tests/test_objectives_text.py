@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from pipeline.config import ClipConfig, Config, ConfigError, ObjectiveConfig, TextViewsConfig, ViewsConfig
-from pipeline.data.boxes import relative_box
 from pipeline.data.crop_stage import MultiViewCropper
+from pipeline.data.tokens import build_tokenizer
+from pipeline.geometry import relative_box
 from pipeline.models.ab_model import images_to_float
 from pipeline.models.encoder import build_encoder
-from pipeline.models.text import build_tokenizer
 from pipeline.objectives.base import Progress
 from pipeline.objectives.ema import make_teacher
 from pipeline.objectives.registry import build_objective
@@ -170,8 +170,8 @@ def test_ab_clip_step_matches_loop_reference():
                     pred[i, s, t] = np64(student.image.predict(memory, action))[0, 0]
     annotation = ref_symmetric_nce(z_img, texts_s, 9.0)
     propagation = ref_propagation(pred, targets, texts_s, texts_t, 9.0, 4.0)
-    assert out.annotation.item() == pytest.approx(annotation, rel=1e-5)
-    assert out.propagation.item() == pytest.approx(propagation, rel=1e-4)
+    assert out.terms["annotation"].item() == pytest.approx(annotation, rel=1e-5)
+    assert out.terms["propagation"].item() == pytest.approx(propagation, rel=1e-4)
     assert out.loss.item() == pytest.approx(0.7 * annotation + 1.3 * propagation, rel=1e-4)
 
 
@@ -374,10 +374,9 @@ def test_crop_stage_on_ray_emits_tokens_and_counts_uncaptioned(caption_shards):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", sorted(LAYOUT))
 def test_pretrain_smoke_through_ray_train(name, caption_shards, tmp_path):
-    from tests.test_train import BATCH, micro_config
-
-    from pipeline.models.checkpoint import read_meta
+    from pipeline.checkpoints import read_meta
     from pipeline.train.trainer import run_pretrain
+    from tests.test_train import BATCH, micro_config
 
     m, a = LAYOUT[name]
     base = micro_config(tmp_path, caption_shards, steps=2)

@@ -105,7 +105,7 @@ def _shuffle_tokens(split: ProbeSplit, rng) -> ProbeSplit:
 def test_topk_accuracy_matches_sklearn():
     from sklearn.metrics import top_k_accuracy_score
 
-    from pipeline.eval.metrics import classification_metrics
+    from pipeline.metrics import classification_metrics
 
     rng = np.random.default_rng(0)
     scores, labels = rng.normal(size=(200, 9)), rng.integers(0, 9, 200)
@@ -121,7 +121,7 @@ def test_coco_map_matches_hand_computed_ap():
     COCO AP is the mean over 101 recall points of the precision envelope:
       C matched:   P = 1 for recall <= .5 (51 points), 2/3 for recall in (.5, 1] (50 points)
       C unmatched: P = 1 for recall <= .5 (51 points), 0 above."""
-    from pipeline.eval.metrics import coco_map
+    from pipeline.metrics import coco_map
 
     gt = [np.array([[0.1, 0.1, 0.3, 0.3]]), np.array([[0.5, 0.5, 0.9, 0.9]])]
     c_box = np.array([0.5, 0.5, 0.9, 0.756])  # inside gt 2: IoU = (0.4 * 0.256) / (0.4 * 0.4) = 0.64
@@ -139,7 +139,7 @@ def test_coco_map_matches_hand_computed_ap():
 
 
 def test_coco_map_edge_cases():
-    from pipeline.eval.metrics import coco_map
+    from pipeline.metrics import coco_map
 
     gt, gl = [np.array([[0.1, 0.1, 0.3, 0.3]]), np.zeros((0, 4))], [np.zeros(1, int), np.zeros(0, int)]
     none = [np.zeros((0, 4))] * 2
@@ -151,7 +151,7 @@ def test_coco_map_edge_cases():
 
 
 def test_rankme_matches_numpy_reference():
-    from pipeline.eval.metrics import rankme
+    from pipeline.metrics import rankme
 
     def reference(z):  # singular values as square roots of the Gram matrix's eigenvalues
         s = np.sqrt(np.clip(np.linalg.eigvalsh(z.T @ z), 0, None))[::-1][: min(z.shape)]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.checkpoints import save_checkpoint
 from pipeline.config import Config, EvalConfig, ObjectiveConfig, PathsConfig, RayConfig, SweepConfig, TrackingConfig, TrainConfig, ViewsConfig
-from pipeline.models.checkpoint import save_checkpoint
 from tests.micro import MICRO_MODEL
 
 EXPERIMENT = "sweep-test"
@@ -28,7 +28,7 @@ def _checkpoint(directory, cfg: Config, step: int, run_id: str | None, seed: int
 
 
 def _pretraining_run(cfg: Config, name: str, objective: str) -> tuple[str, Config]:
-    from pipeline.train.tracking import start_run
+    from pipeline.tracking import start_run
 
     run_cfg = dataclasses.replace(cfg, objective=ObjectiveConfig(name=objective), train=dataclasses.replace(cfg.train, run_name=name))
     params = {k: v for k, v in run_cfg.flat().items() if k.startswith(("train.", "objective."))}
@@ -100,7 +100,7 @@ def test_sweep_resumes_skips_done_pairs_and_records_failures(ray_cluster, two_ru
     from pipeline.cli import main
     from pipeline.eval.job import evaluate_checkpoint
     from pipeline.eval.sweep import run_sweep
-    from pipeline.train.tracking import start_run
+    from pipeline.tracking import start_run
 
     cfg, run_a, run_b, corrupt = two_runs
     client = MlflowClient(cfg.tracking.tracking_uri)

@@ -13,8 +13,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.models.checkpoint import read_meta
-from pipeline.train import tracking
+from pipeline import tracking
+from pipeline.checkpoints import read_meta
 from tests.test_train import BATCH, A, M, micro_config
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.checkpoints import read_meta
 from pipeline.config import (
     Config,
     DataConfig,
@@ -17,7 +18,6 @@ from pipeline.config import (
     TrainConfig,
     ViewsConfig,
 )
-from pipeline.models.checkpoint import read_meta
 from pipeline.train.loop import NonFiniteLossError, train_loop_per_worker
 from tests.micro import MICRO_MODEL
 
@@ -126,7 +126,7 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path):
 
 def _fixed_batch_history(tmp_path, name: str, **objective) -> dict[str, list[float]]:
     """Train 30 steps on one repeated batch in-process, logging to a real MLflow store; read it back."""
-    from pipeline.train.tracking import start_run
+    from pipeline.tracking import start_run
 
     cfg = micro_config(tmp_path / name, tmp_path, steps=30, lr=2e-3, warmup_fraction=0.0, checkpoint_every_steps=1000)
     cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, **objective))

@@ -14,14 +14,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.config import ViewsConfig
-from pipeline.data.boxes import (
-    absolute_box,
-    box_corners,
-    box_iou,
-    clip_box_px,
-    compose,
-    relative_box,
-)
 from pipeline.data.crop_stage import MultiViewCropper, draft_size
 from pipeline.data.schema import decode_rgb
 from pipeline.data.views import (
@@ -30,11 +22,19 @@ from pipeline.data.views import (
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
-    gaussian_blur,
     cut_views,
+    gaussian_blur,
     make_views,
     sample_boxes,
     simclr_augment,
+)
+from pipeline.geometry import (
+    absolute_box,
+    box_corners,
+    box_iou,
+    clip_box_px,
+    compose,
+    relative_box,
 )
 
 # ---------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ class MultiViewCropper:
         self.text = self.cfg.text if self.cfg.text.source != "none" and self.cfg.annotation_views > 0 else None
         self.tokenizer = None
         if self.text is not None:
-            from pipeline.models.text import build_tokenizer
+            from pipeline.data.tokens import build_tokenizer
 
             self.tokenizer = build_tokenizer(self.text.tokenizer, self.text.context_length)
         self.keep_meta = keep_meta
@@ -145,7 +145,7 @@ class MultiViewCropper:
         for i, ((key, rgb, _), epoch) in enumerate(zip(kept, epochs)):
             make_views(rgb, self.rng_for(key, epoch), c, into={name: column[i] for name, column in out.items()})
         if self.text is not None:
-            from pipeline.models.text import tokenize
+            from pipeline.data.tokens import tokenize
 
             chosen = [pick(t, self.text_rng_for(key, epoch)) for t, (key, _, _), epoch in zip(texts, kept, epochs)]
             out["tokens"] = tokenize(self.tokenizer, chosen, self.text.context_length)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.boxes import box_iou
+from pipeline.geometry import box_iou
 
 MODES = ("iid", "near", "far")
 

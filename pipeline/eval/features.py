@@ -71,6 +71,7 @@ def features_in_process(model, images: np.ndarray, batch_size: int = 256, device
     import torch
 
     from pipeline.models.ab_model import images_to_float
+    from pipeline.models.encoder import pool_tokens
 
     pooled, toks = [], []
     with torch.inference_mode():
@@ -79,7 +80,7 @@ def features_in_process(model, images: np.ndarray, batch_size: int = 256, device
             if tokens:
                 t = model.encode(x)
                 toks.append(t.half().cpu().numpy())
-                pooled.append(model.encoder.forward_head(t, pre_logits=True).float().cpu().numpy())
+                pooled.append(pool_tokens(model.encoder, t).float().cpu().numpy())
             else:
                 pooled.append(model.encoder_features(x).float().cpu().numpy())
     out = np.concatenate(pooled).astype(np.float32, copy=False) if pooled else np.zeros((0, model.embed_dim), np.float32)
@@ -97,7 +98,7 @@ class _Encoders:
     def __init__(self, checkpoints: dict[str, str], which: str, use_gpu: bool, tokens: bool):
         import torch
 
-        from pipeline.models.checkpoint import load_frozen_model
+        from pipeline.models.encoder import load_frozen_model
 
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.tokens = tokens
@@ -169,7 +170,7 @@ def extract_features_multi(
     """
     import ray
 
-    from pipeline.models.checkpoint import read_meta
+    from pipeline.checkpoints import read_meta
 
     for path in checkpoints.values():
         read_meta(path)  # fail on the driver with a CheckpointError, not inside an actor

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.checkpoints import CheckpointError, checkpoint_key, read_meta, resolve_checkpoint, weights_fingerprint
 from pipeline.config import Config, ConfigError, EvalConfig
-from pipeline.eval.checkpoints import checkpoint_key, random_init_fingerprint, resolve_checkpoint, weights_fingerprint, write_random_init
+from pipeline.eval.random_init import random_init_fingerprint, write_random_init
 from pipeline.eval.report import RANDOM_PREFIX, plot_eval, result_rows, write_eval_results
-from pipeline.models.checkpoint import CheckpointError, read_meta
 from pipeline.runtime import init_ray
 
 log = logging.getLogger("abpipe.eval")
@@ -365,8 +365,8 @@ def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = No
     import ray
 
     from pipeline.eval.cache import FeatureCache
-    from pipeline.models.checkpoint import load_frozen_model
-    from pipeline.train.tracking import RunLogger, start_run
+    from pipeline.models.encoder import load_frozen_model
+    from pipeline.tracking import RunLogger, start_run
 
     global _probe_task
     cfg = cfg.resolved()

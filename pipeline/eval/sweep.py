@@ -25,11 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.checkpoints import CheckpointError, checkpoint_key, read_meta, weights_fingerprint
 from pipeline.config import Config, ConfigError
-from pipeline.eval.checkpoints import checkpoint_key, weights_fingerprint
 from pipeline.eval.job import RANDOM_PREFIX, check_probe_names, eval_signature, evaluate_checkpoint, task_roots
 from pipeline.eval.report import comparison_table, plot_sweep, write_comparison, write_records
-from pipeline.models.checkpoint import CheckpointError, read_meta
 
 log = logging.getLogger("abpipe.sweep")
 
@@ -161,7 +160,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     """Evaluate every not-yet-done (checkpoint, task) pair; write + log the comparison table."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.tracking import RunLogger, start_run
+    from pipeline.tracking import RunLogger, start_run
 
     cfg = cfg.resolved()
     sc, ev = cfg.sweep, cfg.eval

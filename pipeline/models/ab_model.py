@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
-from pipeline.data.boxes import IDENTITY_BOX
+from pipeline.geometry import IDENTITY_BOX
 from pipeline.models.decoder import ActionDecoder
-from pipeline.models.encoder import build_encoder
+from pipeline.models.encoder import build_encoder, pooled_features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,7 +65,7 @@ class ABModel(nn.Module):
 
     def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled encoder output (B, D): what frozen-feature probes read."""
-        return self.encoder.forward_head(self.encoder.forward_features(x), pre_logits=True)
+        return pooled_features(self.encoder, x)
 
     def forward(self, crops: torch.Tensor, actions: torch.Tensor, ann_views: torch.Tensor):
         """One student pass for a training step (a single forward, so DDP hooks see every weight).

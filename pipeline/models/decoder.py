@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.boxes import box_corners
+from pipeline.geometry import box_corners
 
 TOKENS_PER_ACTION = 5  # readout + 4 corners
 

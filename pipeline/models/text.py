@@ -2,15 +2,14 @@
 
 Built from one of open_clip's bundled model configs (`model.text_model`, default ViT-S-16: the
 S-size text tower of the AB paper) and always randomly initialised, so nothing is ever downloaded.
-The tokenizer is open_clip's bundled BPE (`get_tokenizer`), also offline; it runs on the CPU crop
-actors so the trainer only ever receives int64 token ids.
+The tokenizer (pipeline/data/tokens.py) is open_clip's bundled BPE, also offline; it runs on the CPU
+crop actors so the trainer only ever receives int64 token ids.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,19 +52,3 @@ class TextEncoder(nn.Module):
 
 def build_text_encoder(cfg: ModelConfig, context_length: int, output_dim: int) -> TextEncoder:
     return TextEncoder(cfg, context_length, output_dim)
-
-
-def build_tokenizer(name: str, context_length: int):
-    """open_clip's bundled tokenizer for model `name` (offline for every native open_clip config)."""
-    import open_clip
-
-    if open_clip.get_model_config(name) is None:
-        raise ConfigError(f"views.text.tokenizer: {name!r} is not an open_clip model config (see open_clip.list_models())")
-    return open_clip.get_tokenizer(name, context_length=context_length)
-
-
-def tokenize(tokenizer, texts: Sequence[str], context_length: int) -> np.ndarray:
-    """(len(texts), context_length) int64 ids; over-long strings are cut, keeping the end token."""
-    if not texts:
-        return np.zeros((0, context_length), np.int64)
-    return np.asarray(tokenizer(list(texts)), dtype=np.int64)

@@ -15,18 +15,16 @@ The teacher is an EMA copy of the whole network (image model, text tower and log
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError, ObjectiveConfig
-from pipeline.data.boxes import box_iou
+from pipeline.geometry import box_iou
 from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.models.text import build_text_encoder
 from pipeline.objectives import base
 from pipeline.objectives.ab_simclr import pair_actions
-from pipeline.objectives.clip import clamp_logit_scale_, check_text_views, clip_loss, logit_scale_parameter, pair_accuracy
+from pipeline.objectives.clip import check_text_views, clamp_logit_scale_, clip_loss, logit_scale_parameter, pair_accuracy
 from pipeline.objectives.contrastive import gather_no_grad
 from pipeline.objectives.ema import ema_update, make_teacher
 from pipeline.objectives.propagation import per_pair_error, propagation_loss, teacher_distribution
@@ -45,20 +43,22 @@ class ABCLIPNet(nn.Module):
         return torch.exp(-self.log_scale.float())
 
 
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    annotation: torch.Tensor
-    propagation: torch.Tensor
-    pred: torch.Tensor  # (B, M, M, P), for diagnostics
-    teacher_probs: torch.Tensor  # (B, M, N)
-    texts: torch.Tensor  # (N, P) student text embeddings (detached, gathered)
-    images: torch.Tensor  # (B, P) phi of the annotation images (detached)
-    accuracy: torch.Tensor  # fraction of local images whose own text scores highest among local texts
+def ab_clip_step(
+    student: ABCLIPNet,
+    teacher: ABCLIPNet,
+    crops: torch.Tensor,
+    boxes: torch.Tensor,
+    ann_views: torch.Tensor,
+    tokens: torch.Tensor,
+    cfg: ObjectiveConfig,
+    diagnose: bool = False,
+) -> base.StepOutput:
+    """Both losses for one batch: uint8 NHWC crops (B, M) and annotation views (B, 1), tokens (B, L).
 
-
-def ab_clip_step(student: ABCLIPNet, teacher: ABCLIPNet, crops: torch.Tensor, boxes: torch.Tensor, ann_views: torch.Tensor, tokens: torch.Tensor, cfg: ObjectiveConfig) -> StepOutput:
-    """Both losses for one batch: uint8 NHWC crops (B, M) and annotation views (B, 1), tokens (B, L)."""
+    Terms `annotation` and `propagation`; metrics `teacher_entropy`, `logit_scale` and `pair_accuracy`
+    (fraction of local images whose own text scores highest among local texts); with `diagnose`, the
+    per-pair propagation error with each pair's box IoU and the text and image embeddings.
+    """
     x = images_to_float(crops)
     a = images_to_float(ann_views)
     actions = pair_actions(boxes.float(), cfg.null_actions)
@@ -75,8 +75,22 @@ def ab_clip_step(student: ABCLIPNet, teacher: ABCLIPNet, crops: torch.Tensor, bo
     z_txt_student = gather_no_grad(z_txt.detach())
     propagation = propagation_loss(pred.float(), probs, z_txt_student, student.temperature().detach())
     loss = cfg.annotation_weight * annotation + cfg.propagation_weight * propagation
-    accuracy = pair_accuracy(z_img.detach(), z_txt.detach())
-    return StepOutput(loss, annotation.detach(), propagation.detach(), pred.detach(), probs, z_txt_student, z_img.detach(), accuracy)
+    terms = {"annotation": annotation.detach(), "propagation": propagation.detach()}
+    metrics = {
+        "teacher_entropy": -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(),
+        "logit_scale": student.log_scale.detach().exp(),
+        "pair_accuracy": pair_accuracy(z_img.detach(), z_txt.detach()),
+    }
+    diagnostics = {}
+    if diagnose:
+        pair_boxes = boxes.float().cpu().numpy()
+        diagnostics = {
+            "pair_error": per_pair_error(pred.detach().float(), probs, z_txt_student, student.temperature().detach()),
+            "pair_iou": torch.as_tensor(box_iou(pair_boxes[:, :, None, :], pair_boxes[:, None, :, :])),
+            "head": z_txt_student,
+            "image": z_img.detach(),
+        }
+    return base.StepOutput(loss, terms, metrics, diagnostics)
 
 
 class ABCLIP(base.Objective):
@@ -107,24 +121,8 @@ class ABCLIP(base.Objective):
 
     def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
         teacher = self.teacher if self.teacher is not None else self.student
-        out = ab_clip_step(self.student, teacher, batch["views"], batch["boxes"], batch["ann_views"], batch["tokens"], self.cfg.objective)
-        probs = out.teacher_probs
-        terms = {"annotation": out.annotation, "propagation": out.propagation}
-        metrics = {
-            "teacher_entropy": -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(),
-            "logit_scale": self.student.log_scale.detach().exp(),
-            "pair_accuracy": out.accuracy,
-        }
-        diagnostics = {}
-        if progress.diagnose:
-            boxes = batch["boxes"].float().cpu().numpy()
-            diagnostics = {
-                "pair_error": per_pair_error(out.pred.float(), probs, out.texts, self.student.temperature().detach()),
-                "pair_iou": torch.as_tensor(box_iou(boxes[:, :, None, :], boxes[:, None, :, :])),
-                "head": out.texts,
-                "image": out.images,
-            }
-        return base.StepOutput(out.loss, terms, metrics, diagnostics)
+        views, boxes, ann_views, tokens = batch["views"], batch["boxes"], batch["ann_views"], batch["tokens"]
+        return ab_clip_step(self.student, teacher, views, boxes, ann_views, tokens, self.cfg.objective, progress.diagnose)
 
     @torch.no_grad()
     def after_step(self, progress: base.Progress) -> None:

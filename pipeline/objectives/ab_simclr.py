@@ -8,29 +8,17 @@ predictor and encoder rather than moving the annotation targets it is measured a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError, ObjectiveConfig
-from pipeline.data.boxes import box_iou, relative_box
 from pipeline.data.pair_sampling import MODES as PAIR_MODES
+from pipeline.geometry import box_iou, relative_box
 from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.objectives import base
 from pipeline.objectives.contrastive import gather_no_grad, symmetric_info_nce
 from pipeline.objectives.ema import ema_update, make_teacher
 from pipeline.objectives.propagation import per_pair_error, propagation_loss, teacher_distribution
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    annotation: torch.Tensor
-    propagation: torch.Tensor
-    pred: torch.Tensor  # (B, M, M, P), kept for diagnostics
-    teacher_probs: torch.Tensor  # (B, M, N)
-    annotations: torch.Tensor  # (N, P) student annotation embeddings (detached)
 
 
 def pair_actions(boxes: torch.Tensor, null_actions: bool = False) -> torch.Tensor:
@@ -39,8 +27,20 @@ def pair_actions(boxes: torch.Tensor, null_actions: bool = False) -> torch.Tenso
     return torch.zeros_like(actions) if null_actions else actions
 
 
-def ab_simclr_step(student: nn.Module, teacher: nn.Module, crops: torch.Tensor, boxes: torch.Tensor, ann_views: torch.Tensor, cfg: ObjectiveConfig) -> StepOutput:
-    """Both losses for one batch. Inputs are uint8 NHWC views on the training device."""
+def ab_simclr_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    crops: torch.Tensor,
+    boxes: torch.Tensor,
+    ann_views: torch.Tensor,
+    cfg: ObjectiveConfig,
+    diagnose: bool = False,
+) -> base.StepOutput:
+    """Both losses for one batch. Inputs are uint8 NHWC views on the training device.
+
+    Terms `annotation` and `propagation`, metric `teacher_entropy`; with `diagnose`, the per-pair
+    propagation error with each pair's box IoU and the annotation embeddings (logged steps only).
+    """
     x = images_to_float(crops)  # (B, M, 3, H, W)
     a = images_to_float(ann_views)  # (B, A, 3, H, W)
     actions = pair_actions(boxes.float(), cfg.null_actions)
@@ -55,7 +55,17 @@ def ab_simclr_step(student: nn.Module, teacher: nn.Module, crops: torch.Tensor, 
     z_ann_student = gather_no_grad(ann[:, 1].detach())
     propagation = propagation_loss(pred.float(), probs, z_ann_student.float(), cfg.temperature)
     loss = cfg.annotation_weight * annotation + cfg.propagation_weight * propagation
-    return StepOutput(loss, annotation.detach(), propagation.detach(), pred.detach(), probs, z_ann_student)
+    terms = {"annotation": annotation.detach(), "propagation": propagation.detach()}
+    metrics = {"teacher_entropy": -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()}
+    diagnostics = {}
+    if diagnose:
+        pair_boxes = boxes.float().cpu().numpy()
+        diagnostics = {
+            "pair_error": per_pair_error(pred.detach().float(), probs, z_ann_student, cfg.temperature),
+            "pair_iou": torch.as_tensor(box_iou(pair_boxes[:, :, None, :], pair_boxes[:, None, :, :])),
+            "head": z_ann_student,
+        }
+    return base.StepOutput(loss, terms, metrics, diagnostics)
 
 
 class ABSimCLR(base.Objective):
@@ -95,19 +105,8 @@ class ABSimCLR(base.Objective):
 
     def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
         teacher = self.teacher if self.teacher is not None else self.student
-        out = ab_simclr_step(self.student, teacher, batch["views"], batch["boxes"], batch["ann_views"], self.cfg.objective)
-        probs = out.teacher_probs
-        terms = {"annotation": out.annotation, "propagation": out.propagation}
-        metrics = {"teacher_entropy": -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()}
-        diagnostics = {}
-        if progress.diagnose:
-            boxes = batch["boxes"].float().cpu().numpy()
-            diagnostics = {
-                "pair_error": per_pair_error(out.pred.float(), probs, out.annotations, self.cfg.objective.temperature),
-                "pair_iou": torch.as_tensor(box_iou(boxes[:, :, None, :], boxes[:, None, :, :])),
-                "head": out.annotations,
-            }
-        return base.StepOutput(out.loss, terms, metrics, diagnostics)
+        views, boxes, ann_views = batch["views"], batch["boxes"], batch["ann_views"]
+        return ab_simclr_step(self.student, teacher, views, boxes, ann_views, self.cfg.objective, progress.diagnose)
 
     @torch.no_grad()
     def after_step(self, progress: base.Progress) -> None:

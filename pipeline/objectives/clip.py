@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError
+from pipeline.data.tokens import build_tokenizer
 from pipeline.models.ab_model import images_to_float
-from pipeline.models.encoder import build_encoder
-from pipeline.models.text import build_text_encoder, build_tokenizer
+from pipeline.models.encoder import build_encoder, pooled_features
+from pipeline.models.text import build_text_encoder
 from pipeline.objectives import base
 from pipeline.objectives.contrastive import symmetric_info_nce
 
@@ -83,7 +84,7 @@ class CLIPNet(nn.Module):
 
     def pooled(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 (B, S, S, 3) -> the ViT's pooled output (B, D)."""
-        return self.encoder.forward_head(self.encoder.forward_features(images_to_float(views)), pre_logits=True)
+        return pooled_features(self.encoder, images_to_float(views))
 
     def embed_images(self, pooled: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.image_projection(pooled), dim=-1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.eval.metrics import rankme  # the same RankMe the label-free eval probe reports
+from pipeline.metrics import rankme  # the same RankMe the label-free eval probe reports
 
 IOU_BINS = (0.0, 0.1, 0.3, 0.5, 1.0001)  # [lo, hi) edges; the identity pair (IoU 1) is the last bin
 

@@ -20,7 +20,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from pipeline.config import Config, ConfigError, DinoConfig, ModelConfig
 from pipeline.models.ab_model import images_to_float
-from pipeline.models.encoder import build_encoder
+from pipeline.models.encoder import build_encoder, pooled_features
 from pipeline.objectives import base
 from pipeline.objectives.contrastive import world
 from pipeline.objectives.ema import ema_update, make_teacher
@@ -130,7 +130,7 @@ def multicrop_features(encoder: nn.Module, views: list[torch.Tensor]) -> torch.T
     for group in views:
         b, v = group.shape[:2]
         x = images_to_float(group).transpose(0, 1).flatten(0, 1)  # (V*B, 3, s, s)
-        out.append(encoder.forward_head(encoder.forward_features(x), pre_logits=True).view(v, b, -1))
+        out.append(pooled_features(encoder, x).view(v, b, -1))
     return torch.cat(out, dim=0)
 
 

@@ -1,9 +1,8 @@
-"""EMA teacher: theta_t <- theta_t + tau (theta_s - theta_t), tau cosine-decayed 0.004 -> 0 (DINO recipe)."""
+"""EMA teacher: theta_t <- theta_t + tau (theta_s - theta_t); tau follows pipeline.schedules.ema_rate (DINO recipe)."""
 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -14,12 +13,6 @@ def make_teacher(student: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
-
-
-def ema_rate(step: int, total_steps: int, start: float = 0.004, end: float = 0.0) -> float:
-    """Cosine from `start` at step 0 to `end` at `total_steps` (clamped after)."""
-    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()

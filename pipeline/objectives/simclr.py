@@ -14,14 +14,9 @@ from torch import nn
 
 from pipeline.config import Config, ConfigError
 from pipeline.models.ab_model import ProjectionHead, images_to_float
-from pipeline.models.encoder import build_encoder
+from pipeline.models.encoder import build_encoder, pooled_features
 from pipeline.objectives import base
 from pipeline.objectives.contrastive import symmetric_info_nce
-
-
-def pooled(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised images -> the timm ViT's own pooled output (B, D)."""
-    return encoder.forward_head(encoder.forward_features(x), pre_logits=True)
 
 
 class SimCLR(base.Objective):
@@ -52,7 +47,7 @@ class SimCLR(base.Objective):
         """uint8 (B, A, S, S, 3) -> unit embeddings (B, A, P)."""
         b, a = views.shape[:2]
         x = images_to_float(views).flatten(0, 1)
-        return self.head(pooled(self.encoder, x)).view(b, a, -1)
+        return self.head(pooled_features(self.encoder, x)).view(b, a, -1)
 
     def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
         z = self.embed(batch["ann_views"]).float()

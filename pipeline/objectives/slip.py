@@ -15,6 +15,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.models.ab_model import ProjectionHead, images_to_float
+from pipeline.models.encoder import pooled_features
 from pipeline.objectives import base
 from pipeline.objectives.clip import CLIP, check_coupled, check_text_views, clip_loss, pair_accuracy
 from pipeline.objectives.contrastive import symmetric_info_nce
@@ -38,7 +39,7 @@ class SLIP(CLIP):
         b = clip_images.shape[0]
         images = torch.cat([clip_images, ann[:, 0], ann[:, 1]])
         encoder = self.net.encoder
-        pooled = encoder.forward_head(encoder.forward_features(images_to_float(images)), pre_logits=True)
+        pooled = pooled_features(encoder, images_to_float(images))
         z_img = self.net.embed_images(pooled[:b]).float()
         z_txt = self.net.text(batch["tokens"]).float()
         clip = clip_loss(z_img, z_txt, self.net.log_scale)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.checkpoints import STATE_FILE, CheckpointError, encoder_state, file_sha256, load_state, read_meta, resolve_checkpoint
 from pipeline.config import Config, ConfigError
-from pipeline.models.checkpoint import STATE_FILE, CheckpointError, encoder_state, file_sha256, load_state, read_meta
 
 
 @dataclass
@@ -49,8 +49,6 @@ class InitSource:
 
 def resolve_init_source(reference: str, tracking_uri: str, download_dir: str) -> InitSource:
     """Find the checkpoint `reference` names (downloading MLflow artifacts into `download_dir`)."""
-    from pipeline.eval.job import resolve_checkpoint  # the eval job's resolver: same references, same errors
-
     try:
         directory, source_run, _ = resolve_checkpoint(reference, tracking_uri, download_dir)
         meta = read_meta(directory)

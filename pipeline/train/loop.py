@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.checkpoints import load_state, read_meta, save_checkpoint
 from pipeline.config import Config, config_from_dict
 from pipeline.models.ab_model import images_to_float
-from pipeline.models.checkpoint import load_state, read_meta, save_checkpoint
+from pipeline.models.encoder import pooled_features
 from pipeline.objectives.base import Objective, Progress
 from pipeline.objectives.diagnostics import step_diagnostics
-from pipeline.objectives.ema import ema_rate
 from pipeline.objectives.registry import build_objective
-from pipeline.objectives.schedules import warmup_cosine
-from pipeline.train.tracking import RunLogger
+from pipeline.schedules import ema_rate, warmup_cosine
+from pipeline.tracking import RunLogger
 
 log = logging.getLogger("abpipe.train")
 
@@ -88,7 +88,7 @@ def _encoder_diagnostics(objective: Objective, batch: dict) -> dict[str, torch.T
             encoder = objective.encoders()["student"]
             with torch.no_grad():
                 x = images_to_float(images[:, 0])
-                return {"encoder": encoder.forward_head(encoder.forward_features(x), pre_logits=True)}
+                return {"encoder": pooled_features(encoder, x)}
     return {}
 
 

@@ -7,29 +7,15 @@ makes the resumed job log into the same MLflow run.
 
 from __future__ import annotations
 
-import glob
 import os
 import time
 from typing import Any
 
+from pipeline import tracking
+from pipeline.checkpoints import latest_checkpoint_dir, read_meta
 from pipeline.config import Config, ConfigError
-from pipeline.models.checkpoint import META_FILE, CheckpointError, read_meta
 from pipeline.runtime import init_ray
-from pipeline.train import tracking
 from pipeline.train.loop import Budget, train_loop_per_worker
-
-
-def latest_checkpoint_dir(storage_path: str, run_name: str) -> str | None:
-    """The newest complete checkpoint of a run (by step), or None for a fresh run."""
-    best, best_step = None, -1
-    for meta_path in glob.glob(os.path.join(storage_path, run_name, "checkpoint_*", META_FILE)):
-        try:
-            step = int(read_meta(os.path.dirname(meta_path))["step"])
-        except (CheckpointError, OSError, ValueError, KeyError):
-            continue
-        if step > best_step:
-            best, best_step = os.path.dirname(meta_path), step
-    return best
 
 
 def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import EvalConfig
-from pipeline.eval.metrics import classification_metrics
 from pipeline.eval.probe_data import CLASSIFICATION, ProbeSplit, TaskInfo
 from pipeline.eval.probes.base import Probe
 from pipeline.eval.probes.training import as_float_tensor, probe_device, train_probe
+from pipeline.metrics import classification_metrics
 
 
 class AttentivePool(nn.Module):

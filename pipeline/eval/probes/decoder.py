@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import EvalConfig
-from pipeline.eval.metrics import classification_metrics, coco_map
 from pipeline.eval.probe_data import BOX_CLASSIFICATION, CLASSIFICATION, DETECTION, ProbeSplit, TaskInfo
 from pipeline.eval.probes.base import Probe
 from pipeline.eval.probes.sequences import IGNORE, TOKENS_PER_OBJECT, Vocab, box_inputs, box_rows, dequantize, training_rows
 from pipeline.eval.probes.training import as_float_tensor, probe_device, train_probe
+from pipeline.metrics import classification_metrics, coco_map
 from pipeline.models.decoder import DecoderLayer
 
 

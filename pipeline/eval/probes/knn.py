@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import EvalConfig
-from pipeline.eval.metrics import classification_metrics
 from pipeline.eval.probe_data import CLASSIFICATION, ProbeSplit, TaskInfo
 from pipeline.eval.probes.base import Probe
+from pipeline.metrics import classification_metrics
 
 _CHUNK = 1024  # test rows per similarity block: bounds memory at chunk x n_train
 

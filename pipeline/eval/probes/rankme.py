@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import EvalConfig
-from pipeline.eval.metrics import rankme
 from pipeline.eval.probe_data import TASK_KINDS, ProbeSplit, TaskInfo
 from pipeline.eval.probes.base import Probe
+from pipeline.metrics import rankme
 
 
 def rankme_probe(train: ProbeSplit, test: ProbeSplit, task: TaskInfo, cfg: EvalConfig) -> dict[str, float]:

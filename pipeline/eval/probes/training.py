@@ -1,7 +1,7 @@
 """The one training loop of the trained probes (attentive, decoder): same optimiser, schedule and
 budget for every method and task, so probe numbers differ only by the frozen features.
 
-AdamW, linear warmup then cosine to 0 (pipeline.objectives.schedules), gradient clipping, a fixed
+AdamW, linear warmup then cosine to 0 (pipeline.schedules), gradient clipping, a fixed
 number of steps over seeded random mini-batches drawn without replacement per pass.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.config import EvalConfig, ProbeConfig
-from pipeline.objectives.schedules import warmup_cosine
+from pipeline.schedules import warmup_cosine
 
 
 def probe_device(cfg: EvalConfig) -> torch.device:

@@ -1,4 +1,7 @@
-"""Probe metrics: top-k accuracy, COCO box mAP (pycocotools), RankMe.
+"""Metrics: top-k accuracy, COCO box mAP (pycocotools), RankMe.
+
+A shared service: the eval probes report all three, and training's collapse diagnostics
+(objectives/diagnostics.py) the same RankMe, so it sits below both.
 
 Boxes reach this module as xyxy in the image's [0, 1] frame. COCO's evaluator works in pixels and
 buckets objects by pixel area, so boxes are scaled into a fixed `COCO_FRAME`-pixel square first:

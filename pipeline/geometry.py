@@ -1,4 +1,6 @@
-"""Box algebra for AB's actions: the one place that maps boxes between frames.
+"""Box geometry for AB's actions: the one place that maps boxes between frames.
+
+A shared service: the crop stage (data), the action decoder (models) and the objectives all use it.
 
 Boxes are `xyxy` floats. A box "in frame F" has F's top-left at (0, 0) and F's bottom-right at
 (1, 1). The action of a (source, target) pair is the target box expressed in the source crop's

@@ -1,0 +1,175 @@
+"""Checkpoints, the one module for them: their format, where a run's latest one is, what a reference names.
+
+Format: a directory with `state.pt` (weights, optimiser, counters) and `meta.json`. `meta.json` (step,
+seen views, config) is readable without torch, so the driver can find a run's latest step and the eval
+job the model config. Loading uses `weights_only=True`: a checkpoint is data, never code.
+
+A checkpoint is named three ways: a local directory, `runs:/<run id>/<artifact dir>` (logged to
+MLflow by the training loop), or a pretraining run id. Its *key* (`<run id>@<step>`) is what eval
+runs are tagged with and what a sweep matches on; its *fingerprint* (sha256 of the weights file)
+is what the feature cache is keyed on, so a copied or re-downloaded checkpoint still hits the cache.
+
+Training, evaluation and staged (MAWS) runs all read checkpoints, so this module sits below them
+and imports nothing of theirs (models build the encoder a checkpoint holds: `models.encoder`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config, config_from_dict
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing or unreadable; the message names the path."""
+
+
+def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out / STATE_FILE)
+    (out / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    return out
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory, META_FILE)
+    if not path.is_file():
+        raise CheckpointError(f"not an abpipe checkpoint (no {META_FILE}): {directory}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"corrupt {path}: {exc}") from None
+
+
+def load_state(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(directory, STATE_FILE)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint has no {STATE_FILE}: {directory}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load {path}: {exc}") from None
+
+
+def checkpoint_config(directory: str | os.PathLike) -> Config:
+    return config_from_dict(read_meta(directory)["config"])
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def encoder_state(state: dict[str, Any], which: str) -> dict[str, Any]:
+    """The bare ViT weights of `which` (teacher|student) from any abpipe checkpoint state.
+
+    Checkpoints written by the method-agnostic loop carry `encoder_<which>`; AB-model state dicts
+    (`<which>` holding the whole ABModel, as older checkpoints and the eval job's random-init
+    reference do) keep the encoder under the `encoder.` prefix.
+    """
+    if f"encoder_{which}" in state:
+        return state[f"encoder_{which}"]
+    if which in state:
+        prefix = "encoder."
+        return {k[len(prefix) :]: v for k, v in state[which].items() if k.startswith(prefix)}
+    raise KeyError(f"no '{which}' encoder weights (keys: {sorted(state)})")
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+_RUNS_URI = re.compile(r"runs:/([0-9a-f]{32})/(.+)")
+
+
+def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[str, str | None, str]:
+    """(local checkpoint dir, pretraining run id or None, what to record as its path).
+
+    `ref` is a checkpoint directory, `runs:/<run id>/<artifact dir>`, or the MLflow run id of a
+    pretraining run. For a bare run id, the local path in its `abpipe.checkpoint_path` tag is used
+    when this machine has it; otherwise the artifact dir named by `abpipe.checkpoint_artifact` is
+    downloaded into `download_dir`.
+    """
+    if os.path.isdir(ref):
+        read_meta(ref)
+        return ref, None, os.path.abspath(ref)
+    runs_uri = _RUNS_URI.fullmatch(ref)
+    if runs_uri:
+        return _download(runs_uri.group(1), runs_uri.group(2), tracking_uri, download_dir), runs_uri.group(1), ref
+    if not _RUN_ID.fullmatch(ref):
+        raise CheckpointError(f"checkpoint directory not found: {ref}")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri).get_run(ref)
+    except MlflowException as exc:
+        raise CheckpointError(f"{ref} is neither a checkpoint directory nor a run in {tracking_uri}: {exc.message}") from None
+    tags = run.data.tags
+    local = tags.get("abpipe.checkpoint_path", "")
+    if local and os.path.isfile(os.path.join(local, META_FILE)):
+        return local, ref, local
+    artifact = tags.get("abpipe.checkpoint_artifact", "")
+    if not artifact:
+        raise CheckpointError(f"run {ref}: no local checkpoint ({local or 'no abpipe.checkpoint_path tag'}) and no abpipe.checkpoint_artifact tag")
+    return _download(ref, artifact, tracking_uri, download_dir), ref, f"runs:/{ref}/{artifact}"
+
+
+def _download(run_id: str, artifact: str, tracking_uri: str, download_dir: str) -> str:
+    import mlflow.artifacts
+
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=download_dir, tracking_uri=tracking_uri)
+    except Exception as exc:
+        raise CheckpointError(f"run {run_id}: cannot download checkpoint artifact '{artifact}': {exc}") from None
+    read_meta(path)
+    return path
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def weights_fingerprint(ckpt_dir: str) -> str:
+    """sha256 of the checkpoint's weights file (memoised per path/size/mtime in this process)."""
+    path = os.path.join(ckpt_dir, STATE_FILE)
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise CheckpointError(f"checkpoint has no {STATE_FILE}: {ckpt_dir}") from None
+    memo = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if memo not in _HASHES:
+        _HASHES[memo] = file_sha256(path)
+    return "sha256:" + _HASHES[memo]
+
+
+def checkpoint_key(meta: dict[str, Any], source_run: str | None, fingerprint: str) -> str:
+    """`<pretraining run id>@<step>` (how a sweep names a checkpoint before opening it), else the hash."""
+    run = meta.get("mlflow_run_id") or source_run
+    if run and meta.get("step") is not None:
+        return f"{run}@{int(meta['step'])}"
+    return fingerprint[:27]
+
+
+def latest_checkpoint_dir(storage_path: str, run_name: str) -> str | None:
+    """The newest complete checkpoint of a run (by step), or None for a fresh run."""
+    best, best_step = None, -1
+    for meta_path in glob.glob(os.path.join(storage_path, run_name, "checkpoint_*", META_FILE)):
+        try:
+            step = int(read_meta(os.path.dirname(meta_path))["step"])
+        except (CheckpointError, OSError, ValueError, KeyError):
+            continue
+        if step > best_step:
+            best, best_step = os.path.dirname(meta_path), step
+    return best
