@@ -459,12 +459,50 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
+# Configs ship inside the package (pipeline/configs/; a checkout also reaches them as jobs/configs/), so
+# `--config tiny.yaml` and the documented `--config jobs/configs/tiny.yaml` work from any installed copy.
+_PACKAGED_PREFIXES = ("jobs/configs/", "pipeline/configs/")
+
+
+def packaged_config(name: str | os.PathLike):
+    """The packaged config `name` names (`tiny`, `tiny.yaml`, `methods/dino.yaml`, `jobs/configs/tiny.yaml`), or None."""
+    from importlib.resources import files
+
+    rel = Path(name).as_posix()
+    if Path(name).is_absolute():
+        return None
+    for prefix in _PACKAGED_PREFIXES:
+        rel = rel[len(prefix) :] if rel.startswith(prefix) else rel
+    rel = rel if rel.endswith((".yaml", ".yml")) else rel + ".yaml"
+    found = files("pipeline").joinpath("configs", *rel.split("/"))
+    return found if found.is_file() else None
+
+
+def packaged_config_names() -> list[str]:
+    from importlib.resources import files
+
+    return sorted(entry.name for entry in files("pipeline").joinpath("configs").iterdir() if entry.name.endswith(".yaml"))
+
+
+def _config_text(path) -> str:
+    """The YAML text of a config file, or of the packaged config of that name when no such file exists."""
+    if os.path.exists(path):
+        with open(path) as fh:
+            return fh.read()
+    packaged = packaged_config(path)
+    if packaged is None:
+        raise ConfigError(f"config file not found: {path} (packaged configs: {', '.join(packaged_config_names())})")
+    return packaged.read_text()
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides; unknown keys are an error, not a silent no-op."""
+    """Defaults <- YAML file <- dotted overrides; unknown keys are an error, not a silent no-op.
+
+    `path` is a file, or the name of a packaged config (see `packaged_config`) where no such file exists.
+    """
     cfg = Config()
     if path:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+        data = yaml.safe_load(_config_text(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         cfg = _apply(cfg, data, "")

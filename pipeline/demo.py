@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import load_config
+from pipeline.config import load_config, packaged_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = packaged_config("tiny.yaml")  # package data: the demo runs from any install
 
 
 def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> dict:

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import load_config
+from pipeline.config import load_config, packaged_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "repro_small.yaml"
+DEFAULT_CONFIG = packaged_config("repro_small.yaml")  # package data: the study runs from any install
 
 
 @dataclass
