@@ -36,12 +36,22 @@ def installed(tmp_path_factory) -> Path:
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "pipeline", src / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path_factory.mktemp("wheels")
-    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)]
-    subprocess.run(build, check=True, capture_output=True, timeout=300)
+    build = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)]
+    out = subprocess.run(build, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (wheels / "build.log").write_text(out.stdout + out.stderr)
     site = tmp_path_factory.mktemp("site")
     with zipfile.ZipFile(next(wheels.glob("abpipe-*.whl"))) as wheel:
         wheel.extractall(site)
+    (site / "build.log").write_text((wheels / "build.log").read_text())
     return site
+
+
+def test_the_build_prints_no_deprecation_banner(installed):
+    """setuptools warns (twice per build) while `project.license` is a TOML table instead of an SPDX string."""
+    log = (installed / "build.log").read_text()
+    assert "Created wheel for abpipe" in log
+    assert "deprecated" not in log.lower(), [line for line in log.splitlines() if "deprecated" in line.lower()]
 
 
 def test_configs_ship_in_the_wheel(installed):
