@@ -8,19 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.runtime import LOCAL_ONLY_ENV, QUIET_ENV  # Ray-free: importing it sets nothing
+
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="abpipe-tests-"))
 
-# Set before anything imports Ray/MLflow: keeps Ray on 127.0.0.1, telemetry off, and any file a
-# library drops in HOME (Ray's auth token, caches) inside the test session's temp dir.
+# Set before anything imports Ray/MLflow: the quiet environment every abpipe process gets (one list, in
+# pipeline/runtime.py), Ray kept on 127.0.0.1, and any file a library drops in HOME (Ray's auth token,
+# caches) inside the test session's temp dir.
 os.environ.update(
     {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "NO_ALBUMENTATIONS_UPDATE": "1",
+        **QUIET_ENV,
+        **LOCAL_ONLY_ENV,
         "HOME": str(_SESSION_TMP / "home"),
         "ABPIPE_RAY_TMP": str(_SESSION_TMP / "ray"),
         "TORCH_HOME": str(_SESSION_TMP / "torch"),
