@@ -94,7 +94,8 @@ def test_teacher_gets_no_gradient():
     assert not probs.requires_grad
 
 
-def test_ema_update_matches_manual_formula():
+@pytest.mark.parametrize("tau", [0.25, torch.tensor(0.25)], ids=["float", "device tensor"])
+def test_ema_update_matches_manual_formula(tau):
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     teacher = make_teacher(student)
@@ -103,7 +104,7 @@ def test_ema_update_matches_manual_formula():
         for p in student.parameters():
             p.add_(torch.randn_like(p))
         student[1].running_mean.fill_(3.0)
-    ema_update(teacher, student, 0.25)
+    ema_update(teacher, student, tau)
     for name, p in student.named_parameters():
         expect = before[name] * 0.75 + p.detach() * 0.25
         assert torch.allclose(teacher.state_dict()[name], expect)

@@ -113,7 +113,7 @@ class DinoCentre(nn.Module):
         """Fold in this step's mean teacher logit over every view and the *global* batch."""
         flat = teacher_logits.detach().float().flatten(0, -2)
         total = flat.sum(0, keepdim=True)
-        count = torch.tensor(float(flat.shape[0]), device=flat.device)
+        count = torch.full((), float(flat.shape[0]), device=flat.device)  # a fill, not a blocking upload
         _, size = world()
         if size > 1:
             torch.distributed.all_reduce(total)
