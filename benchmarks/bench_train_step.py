@@ -34,6 +34,29 @@ def synthetic_batch(b: int, m: int, a: int, size: int, device):
     return crops, boxes, ann
 
 
+def make_ab_step(cfg, b: int, device, autocast, compiled: bool = False):
+    """The bare AB_SimCLR step: forward, backward, clip, AdamW, EMA on one fixed batch (no loop around it)."""
+    torch.manual_seed(0)
+    student = build_model(cfg.model, cfg.views.view_size).to(device)
+    teacher = make_teacher(student)
+    if compiled:
+        student.encoder = torch.compile(student.encoder)
+        teacher.encoder = torch.compile(teacher.encoder)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
+    crops, boxes, ann = synthetic_batch(b, cfg.views.num_views, cfg.views.annotation_views, cfg.views.view_size, device)
+
+    def ab_step():
+        with autocast:
+            out = ab_simclr_step(student, teacher, crops, boxes, ann, cfg.objective)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        ema_update(teacher, student, 0.004)
+
+    return ab_step, student, opt, (crops, boxes, ann)
+
+
 def measure(name, step_fn, views_per_step, steps, device):
     for _ in range(3):  # warm-up (and compilation)
         step_fn()
@@ -64,23 +87,7 @@ def main() -> None:
     b, m, a, size = args.batch, cfg.views.num_views, cfg.views.annotation_views, cfg.views.view_size
     rows = []
     for compiled in ([False, True] if args.compile == "both" else [args.compile == "on"]):
-        torch.manual_seed(0)
-        student = build_model(cfg.model, size).to(device)
-        teacher = make_teacher(student)
-        if compiled:
-            student.encoder = torch.compile(student.encoder)
-            teacher.encoder = torch.compile(teacher.encoder)
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
-        crops, boxes, ann = synthetic_batch(b, m, a, size, device)
-
-        def ab_step():
-            with autocast:
-                out = ab_simclr_step(student, teacher, crops, boxes, ann, cfg.objective)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            ema_update(teacher, student, 0.004)
+        ab_step, student, opt, (crops, boxes, ann) = make_ab_step(cfg, b, device, autocast, compiled)
 
         def simclr_step():
             with autocast:

@@ -7,8 +7,6 @@ against numpy / loop re-implementations.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -155,12 +153,12 @@ def test_iou_binned_error_matches_a_loop():
 
 def test_diagnostics_reach_mlflow_on_logged_steps(tmp_path):
     from pipeline.tracking import start_run
-    from pipeline.train.loop import train_loop_per_worker
+    from pipeline.train.loop import train
+    from pipeline.train.session import LocalSession
 
     cfg = micro_config(tmp_path, tmp_path, steps=4, log_every_steps=2, checkpoint_every_steps=1000)
     run_id = start_run(cfg.tracking.tracking_uri, "unit", "diag", cfg.flat())
-    loop_config = {"config": cfg.to_dict(), "local_dataset": [_batch(_boxes())] * 4, "local_checkpoint_dir": str(tmp_path / "ck"), "mlflow_run_id": run_id}
-    train_loop_per_worker(loop_config)
+    train(cfg, LocalSession({"train": [_batch(_boxes())] * 4}, tmp_path / "ck"), run_id)
     metrics = MlflowClient(cfg.tracking.tracking_uri).get_run(run_id).data.metrics
     for key in ("rankme_encoder", "std_encoder", "rankme_head", "std_head", "grad_norm_l2", "grad_norm_linf", "teacher_entropy"):
         assert key in metrics, sorted(metrics)

@@ -91,7 +91,8 @@ def test_mae_run_then_ab_run_from_its_mlflow_run_id(ray_cluster, digit_shards, t
 
     from pipeline.checkpoints import read_meta
     from pipeline.tracking import start_run
-    from pipeline.train.loop import train_loop_per_worker
+    from pipeline.train.loop import train
+    from pipeline.train.session import LocalSession
     from pipeline.train.trainer import run_pretrain
     from tests.test_objectives_ssl import fixed_batch
     from tests.test_train import micro_config
@@ -104,7 +105,7 @@ def test_mae_run_then_ab_run_from_its_mlflow_run_id(ray_cluster, digit_shards, t
         train=dataclasses.replace(base.train, total_views=2 * 8, run_name="mae", seed=5),  # not the AB run's random init
     )
     mae_run = start_run(mae_cfg.tracking.tracking_uri, mae_cfg.tracking.experiment, "mae", mae_cfg.flat(), {"abpipe.kind": "pretrain"})
-    train_loop_per_worker({"config": mae_cfg.to_dict(), "local_dataset": [fixed_batch()] * 2, "mlflow_run_id": mae_run})
+    train(mae_cfg, LocalSession({"train": [fixed_batch()] * 2}), mae_run)
     client = MlflowClient(mae_cfg.tracking.tracking_uri)
     artifact = client.get_run(mae_run).data.tags["abpipe.checkpoint_artifact"]
     logged = mlflow.artifacts.download_artifacts(run_id=mae_run, artifact_path=artifact, dst_path=str(tmp_path / "mine"), tracking_uri=mae_cfg.tracking.tracking_uri)

@@ -293,7 +293,7 @@ def test_method_yaml_fits_its_method_at_ab_simclr_budget(name):
 
     from pipeline.config import load_config
     from pipeline.objectives.registry import objective_class
-    from pipeline.train.loop import Budget
+    from pipeline.train.step import Budget
 
     cfg = load_config(f"jobs/configs/methods/{name}.yaml")
     reference = load_config("jobs/configs/vit_s16.yaml")

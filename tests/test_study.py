@@ -39,7 +39,7 @@ def test_every_arm_overrides_a_real_config_key():
 
 def test_step_check_arms_swap_the_step_counts_of_ab_and_simclr():
     """The two check arms hold steps, not views, equal: SimCLR at AB's step count and AB at SimCLR's."""
-    from pipeline.train.loop import Budget
+    from pipeline.train.step import Budget
 
     arms = {a.slug: a for a in ARMS}
     steps = {slug: Budget.from_config(load_config(DEFAULT_CONFIG, arms[slug].overrides), 1).total_steps for slug in arms}

@@ -1,8 +1,9 @@
 """Driver side of pretraining: wire shards -> crop stage -> TorchTrainer, MLflow run, resume.
 
 Resuming is Ray Train V2's way: re-run with the same `train.storage_path` and `train.run_name`;
-the loop then starts from the latest checkpoint, and the MLflow run id stored in that checkpoint
-makes the resumed job log into the same MLflow run.
+the loop then starts from the latest checkpoint. The MLflow run is chosen once: the driver that
+creates it writes its id into the run's record (`<storage>/<run name>/abpipe_run.json`), and a
+re-submitted job reads it from there, so a resumed run logs into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import time
 from typing import Any
 
 from pipeline import tracking
-from pipeline.checkpoints import latest_checkpoint_dir, read_meta
+from pipeline.checkpoints import latest_checkpoint_dir, read_run_record, write_run_record
 from pipeline.config import Config, ConfigError
 from pipeline.runtime import init_ray
-from pipeline.train.loop import Budget, train_loop_per_worker
+from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.step import Budget
 
 
 def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
@@ -91,10 +93,10 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     os.makedirs(storage, exist_ok=True) if "://" not in storage else None
 
     previous = latest_checkpoint_dir(storage, cfg.train.run_name) if "://" not in storage else None
-    run_id = None
     if previous:
-        run_id = read_meta(previous).get("mlflow_run_id")
         print(f"[abpipe] resuming run '{cfg.train.run_name}' from {previous}", flush=True)
+    record = read_run_record(storage, cfg.train.run_name)
+    run_id = record.get("mlflow_run_id") if record else None
     init = None  # MAWS stage: resolve train.init_from once here (a resumed run has its own weights)
     if cfg.train.init_from and not previous:
         from pipeline.train.init_from import resolve_init_source
@@ -102,6 +104,8 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         init = resolve_init_source(cfg.train.init_from, cfg.tracking.tracking_uri, cfg.paths.under("init_from", cfg.train.run_name))
     if not run_id:
         run_id = _start_mlflow_run(cfg, init.tags(cfg.train.init_from) if init else None)
+        if run_id:  # written once: every later submission of this run logs into the same MLflow run
+            write_run_record(storage, cfg.train.run_name, {"mlflow_run_id": run_id, "tracking_uri": cfg.tracking.tracking_uri})
 
     trainer = TorchTrainer(
         train_loop_per_worker,
