@@ -30,6 +30,18 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own sqlite stores
 (_SESSION_TMP / "home").mkdir(exist_ok=True)
 
 
+# The fast tier is `pytest -m "not ray"`. Every test that starts Ray (through the shared cluster fixture,
+# directly or via a fixture built on it) is marked here; tests that start Ray or other slow machinery
+# another way (their own cluster, notebooks, subprocess workers) carry `pytest.mark.ray` explicitly.
+RAY_FIXTURES = {"ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray instance with 2 CPUs, shared by every test that needs Ray."""

@@ -32,6 +32,8 @@ from pipeline.checkpoints import latest_checkpoint_dir, read_meta
 from tests.micro import MICRO_MODEL
 from tests.test_fault_tolerance import ray_train_worker_pids
 
+pytestmark = pytest.mark.ray  # starts its own two-node Ray cluster with `ray start`
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")

@@ -29,6 +29,7 @@ def outputs(nb) -> str:
     return "\n".join(o.get("text", "") or str(o.get("data", {}).get("text/plain", "")) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
+@pytest.mark.ray  # the quickstart starts its own local Ray in the kernel
 @pytest.mark.timeout(900)
 def test_quickstart_then_results_notebook(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="abpnb-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
