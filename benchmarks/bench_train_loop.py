@@ -48,7 +48,9 @@ class TimedBatches:
 
 
 def bare_rate(cfg, b: int, steps: int, device) -> float:
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     ab_step, *_ = make_ab_step(cfg, b, device, autocast)
     for _ in range(3):
         ab_step()
@@ -69,8 +71,13 @@ def loop_rate(cfg, b: int, steps: int, device, warmup: int = 3) -> float:
     views_per_step = b * (cfg.views.num_views + cfg.views.annotation_views)
     total = warmup + steps + 1
     train_cfg = dataclasses.replace(
-        cfg.train, batch_size=b, total_views=total * views_per_step, checkpoint_every_steps=10**9, num_workers=1,
-        cpus_per_worker=torch.get_num_threads(), use_gpu=device.type == "cuda",
+        cfg.train,
+        batch_size=b,
+        total_views=total * views_per_step,
+        checkpoint_every_steps=10**9,
+        num_workers=1,
+        cpus_per_worker=torch.get_num_threads(),
+        use_gpu=device.type == "cuda",
     )
     run_cfg = dataclasses.replace(cfg, train=train_cfg).resolved()
     data = TimedBatches({"views": crops, "boxes": boxes, "ann_views": ann}, total, marks=(warmup, warmup + steps))
@@ -91,11 +98,16 @@ def main() -> None:
     for r in range(args.rounds):
         bare.append(bare_rate(cfg, args.batch, args.steps, device))
         loop.append(loop_rate(cfg, args.batch, args.steps, device))
-        print(f"round {r + 1}: bare {bare[-1]:.2f} steps/s, loop {loop[-1]:.2f} steps/s, ratio {loop[-1] / bare[-1]:.3f}", flush=True)
+        print(
+            f"round {r + 1}: bare {bare[-1]:.2f} steps/s, loop {loop[-1]:.2f} steps/s, ratio {loop[-1] / bare[-1]:.3f}",
+            flush=True,
+        )
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     b, l = statistics.median(bare), statistics.median(loop)
-    print(f"\n{cfg.model.encoder} {cfg.views.view_size}px, batch {args.batch}, {args.steps} steps x {args.rounds} rounds, {dev}, "
-          f"log every {cfg.train.log_every_steps} steps, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\n{cfg.model.encoder} {cfg.views.view_size}px, batch {args.batch}, {args.steps} steps x {args.rounds} rounds, {dev}, "
+        f"log every {cfg.train.log_every_steps} steps, load average {os.getloadavg()[0]:.1f}"
+    )
     print("| step | steps/s (median) | ratio |\n|---|---|---|")
     print(f"| bare AB_SimCLR step (bench_train_step) | {b:.2f} | 1.000 |")
     print(f"| real loop (train.loop.train, LocalSession) | {l:.2f} | {l / b:.3f} |")

@@ -83,10 +83,12 @@ def main() -> None:
     cfg = load_config(args.config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     b, m, a, size = args.batch, cfg.views.num_views, cfg.views.annotation_views, cfg.views.view_size
     rows = []
-    for compiled in ([False, True] if args.compile == "both" else [args.compile == "on"]):
+    for compiled in [False, True] if args.compile == "both" else [args.compile == "on"]:
         ab_step, student, opt, (crops, boxes, ann) = make_ab_step(cfg, b, device, autocast, compiled)
 
         def simclr_step():
@@ -104,11 +106,15 @@ def main() -> None:
 
     base = rows[0]["views_per_s"]
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nTrain step, {cfg.model.encoder} {size}px, batch {b} images, {dev}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+    print(
+        f"\nTrain step, {cfg.model.encoder} {size}px, batch {b} images, {dev}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
+    )
     print(f"| {'step':34s} | {'s/step':>8s} | {'views/s':>9s} | {'ratio vs SimCLR':>15s} | {'peak GiB':>8s} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 17}|{'-' * 10}|")
     for r in rows:
-        print(f"| {r['name']:34s} | {r['s_per_step']:8.4f} | {r['views_per_s']:9.1f} | {r['views_per_s'] / base:15.2f} | {r['peak_gib']:8.2f} |")
+        print(
+            f"| {r['name']:34s} | {r['s_per_step']:8.4f} | {r['views_per_s']:9.1f} | {r['views_per_s'] / base:15.2f} | {r['peak_gib']:8.2f} |"
+        )
 
 
 if __name__ == "__main__":

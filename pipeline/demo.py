@@ -45,7 +45,10 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> d
     timings["pretrain_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint=train["run_id"] or train["checkpoint"], dataset=str(digits_dir)))
+    cfg = dataclasses.replace(
+        cfg,
+        eval=dataclasses.replace(cfg.eval, checkpoint=train["run_id"] or train["checkpoint"], dataset=str(digits_dir)),
+    )
     evaluation = run_eval(cfg)
     timings["eval_s"] = time.perf_counter() - t0
 
@@ -56,7 +59,14 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> d
     print(f"eval:      {_metrics_line(evaluation)}")
     print("timings:   " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"results:   mlflow ui --backend-store-uri {db}   (then open http://127.0.0.1:5000)")
-    return {"ingest": stats.get("counts"), "pretrain": train, "eval": evaluation, "timings": timings, "tracking_uri": db, "root": os.fspath(cfg.paths.root)}
+    return {
+        "ingest": stats.get("counts"),
+        "pretrain": train,
+        "eval": evaluation,
+        "timings": timings,
+        "tracking_uri": db,
+        "root": os.fspath(cfg.paths.root),
+    }
 
 
 def _metrics_line(evaluation: dict) -> str:

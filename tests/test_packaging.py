@@ -36,7 +36,18 @@ def installed(tmp_path_factory) -> Path:
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "pipeline", src / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path_factory.mktemp("wheels")
-    build = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)]
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-v",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(wheels),
+        str(src),
+    ]
     out = subprocess.run(build, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (wheels / "build.log").write_text(out.stdout + out.stderr)
@@ -55,15 +66,25 @@ def test_the_build_prints_no_deprecation_banner(installed):
 
 
 def test_configs_ship_in_the_wheel(installed):
-    shipped = sorted(p.relative_to(installed / "pipeline" / "configs").as_posix() for p in installed.rglob("configs/**/*.yaml"))
-    in_checkout = sorted(p.relative_to(REPO / "pipeline" / "configs").as_posix() for p in (REPO / "pipeline" / "configs").rglob("*.yaml"))
+    shipped = sorted(
+        p.relative_to(installed / "pipeline" / "configs").as_posix() for p in installed.rglob("configs/**/*.yaml")
+    )
+    in_checkout = sorted(
+        p.relative_to(REPO / "pipeline" / "configs").as_posix() for p in (REPO / "pipeline" / "configs").rglob("*.yaml")
+    )
     assert shipped == in_checkout and "tiny.yaml" in shipped and "methods/dino.yaml" in shipped
 
 
 def test_demo_and_study_configs_load_outside_a_checkout(installed, tmp_path):
     env = {"PYTHONPATH": str(installed), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", PROBE.format(site=str(installed))], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(site=str(installed))],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     encoder, run_name, same, method = out.stdout.split()
     assert encoder and run_name and same == "True" and method == "dino"

@@ -16,7 +16,9 @@ from pipeline.train.session import LocalSession
 from pipeline.train.step import Budget, TrainStep, make_optimizer, peak_lr
 from tests.test_train import BATCH, M, _batch, micro_config
 
-GOOD_BOXES = torch.tensor([[0.0, 0.0, 0.6, 0.6], [0.2, 0.3, 1.0, 0.9], [0.1, 0.1, 0.7, 1.0]]).expand(BATCH, M, 4).clone()
+GOOD_BOXES = (
+    torch.tensor([[0.0, 0.0, 0.6, 0.6], [0.2, 0.3, 1.0, 0.9], [0.1, 0.1, 0.7, 1.0]]).expand(BATCH, M, 4).clone()
+)
 BAD_BOXES = torch.zeros(BATCH, M, 4)  # zero-width boxes: NaN actions, a non-finite loss
 
 
@@ -47,7 +49,9 @@ class HostSyncs(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name == "_local_scalar_dense" or name in self.DATA_DEPENDENT:
             self._hit(name)
-        elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])):
+        elif name == "index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
+        ):
             self._hit("index[bool]")
         return func(*args, **(kwargs or {}))
 
@@ -101,7 +105,9 @@ def test_non_logging_steps_do_not_sync_with_the_host(tmp_path):
     # The first step uploads the image normalisation constants, once per device (models.ab_model).
     assert per_step[0] == ["tensor", "tensor"], per_step
     assert [len(seen) for seen, is_logged in zip(per_step[1:], logging[1:]) if not is_logged] == [0, 0, 0], per_step
-    assert all(seen for seen, is_logged in zip(per_step, logging) if is_logged), "the counter must see the logging steps' reads"
+    assert all(seen for seen, is_logged in zip(per_step, logging) if is_logged), (
+        "the counter must see the logging steps' reads"
+    )
 
 
 def test_the_sync_counter_sees_what_blocks_a_gpu():
@@ -120,7 +126,11 @@ def _step(tmp_path, steps: int = 10):
     torch.manual_seed(0)
     objective = build_objective(cfg)
     optimizer = make_optimizer(objective, peak_lr(cfg, 1), cfg.train.weight_decay)
-    return objective, optimizer, TrainStep(cfg, objective, objective, optimizer, Budget.from_config(cfg, 1), torch.device("cpu"))
+    return (
+        objective,
+        optimizer,
+        TrainStep(cfg, objective, objective, optimizer, Budget.from_config(cfg, 1), torch.device("cpu")),
+    )
 
 
 def _snapshot(objective, optimizer):

@@ -45,7 +45,16 @@ class Checkpointer:
     Every worker calls `save` at the same steps: the session's report is a barrier.
     """
 
-    def __init__(self, cfg: Config, session: Session, objective: Objective, optimizer, logger: RunLogger, mlflow_run_id: str | None, total_steps: int):
+    def __init__(
+        self,
+        cfg: Config,
+        session: Session,
+        objective: Objective,
+        optimizer,
+        logger: RunLogger,
+        mlflow_run_id: str | None,
+        total_steps: int,
+    ):
         self.cfg, self.session, self.objective, self.optimizer = cfg, session, objective, optimizer
         self.logger, self.mlflow_run_id, self.total_steps = logger, mlflow_run_id, total_steps
 

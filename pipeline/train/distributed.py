@@ -37,12 +37,15 @@ class RaySession:
 
         return ray.train.torch.get_device()
 
-
     def batches(self, name: str, batch_size: int, shuffle_buffer: int, device: torch.device) -> Iterator[dict]:
         import ray.train
 
         shard = ray.train.get_dataset_shard(name)
-        return iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=shuffle_buffer or None, device=device))
+        return iter(
+            shard.iter_torch_batches(
+                batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=shuffle_buffer or None, device=device
+            )
+        )
 
     @contextmanager
     def restored_checkpoint(self):

@@ -66,7 +66,9 @@ def _endless(session: Session, name: str, cfg: Config, device: torch.device) -> 
             empty = False
             yield batch
         if empty:
-            raise RuntimeError("the annotation stream yielded no full batch: check data.annotation_shards / data.annotation_mixture")
+            raise RuntimeError(
+                "the annotation stream yielded no full batch: check data.annotation_shards / data.annotation_mixture"
+            )
 
 
 def train(cfg: Config, session: Session, mlflow_run_id: str | None = None, init_from_dir: str | None = None) -> dict:
@@ -85,7 +87,9 @@ def train(cfg: Config, session: Session, mlflow_run_id: str | None = None, init_
     objective = build_objective(cfg).to(device)  # seeded: identical initial weights on every worker
     with session.restored_checkpoint() as checkpoint_dir:
         if checkpoint_dir is None and cfg.train.init_from:
-            from pipeline.train.init_from import apply_init_from  # MAWS stage: encoders from another run; heads stay fresh
+            from pipeline.train.init_from import (
+                apply_init_from,
+            )  # MAWS stage: encoders from another run; heads stay fresh
 
             apply_init_from(objective, cfg, init_from_dir)
         optimizer = make_optimizer(objective, peak_lr(cfg, session.world_size), cfg.train.weight_decay)

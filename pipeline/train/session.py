@@ -32,7 +32,6 @@ class Session(Protocol):
         """One pass (epoch) over the named dataset shard, as dicts of tensors on `device`."""
         ...
 
-
     def restored_checkpoint(self):
         """Context manager: the local directory of the checkpoint to resume from, or None for a fresh run."""
         ...
@@ -52,7 +51,12 @@ class LocalSession:
     rank = 0
     world_size = 1
 
-    def __init__(self, datasets: dict[str, Iterable[dict]], storage_path: str | os.PathLike | None = None, run_name: str = "local"):
+    def __init__(
+        self,
+        datasets: dict[str, Iterable[dict]],
+        storage_path: str | os.PathLike | None = None,
+        run_name: str = "local",
+    ):
         self.datasets = datasets
         self.storage_path = None if storage_path is None else os.fspath(storage_path)
         self.run_name = run_name
@@ -64,7 +68,6 @@ class LocalSession:
 
     def device(self, use_gpu: bool) -> torch.device:
         return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-
 
     def batches(self, name: str, batch_size: int, shuffle_buffer: int, device: torch.device) -> Iterator[dict]:
         for batch in self.datasets[name]:

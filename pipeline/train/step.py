@@ -26,7 +26,15 @@ from pipeline.objectives.base import Objective, Progress, StepOutput
 from pipeline.schedules import ema_rate, warmup_cosine
 from pipeline.train.distributed import any_worker
 
-NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "readout", "corner_index", "positional_embedding", "logit_scale", "mask_token")
+NO_DECAY_SUFFIXES = (
+    "pos_embed",
+    "cls_token",
+    "readout",
+    "corner_index",
+    "positional_embedding",
+    "logit_scale",
+    "mask_token",
+)
 
 
 @dataclass
@@ -99,7 +107,9 @@ class StepResult:
 class TrainStep:
     """Schedules, optimiser and the update of one step for `objective` (`model` may be its DDP wrapper)."""
 
-    def __init__(self, cfg: Config, objective: Objective, model: torch.nn.Module, optimizer, budget: Budget, device: torch.device):
+    def __init__(
+        self, cfg: Config, objective: Objective, model: torch.nn.Module, optimizer, budget: Budget, device: torch.device
+    ):
         self.cfg, self.objective, self.model, self.optimizer, self.budget = cfg, objective, model, optimizer, budget
         self.peak_lr = optimizer.defaults["lr"]
         self.params = [p for p in objective.parameters() if p.requires_grad]

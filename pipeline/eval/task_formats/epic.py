@@ -76,7 +76,9 @@ def _read_split(root: str, path: str, column: str, num_classes: int) -> SplitDat
         except ValueError:
             raise TaskFormatError(f"{where}: start_frame / stop_frame / {column} are not integers") from None
         if not 0 <= start <= stop:
-            raise TaskFormatError(f"{where}: start_frame {start} / stop_frame {stop} (need 0 <= start_frame <= stop_frame)")
+            raise TaskFormatError(
+                f"{where}: start_frame {start} / stop_frame {stop} (need 0 <= start_frame <= stop_frame)"
+            )
         check_label(label, num_classes, f"{where} {column}")
         participant, video = row["participant_id"], row["video_id"]
         video_dir = os.path.join(root, participant, "rgb_frames", video)
