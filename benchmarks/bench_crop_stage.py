@@ -15,8 +15,9 @@ Each path first runs one warm-up pass (imports, page cache, Ray's worker pool), 
 execution): Ray in ONE execution, as the trainer does, the DataLoader rebuilding its worker
 processes per pass (fork: cheap), as a default `DataLoader` does. "start s" is the time to the
 first batch: Ray Data starts a new actor pool per execution (worker processes importing ray.data,
-torch, OpenCV), paid once per execution; "steady" is the rate after it: what a long run sees. a/b is on the whole run, "steady" on the steady columns. "ray 1 pass" runs one
-execution per pass (what an epoch-by-epoch loop would get). "0.9 from": images one execution has to
+torch, OpenCV), paid once per execution; "steady" is the rate after it: what a long run sees. a/b is
+on the whole run, "steady" on the steady columns. "ray 1 pass" runs one execution per pass (what an
+epoch-by-epoch loop would get). "0.9 from": images one execution has to
 stream for the whole-run a/b to reach 0.9, from the measured start-up and steady rates (the trainer
 streams up to 16 passes of the dataset per execution). Views/s counts every view once, M crops
 + A annotation views, as the budget does.
@@ -240,7 +241,8 @@ def print_cpu_ledger(rows, cores: int) -> None:
         per = 100 / n
         cells = " ".join(f"{cpu.get(r, 0.0) * per:>12.2f}" for r in roles)
         print(
-            f"{m:>2} {name:<14} | {wall * cores * per:>12.2f} | {cells} | {cpu.get('crop workers', 0.0) / (wall * cores):>10.2f}"
+            f"{m:>2} {name:<14} | {wall * cores * per:>12.2f} | {cells} | "
+            f"{cpu.get('crop workers', 0.0) / (wall * cores):>10.2f}"
         )
 
 
@@ -259,7 +261,8 @@ def main() -> None:
         "--max-side",
         type=int,
         default=IngestConfig().max_side,
-        help="longest side of the stored JPEGs (ingest.max_side): the decode floor grows with it, the views' cost little",
+        help="longest side of the stored JPEGs (ingest.max_side): the decode floor grows with it, the views' cost "
+        "little",
     )
     ap.add_argument("--batch", type=int, default=ViewsConfig().batch_size, help="rows per crop batch (both paths)")
     ap.add_argument("--workers", type=int, default=2, help="crop actors / DataLoader workers")
@@ -290,17 +293,23 @@ def main() -> None:
         shard_dir, tars = write_bench_shards(args.images, tmp, args.shards, args.max_side)
         jpegs = shard_jpegs(tars)
         print(
-            f"{len(jpegs)} JPEGs in {len(tars)} shards, max side {args.max_side}, {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB mean; "
-            f"view size {args.size}; batches of {args.batch}; {args.workers} Ray crop actors / DataLoader workers; {os.cpu_count()} CPU cores"
+            f"{len(jpegs)} JPEGs in {len(tars)} shards, max side {args.max_side}, "
+            f"{sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB mean; "
+            f"view size {args.size}; batches of {args.batch}; {args.workers} Ray crop actors / DataLoader workers; "
+            f"{os.cpu_count()} CPU cores"
         )
         print(
-            f"ray 1 pass: one execution per pass (an epoch-by-epoch loop); ray / torch: {args.passes} passes per run (Ray: one "
-            f"execution, the trainer's way); start s: to the first batch; a/b on whole runs, a/c per core (a / workers / c); 0.9 from: images per "
+            f"ray 1 pass: one execution per pass (an epoch-by-epoch loop); ray / torch: {args.passes} passes per run "
+            "(Ray: one "
+            "execution, the trainer's way); start s: to the first batch; a/b on whole runs, a/c per core (a / workers "
+            "/ c); 0.9 from: images per "
             f"execution from which the whole-run a/b >= 0.9"
         )
         head = (
-            f"{'M':>2} {'A':>2} | {'ray 1 pass':>10} | {'ray img/s':>9} {'start s':>7} {'(steady)':>9} {'views/s':>8} | "
-            f"{'torch img/s':>11} {'start s':>7} {'(steady)':>9} | {'decode img/s':>12} | {'a/b':>5} {'steady':>6} {'a/c':>5} | {'0.9 from':>8}"
+            f"{'M':>2} {'A':>2} | {'ray 1 pass':>10} | {'ray img/s':>9} {'start s':>7} {'(steady)':>9} {'views/s':>8} "
+            "| "
+            f"{'torch img/s':>11} {'start s':>7} {'(steady)':>9} | {'decode img/s':>12} | {'a/b':>5} {'steady':>6} "
+            f"{'a/c':>5} | {'0.9 from':>8}"
         )
         print(head)
         print("-" * len(head))
@@ -319,8 +328,10 @@ def main() -> None:
             n_dec, t_dec = bench_decode(jpegs, cfg)
             one, a, b, c = n_one / t_one, n_ray / t_ray, n_torch / t_torch, n_dec / t_dec
             print(
-                f"{m:>2} {cfg.annotation_views:>2} | {one:>10.1f} | {a:>9.1f} {start_ray:>7.2f} {steady_ray:>9.1f} {a * per_image:>8.0f} | "
-                f"{b:>11.1f} {start_torch:>7.2f} {steady_torch:>9.1f} | {c:>12.1f} | {a / b:>5.2f} {steady_ray / steady_torch:>6.2f} {a / args.workers / c:>5.2f} | "
+                f"{m:>2} {cfg.annotation_views:>2} | {one:>10.1f} | {a:>9.1f} {start_ray:>7.2f} {steady_ray:>9.1f} "
+                f"{a * per_image:>8.0f} | "
+                f"{b:>11.1f} {start_torch:>7.2f} {steady_torch:>9.1f} | {c:>12.1f} | {a / b:>5.2f} "
+                f"{steady_ray / steady_torch:>6.2f} {a / args.workers / c:>5.2f} | "
                 f"{images_for_ratio(start_ray, steady_ray, steady_torch):>8.0f}"
             )
             cpu_rows += [(m, "ray", n_ray, t_ray, cpu_ray), (m, "torch", n_torch, t_torch, cpu_torch)]

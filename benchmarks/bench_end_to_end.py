@@ -91,7 +91,6 @@ def main() -> None:
 
     ray = init_ray(RayConfig(num_cpus=args.cpus))
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.train.trainer import build_training_datasets
@@ -140,8 +139,10 @@ def main() -> None:
 
     per_image = cfg.views.num_views + cfg.views.annotation_views
     print(
-        f"{args.images} JPEGs (max side 384) in shards, {args.passes} passes per execution; M = {args.views} + {cfg.views.annotation_views} annotation views at "
-        f"{args.size} px; batch {args.batch}; {args.workers} Ray Train worker(s) x {args.cpus_per_worker} CPU; {cluster_cpus:g} CPUs"
+        f"{args.images} JPEGs (max side 384) in shards, {args.passes} passes per execution; M = {args.views} + "
+        f"{cfg.views.annotation_views} annotation views at "
+        f"{args.size} px; batch {args.batch}; {args.workers} Ray Train worker(s) x {args.cpus_per_worker} CPU; "
+        f"{cluster_cpus:g} CPUs"
     )
     head = f"{'path':<28} | {'views/s':>8} {'(steady)':>9} | {'img/s':>6} | {'vs crop stage':>13}"
     print(head)
@@ -150,7 +151,8 @@ def main() -> None:
         f"{'(a) crop stage alone':<28} | {alone:>8.0f} {alone_steady:>9.0f} | {alone / per_image:>6.1f} | {1.0:>13.2f}"
     )
     print(
-        f"{'(b) into Ray Train workers':<28} | {train_rate:>8.0f} {train_steady:>9.0f} | {train_rate / per_image:>6.1f} | {train_rate / alone:>13.2f}"
+        f"{'(b) into Ray Train workers':<28} | {train_rate:>8.0f} {train_steady:>9.0f} | "
+        f"{train_rate / per_image:>6.1f} | {train_rate / alone:>13.2f}"
     )
     ray.shutdown()
 

@@ -147,8 +147,10 @@ def main() -> None:
     n = len(urls)
     mpx = sum(w * h for w, h in sizes) / n / 1e6
     print(
-        f"\n{n} JPEGs, {sum(os.path.getsize(p) for p in paths) / n / 1024:.0f} KiB and {mpx:.2f} Mpixel mean, cut to max side {args.max_side}; "
-        f"{os.cpu_count()} CPU cores; img2dataset {args.processes} processes x {args.threads} threads, {args.per_shard} per shard"
+        f"\n{n} JPEGs, {sum(os.path.getsize(p) for p in paths) / n / 1024:.0f} KiB and {mpx:.2f} Mpixel mean, cut to "
+        f"max side {args.max_side}; "
+        f"{os.cpu_count()} CPU cores; img2dataset {args.processes} processes x {args.threads} threads, "
+        f"{args.per_shard} per shard"
     )
     rows = [
         ("(a) sequential urllib + decode/resize/encode", seq),
@@ -161,11 +163,13 @@ def main() -> None:
     for name, secs in rows:
         print(f"{name:<48} | {secs:>8.2f} | {n / secs:>9.1f} | {seq / secs:>6.2f}")
     print(
-        f"{'    img2dataset workers only (its stats files)':<48} | {n / workers:>8.2f} | {workers:>9.1f} | {workers / (n / seq):>6.2f}"
+        f"{'    img2dataset workers only (its stats files)':<48} | {n / workers:>8.2f} | {workers:>9.1f} | "
+        f"{workers / (n / seq):>6.2f}"
     )
     if local is not None:
         print(
-            f"{'(d) local image-folder ingest (Ray), no HTTP':<48} | {local:>8.2f} | {n / local:>9.1f} | {seq / local:>6.2f}"
+            f"{'(d) local image-folder ingest (Ray), no HTTP':<48} | {local:>8.2f} | {n / local:>9.1f} | "
+            f"{seq / local:>6.2f}"
         )
 
 

@@ -172,7 +172,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(
-        f"\ningest throughput, {args.cpus} Ray CPUs, max_side 384, {args.per_shard} samples/shard (decode-only: 1 core, same inputs)"
+        f"\ningest throughput, {args.cpus} Ray CPUs, max_side 384, {args.per_shard} samples/shard (decode-only: 1 "
+        "core, same inputs)"
     )
     print("| source | images | ingest s | ingest img/s | decode-only img/s | ingest / decode |")
     print("|---|---|---|---|---|---|")

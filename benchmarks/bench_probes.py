@@ -70,7 +70,8 @@ def main() -> None:
         rows.append((probe, kind, time.perf_counter() - wall, time.process_time() - cpu))
     base = rows[0][3]
     print(
-        f"{args.images} images x {args.tokens} tokens x {args.dim}-d, {args.classes} classes, torch threads {args.threads}"
+        f"{args.images} images x {args.tokens} tokens x {args.dim}-d, {args.classes} classes, torch threads "
+        f"{args.threads}"
     )
     print(f"| {'probe':<10} | {'task kind':<19} | {'wall s':>7} | {'cpu s':>7} | {'cpu / linear':>12} |")
     print(f"|{'-' * 12}|{'-' * 21}|{'-' * 9}|{'-' * 9}|{'-' * 14}|")

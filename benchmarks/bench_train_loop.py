@@ -105,7 +105,8 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     b, l = statistics.median(bare), statistics.median(loop)
     print(
-        f"\n{cfg.model.encoder} {cfg.views.view_size}px, batch {args.batch}, {args.steps} steps x {args.rounds} rounds, {dev}, "
+        f"\n{cfg.model.encoder} {cfg.views.view_size}px, batch {args.batch}, {args.steps} steps x {args.rounds} "
+        f"rounds, {dev}, "
         f"log every {cfg.train.log_every_steps} steps, load average {os.getloadavg()[0]:.1f}"
     )
     print("| step | steps/s (median) | ratio |\n|---|---|---|")

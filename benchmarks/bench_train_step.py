@@ -107,13 +107,15 @@ def main() -> None:
     base = rows[0]["views_per_s"]
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
-        f"\nTrain step, {cfg.model.encoder} {size}px, batch {b} images, {dev}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
+        f"\nTrain step, {cfg.model.encoder} {size}px, batch {b} images, {dev}, "
+        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
     )
     print(f"| {'step':34s} | {'s/step':>8s} | {'views/s':>9s} | {'ratio vs SimCLR':>15s} | {'peak GiB':>8s} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 17}|{'-' * 10}|")
     for r in rows:
         print(
-            f"| {r['name']:34s} | {r['s_per_step']:8.4f} | {r['views_per_s']:9.1f} | {r['views_per_s'] / base:15.2f} | {r['peak_gib']:8.2f} |"
+            f"| {r['name']:34s} | {r['s_per_step']:8.4f} | {r['views_per_s']:9.1f} | {r['views_per_s'] / base:15.2f} | "
+            f"{r['peak_gib']:8.2f} |"
         )
 
 

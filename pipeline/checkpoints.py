@@ -126,7 +126,8 @@ def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[
     artifact = tags.get("abpipe.checkpoint_artifact", "")
     if not artifact:
         raise CheckpointError(
-            f"run {ref}: no local checkpoint ({local or 'no abpipe.checkpoint_path tag'}) and no abpipe.checkpoint_artifact tag"
+            f"run {ref}: no local checkpoint ({local or 'no abpipe.checkpoint_path tag'}) and no "
+            "abpipe.checkpoint_artifact tag"
         )
     return _download(ref, artifact, tracking_uri, download_dir), ref, f"runs:/{ref}/{artifact}"
 

@@ -89,7 +89,8 @@ COMMANDS = {
     ),
     "train": (
         cmd_train,
-        "pretrain (objective.name: ab_simclr, ab_clip or a baseline) on shards with Ray Train; resumes from the latest checkpoint",
+        "pretrain (objective.name: ab_simclr, ab_clip or a baseline) on shards with Ray Train; resumes from the latest "
+        "checkpoint",
     ),
     "eval": (cmd_eval, "frozen-feature probes of a checkpoint (dir or MLflow run) on eval tasks"),
     "sweep": (cmd_sweep, "evaluate every checkpoint x task of pretraining runs, skipping pairs already done"),

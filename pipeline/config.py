@@ -189,7 +189,9 @@ class ModelConfig:
     learned_action_bins: int = 32
     proj_dim: int = 256
     proj_hidden_dim: int = 1024
-    text_model: str = "ViT-S-16"  # CLIP/SLIP/AB_CLIP: open_clip config whose text tower is built, randomly initialised (ViT-S-16: 12 layers, width 384)
+    # CLIP/SLIP/AB_CLIP: the open_clip config whose text tower is built, randomly initialised
+    # (ViT-S-16: 12 layers, width 384)
+    text_model: str = "ViT-S-16"
     text_kwargs: dict[str, Any] = field(
         default_factory=dict
     )  # overrides of its text_cfg (width, heads, layers); context length = views.text.context_length
@@ -489,7 +491,7 @@ _PACKAGED_PREFIXES = ("jobs/configs/", "pipeline/configs/")
 
 
 def packaged_config(name: str | os.PathLike):
-    """The packaged config `name` names (`tiny`, `tiny.yaml`, `methods/dino.yaml`, `jobs/configs/tiny.yaml`), or None."""
+    """The packaged config `name` names (`tiny`, `tiny.yaml`, `methods/dino.yaml`, `jobs/configs/tiny.yaml`) or None."""
     from importlib.resources import files
 
     rel = Path(name).as_posix()

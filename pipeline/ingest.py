@@ -80,7 +80,8 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
     stats["output"] = ing.output
     counts = ", ".join(f"{k}={v}" for k, v in stats["counts"].items())
     print(
-        f"[abpipe] ingest {ing.source}: {stats['total']} inputs -> {counts}; {len(stats['shards'])} shards in {ing.output}",
+        f"[abpipe] ingest {ing.source}: {stats['total']} inputs -> {counts}; {len(stats['shards'])} shards in "
+        f"{ing.output}",
         flush=True,
     )
     _log_to_mlflow(cfg, stats)

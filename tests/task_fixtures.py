@@ -108,7 +108,8 @@ FOOD_CLASSES = ["apple_pie", "baby_back_ribs", "baklava"]
 
 
 def make_food101(root: str) -> str:
-    """food-101/images/<class>/<id>.jpg + meta/{classes,labels,train,test}.txt + meta/{train,test}.json: 3 train + 2 test a class."""
+    """food-101/images/<class>/<id>.jpg + meta/{classes,labels,train,test}.txt + meta/{train,test}.json:
+    3 train + 2 test a class."""
     base = os.path.join(root, "food-101")
     train, test = [], []
     for label, cls in enumerate(FOOD_CLASSES):

@@ -363,7 +363,8 @@ def test_paper_configs_share_one_training_setting():
 
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|access[_-]?key|credential)", re.I)
 _SECRET_VALUE = re.compile(
-    r"(AKIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@|-----BEGIN [A-Z ]*PRIVATE KEY|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,})"
+    r"(AKIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@|-----BEGIN [A-Z ]*PRIVATE "
+    r"KEY|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,})"
 )
 _NAMES_NOT_VALUES = {"secretName", "secretRef", "secretKeyRef", "valueFrom", "envFrom"}
 

@@ -351,7 +351,8 @@ def test_img2dataset_errors_map_to_reasons():
 
 
 def test_download_guard_refuses_bombs_from_the_header(server):
-    """The guard in front of img2dataset's OpenCV decoder: a bomb is refused without decoding pixels, bad files get a precise reason."""
+    """The guard in front of img2dataset's OpenCV decoder: a bomb is refused without decoding pixels, bad files
+    get a precise reason."""
     from img2dataset.resizer import Resizer
 
     from pipeline.data.sources.img2dataset_runner import GuardedResizer

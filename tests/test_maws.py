@@ -40,7 +40,8 @@ def ab_config(view_size: int = 32) -> Config:
 
 
 def test_position_embedding_resampled_to_a_new_grid():
-    """4x4 -> 6x6 grid: class token kept, patch part = a bicubic resize of the row-major grid (timm's antialiased kernel)."""
+    """4x4 -> 6x6 grid: class token kept, patch part = a bicubic resize of the row-major grid (timm's antialiased
+    kernel)."""
     encoder = build_objective(ab_config(48)).student_encoder  # patch 8: 6x6
     old = torch.randn(1, 1 + 16, 48)
     got = adapt_position_embedding({"pos_embed": old}, encoder, "ckpt")["pos_embed"]

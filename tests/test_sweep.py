@@ -88,7 +88,10 @@ def two_runs(tmp_path_factory, digits_folder):
 
 def _finished(client, key: str, task: str) -> list:
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    query = f"tags.`abpipe.kind` = 'eval' and tags.`abpipe.checkpoint_key` = '{key}' and tags.`abpipe.task` = '{task}' and attributes.status = 'FINISHED'"
+    query = (
+        f"tags.`abpipe.kind` = 'eval' and tags.`abpipe.checkpoint_key` = '{key}' and tags.`abpipe.task` = '{task}' "
+        "and attributes.status = 'FINISHED'"
+    )
     return client.search_runs([exp], query)
 
 

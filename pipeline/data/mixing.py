@@ -92,7 +92,8 @@ def stream_dataset(
 
     if read_concurrency is not None and read_concurrency < 1:
         raise ConfigError(
-            f"data.read_concurrency must be >= 1 (or null: one per {ACTORS_PER_READ_TASK} crop actors), got {read_concurrency}"
+            f"data.read_concurrency must be >= 1 (or null: one per {ACTORS_PER_READ_TASK} crop actors), got "
+            f"{read_concurrency}"
         )
     if not mixture:
         return read_shards(

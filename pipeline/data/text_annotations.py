@@ -80,7 +80,8 @@ def _objects(meta: dict[str, Any]) -> list[tuple[str, list[float]]]:
     if not isinstance(boxes, list) or not isinstance(labels, list) or len(boxes) != len(labels):
         raise MissingAnnotation(
             BAD_ANNOTATION,
-            f"{len(boxes) if isinstance(boxes, list) else '?'} boxes vs {len(labels) if isinstance(labels, list) else '?'} labels",
+            f"{len(boxes) if isinstance(boxes, list) else '?'} boxes vs "
+            f"{len(labels) if isinstance(labels, list) else '?'} labels",
         )
     objects = []
     for box, label in zip(boxes, labels):

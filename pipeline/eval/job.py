@@ -131,7 +131,8 @@ def check_class_ids(data, root: str, max_per_split: int = 0) -> None:
     if unseen and data.info.kind not in BOX_TASK_KINDS:
         names = [data.info.class_names[i] for i in unseen[:5]]
         raise TaskFormatError(
-            f"{root}: class-count mismatch: the test split has {len(ids['test'])} classes, the train split {len(ids['train'])}; "
+            f"{root}: class-count mismatch: the test split has {len(ids['test'])} classes, the train split "
+            f"{len(ids['train'])}; "
             f"test classes never seen in training: {names}{' ...' if len(unseen) > 5 else ''}{hint}"
         )
 
@@ -299,7 +300,8 @@ def _submit_probes(tr: _TaskRun, probe_ev: EvalConfig, use_gpu: bool) -> None:
         for s, split in splits.items():
             if len(split) == 0:
                 raise ValueError(
-                    f"{tr.root}: no readable image in the {s} split of task '{tr.task}' (skipped: {tr.features[encoder][s].skipped})"
+                    f"{tr.root}: no readable image in the {s} split of task '{tr.task}' (skipped: "
+                    f"{tr.features[encoder][s].skipped})"
                 )
         train, test = ray.put(splits["train"]), ray.put(splits["test"])
         for probe in tr.probes:

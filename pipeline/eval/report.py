@@ -31,7 +31,8 @@ def write_eval_results(
     """results.md / results.csv of one (checkpoint, task) evaluation; returns the paths."""
     md = [f"# `{info['task']}` eval of `{info['checkpoint']}` (step {info['step']})", ""]
     md += [
-        f"task root `{info['root']}` ({info['kind']}, {info['n_classes']} classes): {info['n_train']} train / {info['n_test']} test images",
+        f"task root `{info['root']}` ({info['kind']}, {info['n_classes']} classes): {info['n_train']} train / "
+        f"{info['n_test']} test images",
         "",
     ]
     md += [f"skipped images: {info['skipped'] or 'none'}; features from cache: {info['cached'] or 'none'}", ""]

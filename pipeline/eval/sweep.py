@@ -186,7 +186,8 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     for run in runs:
         found = run_checkpoints(client, run, sc.latest_only)
         if not found:  # a missing checkpoint is a recorded failure, never a silently empty row
-            where = f"{run.data.tags.get('abpipe.storage_path') or run.data.params.get('train.storage_path', '?')}/{run.data.params.get('train.run_name') or run.info.run_name}/checkpoint_*"
+            storage = run.data.tags.get("abpipe.storage_path") or run.data.params.get("train.storage_path", "?")
+            where = f"{storage}/{run.data.params.get('train.run_name') or run.info.run_name}/checkpoint_*"
             ref = CheckpointRef(run.info.run_id, f"{run.info.run_id}@?", run.info.run_name or run.info.run_id, -1)
             failures.append(
                 _failure(
@@ -292,7 +293,8 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         raise
     logger.finish()
     print(
-        f"[abpipe] sweep: {total} pairs: {len(evaluated)} evaluated, {len(skipped)} already done, {len(failures)} failed"
+        f"[abpipe] sweep: {total} pairs: {len(evaluated)} evaluated, {len(skipped)} already done, {len(failures)} "
+        "failed"
     )
     with open(paths[0]) as fh:
         print(fh.read())

@@ -214,7 +214,8 @@ def check_dino_views(cfg: Config) -> None:
         )
     if v.num_views:
         raise ConfigError(
-            f"{name} does not read the AB crops: set views.num_views=0 (got {v.num_views}); they would be cut and counted in the view budget but never used"
+            f"{name} does not read the AB crops: set views.num_views=0 (got {v.num_views}); they would be cut and "
+            "counted in the view budget but never used"
         )
     if v.local_views < 0 or (v.local_views and v.local_size < 1):
         raise ConfigError(

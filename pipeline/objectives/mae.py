@@ -104,14 +104,16 @@ class MAE(base.Objective):
             )
         if v.annotation_views or v.local_views:
             raise ConfigError(
-                f"mae reads only the `views` crops: set views.annotation_views=0 and views.local_views=0 (got {v.annotation_views}, {v.local_views}); "
+                "mae reads only the `views` crops: set views.annotation_views=0 and views.local_views=0 (got "
+                f"{v.annotation_views}, {v.local_views}); "
                 "they would be cut and counted in the view budget but never used"
             )
         if not 0.0 <= m.mask_ratio < 1.0:
             raise ConfigError(f"objective.mae.mask_ratio must be in [0, 1), got {m.mask_ratio}")
         if self.encoder.patch_embed.patch_size[0] != self.encoder.patch_embed.patch_size[1] or v.view_size % self.patch:
             raise ConfigError(
-                f"mae needs square patches dividing views.view_size={v.view_size}, got patch {self.encoder.patch_embed.patch_size}"
+                f"mae needs square patches dividing views.view_size={v.view_size}, got patch "
+                f"{self.encoder.patch_embed.patch_size}"
             )
 
     @property

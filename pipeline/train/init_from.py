@@ -125,7 +125,8 @@ def initialise_encoders(objective, source: InitSource, which: str = "teacher") -
             encoder.load_state_dict(adapted)
         except RuntimeError as exc:
             raise ConfigError(
-                f"train.init_from: the encoder in {source.directory} does not fit this run's model.encoder / model.encoder_kwargs: {exc}"
+                f"train.init_from: the encoder in {source.directory} does not fit this run's model.encoder / "
+                f"model.encoder_kwargs: {exc}"
             ) from None
     return len(targets)
 

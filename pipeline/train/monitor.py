@@ -89,7 +89,8 @@ class Monitor:
         counters.bad_steps += new
         self.logger.metrics({"bad_steps": counters.bad_steps}, counters.step)
         print(
-            f"[abpipe] step {counters.step}: {new} non-finite step(s) skipped ({streak} in a row, {counters.bad_steps} in all)",
+            f"[abpipe] step {counters.step}: {new} non-finite step(s) skipped ({streak} in a row, {counters.bad_steps} "
+            "in all)",
             flush=True,
         )
         if streak >= self.cfg.train.max_bad_steps:

@@ -31,7 +31,8 @@ def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
     need = streams * (cfg.views.cpus_per_actor + cfg.data.read_cpus)
     if budget + 1e-9 < need:
         message = (
-            f"the data stage needs {need:g} CPUs ({streams} stream(s) x (views.cpus_per_actor={cfg.views.cpus_per_actor:g} + "
+            f"the data stage needs {need:g} CPUs ({streams} stream(s) x "
+            f"(views.cpus_per_actor={cfg.views.cpus_per_actor:g} + "
             f"data.read_cpus={cfg.data.read_cpus:g})) but only {budget:g} of the cluster's {cluster_cpus:g} are left "
             f"after {cfg.train.num_workers} training worker(s) x train.cpus_per_worker={cfg.train.cpus_per_worker:g}; "
             "lower those settings or add CPUs"

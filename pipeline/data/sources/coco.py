@@ -126,7 +126,8 @@ def list_items(cfg: IngestConfig) -> list[dict[str, Any]]:
     orphans = sum(len(anns) for image_id, anns in by_image.items() if image_id not in seen)
     if orphans:
         print(
-            f"[abpipe] ingest coco: {orphans} annotations name an image id absent from 'images' in {coco.instances}; ignored",
+            f"[abpipe] ingest coco: {orphans} annotations name an image id absent from 'images' in {coco.instances}; "
+            "ignored",
             flush=True,
         )
     return sorted(items, key=lambda it: (it["input"], it["id"]))

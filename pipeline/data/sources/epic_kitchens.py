@@ -76,7 +76,8 @@ class ActionIndex:
         bad = table["start_frame"].isna() | table["stop_frame"].isna() | (table["start_frame"] > table["stop_frame"])
         if bad.any():
             _warn(
-                f"{int(bad.sum())} rows of {csv_uri} have unusable start/stop frames and are ignored: {list(table.loc[bad, 'narration_id'][:5])}"
+                f"{int(bad.sum())} rows of {csv_uri} have unusable start/stop frames and are ignored: "
+                f"{list(table.loc[bad, 'narration_id'][:5])}"
             )
         table = table[~bad].reset_index(drop=True)
         self.videos: dict[str, tuple[np.ndarray, np.ndarray, list[dict]]] = {}
@@ -173,7 +174,8 @@ def load_visor(epic) -> dict[str, dict[int, dict[str, Any]]]:
                     frame["labels"].append(str(ann.get("name", "")))
     if unmapped:
         _warn(
-            f"{unmapped} VISOR frames have no rgb_frames number (name not parseable or absent from the frame mapping); ignored"
+            f"{unmapped} VISOR frames have no rgb_frames number (name not parseable or absent from the frame mapping); "
+            "ignored"
         )
     return out
 
@@ -213,7 +215,8 @@ def _containers(root: str, layout: str) -> list[tuple[str, str, str]]:
     found = [f for f in found if not (f[2] == "dir" and f[0] in tars)]  # a tar and its extracted folder: one video
     if not found:
         raise FileNotFoundError(
-            f"ingest.input: no {layout} found in {root} (expected {root}/P01/{layout}/... or the {layout} folder itself)"
+            f"ingest.input: no {layout} found in {root} (expected {root}/P01/{layout}/... or the {layout} folder "
+            "itself)"
         )
     return sorted(found)
 

@@ -232,7 +232,8 @@ def ingest_url_captions(ing: IngestConfig, ray_cfg: RayConfig | None = None, sou
     normaliser = _Normaliser(raw_dir, ing, source, digits, wanted)
     to_fetch = wanted - normaliser.done - finished_raw_shards(raw_dir)
     print(
-        f"[abpipe] {source}: {listing.total} listed, {len(listing.refused)} refused, {num_shards} download shards, {len(to_fetch)} to fetch",
+        f"[abpipe] {source}: {listing.total} listed, {len(listing.refused)} refused, {num_shards} download shards, "
+        f"{len(to_fetch)} to fetch",
         flush=True,
     )
     if to_fetch:

@@ -41,7 +41,8 @@ def detect_format(path: str) -> str:
         ext = "jsonl"
     if ext not in FORMATS:
         raise ConfigError(
-            f"ingest.input: cannot tell the format of {path}; set ingest.cc12m.input_format to one of {', '.join(FORMATS)}"
+            f"ingest.input: cannot tell the format of {path}; set ingest.cc12m.input_format to one of "
+            f"{', '.join(FORMATS)}"
         )
     return ext
 
@@ -130,7 +131,8 @@ def read_url_list(path: str, cfg: UrlIngestConfig) -> UrlList:
         )
     if fmt != "txt" and cfg.caption_col and cfg.caption_col not in table.column_names:
         raise ConfigError(
-            f"ingest.cc12m.caption_col: no column {cfg.caption_col!r} in {path}; columns: {table.column_names} (set it to '' for a list without captions){hint}"
+            f"ingest.cc12m.caption_col: no column {cfg.caption_col!r} in {path}; columns: {table.column_names} (set it "
+            f"to '' for a list without captions){hint}"
         )
     urls = table.column(cfg.url_col).to_pylist()
     captions = (

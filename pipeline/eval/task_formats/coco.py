@@ -56,7 +56,8 @@ def _read_split(coco, path: str, images: str, cat_index: dict[int, int], keep_em
                 continue
             if ann.get("category_id") not in cat_index:
                 raise TaskFormatError(
-                    f"{path}: annotation {ann.get('id')} has category_id {ann.get('category_id')}, not among the {len(cat_index)} categories"
+                    f"{path}: annotation {ann.get('id')} has category_id {ann.get('category_id')}, not among the "
+                    f"{len(cat_index)} categories"
                 )
             try:
                 x, y, w, h = (float(v) for v in ann["bbox"])

@@ -47,7 +47,8 @@ def load(root: str, seed: int) -> tuple[list[str], SplitData, SplitData]:
     absent = sorted(set(range(max(names) + 1)) - trained)
     if absent:
         raise TaskFormatError(
-            f"{paths['trainval']}: class id(s) {[a + 1 for a in absent]} have no trainval image (class ids must run 1..{max(names) + 1})"
+            f"{paths['trainval']}: class id(s) {[a + 1 for a in absent]} have no trainval image (class ids must run "
+            f"1..{max(names) + 1})"
         )
     classes = [names[i] for i in range(len(names))]
     splits = [SplitData([Example(input=p, label=label) for p, label, _, _ in rows[s]]) for s in ("trainval", "test")]

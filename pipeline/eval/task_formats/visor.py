@@ -113,7 +113,8 @@ def _load(root: str, keep_empty: bool):
             examples += _read_video(path, frames, len(classes), keep_empty, skipped)
         if not examples:
             raise TaskFormatError(
-                f"{frames}: no frames extracted for any of the {len(files)} annotated videos (unzip PXX/PXX_YY.zip into PXX/PXX_YY/)"
+                f"{frames}: no frames extracted for any of the {len(files)} annotated videos (unzip PXX/PXX_YY.zip "
+                "into PXX/PXX_YY/)"
             )
         splits.append(SplitData(examples, skipped))
     return classes, splits[0], splits[1]
