@@ -18,7 +18,8 @@ from pipeline.config import (
     TrainConfig,
     ViewsConfig,
 )
-from pipeline.train.loop import NonFiniteLossError, train
+from pipeline.train.loop import train
+from pipeline.train.monitor import NonFiniteLossError
 from pipeline.train.session import LocalSession
 from tests.micro import MICRO_MODEL
 

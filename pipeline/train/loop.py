@@ -21,11 +21,11 @@ from pipeline.config import Config, config_from_dict
 from pipeline.objectives.registry import build_objective
 from pipeline.tracking import RunLogger
 from pipeline.train.checkpointing import Checkpointer, Counters, restore
-from pipeline.train.monitor import Monitor, NonFiniteLossError
+from pipeline.train.monitor import Monitor
 from pipeline.train.session import Session
 from pipeline.train.step import Budget, TrainStep, make_optimizer, peak_lr
 
-__all__ = ["ANNOTATION_COLUMNS", "NonFiniteLossError", "train", "train_loop_per_worker"]
+__all__ = ["ANNOTATION_COLUMNS", "train", "train_loop_per_worker"]
 
 # Columns a decoupled annotation stream contributes to each batch (the rest come from the crop stream).
 ANNOTATION_COLUMNS = ("ann_views", "tokens")
