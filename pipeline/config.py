@@ -56,9 +56,10 @@ class UrlIngestConfig:
     retries: int = 2  # extra attempts per URL after a failed download
     timeout: float = 10.0  # seconds per request (connect, and each read)
     user_agent_token: str = "abpipe"  # sent in the User-Agent; X-Robots-Tag "abpipe: noai" opts out of us alone
+    # [] honours none
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
-    )  # [] honours none
+    )
     max_shard_retry: int = 1  # multiprocessing: re-runs of a shard whose worker died
     keep_raw: bool = False  # keep img2dataset's own tars after normalising (they double the disk use)
 
@@ -192,9 +193,8 @@ class ModelConfig:
     # CLIP/SLIP/AB_CLIP: the open_clip config whose text tower is built, randomly initialised
     # (ViT-S-16: 12 layers, width 384)
     text_model: str = "ViT-S-16"
-    text_kwargs: dict[str, Any] = field(
-        default_factory=dict
-    )  # overrides of its text_cfg (width, heads, layers); context length = views.text.context_length
+    # overrides of its text_cfg (width, heads, layers); context length = views.text.context_length
+    text_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -129,11 +129,12 @@ def make_food101(root: str) -> str:
     return root
 
 
+# (breed, species 1 cat / 2 dog)
 PET_BREEDS = [
     ("Abyssinian", 1),
     ("american_bulldog", 2),
     ("american_pit_bull_terrier", 2),
-]  # (breed, species 1 cat / 2 dog)
+]
 
 
 def make_pets(root: str) -> str:

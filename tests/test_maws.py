@@ -122,9 +122,8 @@ def test_mae_run_then_ab_run_from_its_mlflow_run_id(ray_cluster, digit_shards, t
         base,
         views=dataclasses.replace(base.views, num_views=1, annotation_views=0),
         objective=ObjectiveConfig(name="mae", mae=MICRO_MAE),
-        train=dataclasses.replace(
-            base.train, total_views=2 * 8, run_name="mae", seed=5
-        ),  # not the AB run's random init
+        # not the AB run's random init
+        train=dataclasses.replace(base.train, total_views=2 * 8, run_name="mae", seed=5),
     )
     mae_run = start_run(
         mae_cfg.tracking.tracking_uri, mae_cfg.tracking.experiment, "mae", mae_cfg.flat(), {"abpipe.kind": "pretrain"}

@@ -28,9 +28,8 @@ def test_summary_has_the_random_init_floor_when_measured():
         {"arm": "base", "seed": s, "linear_top1": v, "random_init/linear_top1": r}
         for s, (v, r) in enumerate([(0.80, 0.60), (0.84, 0.64)])
     ]
-    rows += [
-        {"arm": "simclr", "seed": 0, "linear_top1": 0.7, "random_init/linear_top1": 0.60}
-    ]  # seed 0's encoder again: counted once
+    # seed 0's encoder again: counted once
+    rows += [{"arm": "simclr", "seed": 0, "linear_top1": 0.7, "random_init/linear_top1": 0.60}]
     table = {line.split(" | ")[0].lstrip("| "): line for line in summarise(rows, ARMS, "linear_top1")[2:]}
     sd = statistics.stdev([60.0, 64.0])
     assert f"| 62.0 ± {sd:.1f} | 2 | -20.0 |" in table["Random-init encoder (same probe)"]

@@ -13,7 +13,7 @@ from pipeline.checkpoints import CheckpointError, latest_checkpoint_dir, read_me
 from pipeline.objectives.registry import build_objective
 from pipeline.train.loop import train
 from pipeline.train.session import LocalSession
-from pipeline.train.step import Budget, TrainStep, make_optimizer, peak_lr
+from pipeline.train.step import Budget, TrainStep, make_optimizer, param_groups, peak_lr
 from tests.test_train import BATCH, M, _batch, micro_config
 
 GOOD_BOXES = (
@@ -155,6 +155,29 @@ def test_a_non_finite_step_is_skipped_on_the_device(tmp_path):
     good = step(_batch(GOOD_BOXES), 2, logging=False, diagnose=False)
     assert good.found_inf.item() == 0 and not _same(_snapshot(objective, optimizer), before)
     assert objective.teacher is not None and all(torch.isfinite(p).all() for p in objective.parameters())
+
+
+def test_a_foreach_optimiser_checkpoint_resumes_into_the_fused_skip(tmp_path):
+    """Checkpoints written before the fused AdamW (foreach state, `fused` None) still resume and skip."""
+    from pipeline.checkpoints import save_checkpoint
+    from pipeline.train.checkpointing import restore
+
+    objective, optimizer, step = _step(tmp_path)
+    step(_batch(GOOD_BOXES), 0, logging=False, diagnose=False)
+    foreach = torch.optim.AdamW(param_groups(objective, 0.05), lr=1e-3)  # what the loop used before
+    for p in objective.parameters():
+        p.grad = torch.zeros_like(p)
+    foreach.step()
+    save_checkpoint(
+        tmp_path / "old",
+        {"objective": objective.state_dict(), "optimizer": foreach.state_dict()},
+        {"step": 1, "views_seen": 0},
+    )
+    objective2, optimizer2, step2 = _step(tmp_path)
+    restore(str(tmp_path / "old"), objective2, optimizer2, torch.device("cpu"))
+    before = _snapshot(objective2, optimizer2)
+    assert step2(_batch(BAD_BOXES), 1, logging=False, diagnose=False).found_inf.item() == 1
+    assert _same(_snapshot(objective2, optimizer2), before)
 
 
 def test_skipped_steps_are_counted_and_the_run_goes_on(tmp_path, capsys):

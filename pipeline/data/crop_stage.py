@@ -49,9 +49,8 @@ def draft_size(cfg: ViewsConfig) -> int:
         scales.append(cfg.annotation_scale[0])
     a_min = max(min(scales, default=1.0), 1e-6)
     r_max = max(cfg.ratio[1], 1 / cfg.ratio[0])
-    local = (
-        cfg.local_size * math.sqrt(r_max / max(cfg.local_scale[0], 1e-6)) if cfg.local_views else 0
-    )  # DINO local crops
+    # DINO local crops
+    local = cfg.local_size * math.sqrt(r_max / max(cfg.local_scale[0], 1e-6)) if cfg.local_views else 0
     return math.ceil(max(cfg.view_size * math.sqrt(r_max / a_min), local))
 
 

@@ -53,11 +53,12 @@ STATUSES = (OK,) + SKIP_REASONS
 # on. Counted in the crop stage's stats, never in an ingest manifest (ingest keeps such samples).
 NO_CAPTION = "no_caption"  # views.text.source=captions: no non-empty string in json `captions` nor in `txt`
 NO_BOXES = "no_boxes"  # views.text.source=boxes: json has no `boxes` / `labels`
+# bad_annotation: unreadable json, boxes/labels that do not pair up
 CROP_SKIP_REASONS = (
     NO_CAPTION,
     NO_BOXES,
     BAD_ANNOTATION,
-)  # bad_annotation: unreadable json, boxes/labels that do not pair up
+)
 
 MANIFEST_COLUMNS = ("key", "shard", "source", "status", "detail", "input")
 

@@ -198,9 +198,8 @@ def _write_one_shard(row: dict[str, Any], out_dir: str, source: str, cfg_dict: d
     name = shard_name(index)
     fs, base = filesystem(out_dir)
     rows, written = {}, 0
-    tmp_path = posixpath.join(
-        base, f"{name}.{uuid.uuid4().hex[:8]}.tmp"
-    )  # unique: a killed run's task may still be writing
+    # unique: a killed run's task may still be writing
+    tmp_path = posixpath.join(base, f"{name}.{uuid.uuid4().hex[:8]}.tmp")
     with fs.open_output_stream(tmp_path) as stream:
         writer = wds.TarWriter(stream)
         for item, pixels in _load_pixels(items):

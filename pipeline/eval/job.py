@@ -435,9 +435,8 @@ def evaluate_checkpoint(
 
     with tempfile.TemporaryDirectory(prefix="abpipe-eval-") as tmp:
         ckpt_dir, source_run, recorded_path = resolve_checkpoint(ref, uri, os.path.join(tmp, "download"))
-        _, model_cfg = load_frozen_model(
-            ckpt_dir, which=ev.weights
-        )  # validates the weights on the driver: clear errors
+        # validates the weights on the driver: clear errors
+        _, model_cfg = load_frozen_model(ckpt_dir, which=ev.weights)
         meta = read_meta(ckpt_dir)
         fingerprint = weights_fingerprint(ckpt_dir)
         key = key or checkpoint_key(meta, source_run, fingerprint)

@@ -135,7 +135,6 @@ class MAE(base.Objective):
         latent = self.encode_visible(x, keep)
         pred = self.decoder(latent, restore)
         loss = mae_loss(pred, patchify(x, self.patch), mask, self.cfg.objective.mae.norm_pix_loss)
-        diagnostics = (
-            {"latent": latent[:, 0].detach().float()} if progress.diagnose else {}
-        )  # class token of the visible set
+        # class token of the visible set
+        diagnostics = {"latent": latent[:, 0].detach().float()} if progress.diagnose else {}
         return base.StepOutput(loss, {"reconstruction": loss.detach()}, {"mask_fraction": mask.mean()}, diagnostics)

@@ -36,7 +36,21 @@ def restore(directory: str, objective: Objective, optimizer: torch.optim.Optimiz
     meta = read_meta(directory)
     objective.load_state_dict(state["objective"])
     optimizer.load_state_dict(state["optimizer"])
+    keep_fused(optimizer)
     return Counters(int(meta["step"]), int(meta["views_seen"]), int(meta.get("bad_steps", 0)))
+
+
+def keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """Loaded state brings the saved param groups' `fused` flag (None in checkpoints written by the
+    foreach AdamW this loop used before); keep the optimiser's own, which the device-side skip needs,
+    with step counts on the parameters' device as the fused kernel wants them."""
+    fused = optimizer.defaults.get("fused")
+    for group in optimizer.param_groups:
+        group["fused"] = fused
+    if fused:
+        for param, state in optimizer.state.items():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
 
 
 class Checkpointer:

@@ -71,40 +71,45 @@ def _endless(session: Session, name: str, cfg: Config, device: torch.device) -> 
             )
 
 
+def start(cfg: Config, session: Session, device: torch.device, init_from_dir: str | None):
+    """(objective, optimiser, counters): restored from the session's checkpoint, else fresh (MAWS: from
+    `train.init_from`). Seeded per rank, as before; DDP then starts every worker from rank 0's weights."""
+    torch.manual_seed(cfg.train.seed + session.rank)
+    objective = build_objective(cfg).to(device)
+    with session.restored_checkpoint() as checkpoint_dir:
+        if checkpoint_dir is None and cfg.train.init_from:
+            # MAWS stage: encoders from another run; heads stay fresh
+            from pipeline.train.init_from import apply_init_from
+
+            apply_init_from(objective, cfg, init_from_dir)
+        optimizer = make_optimizer(objective, peak_lr(cfg, session.world_size), cfg.train.weight_decay)
+        torch.manual_seed(cfg.train.seed + 1000 + session.rank)
+        if checkpoint_dir is None:
+            return objective, optimizer, Counters()
+        counters = restore(checkpoint_dir, objective, optimizer, device)
+    if session.rank == 0:
+        print(f"[abpipe] resumed from step {counters.step} ({counters.views_seen:,} views seen)", flush=True)
+    return objective, optimizer, counters
+
+
 def train(cfg: Config, session: Session, mlflow_run_id: str | None = None, init_from_dir: str | None = None) -> dict:
     """Run the loop on `session` until `train.total_views` are seen; returns the last logged metrics.
 
     `mlflow_run_id` is the run the driver created (or found in the run's record) for this training run;
     `init_from_dir` is the driver's local copy of `train.init_from` (MAWS staging).
     """
-    rank = session.rank
-    device = session.device(cfg.train.use_gpu)
+    rank, device = session.rank, session.device(cfg.train.use_gpu)
     if device.type == "cpu" and cfg.train.cpus_per_worker >= 1:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     budget = Budget.from_config(cfg, session.world_size)
-
-    torch.manual_seed(cfg.train.seed + rank)
-    objective = build_objective(cfg).to(device)  # seeded: identical initial weights on every worker
-    with session.restored_checkpoint() as checkpoint_dir:
-        if checkpoint_dir is None and cfg.train.init_from:
-            from pipeline.train.init_from import (
-                apply_init_from,
-            )  # MAWS stage: encoders from another run; heads stay fresh
-
-            apply_init_from(objective, cfg, init_from_dir)
-        optimizer = make_optimizer(objective, peak_lr(cfg, session.world_size), cfg.train.weight_decay)
-        torch.manual_seed(cfg.train.seed + 1000 + rank)
-        counters = Counters()
-        if checkpoint_dir is not None:
-            counters = restore(checkpoint_dir, objective, optimizer, device)
-            if rank == 0:
-                print(f"[abpipe] resumed from step {counters.step} ({counters.views_seen:,} views seen)", flush=True)
-    model = session.prepare_model(objective, objective.find_unused_parameters)
-    step = TrainStep(cfg, objective, model, optimizer, budget, device)
-
+    objective, optimizer, counters = start(cfg, session, device, init_from_dir)
+    step = TrainStep(
+        cfg, objective, session.prepare_model(objective, objective.find_unused_parameters), optimizer, budget, device
+    )
     logger = RunLogger(cfg.tracking.tracking_uri, mlflow_run_id, enabled=rank == 0)
     monitor = Monitor(cfg, budget.total_steps, rank, logger, device)
-    checkpointer = Checkpointer(cfg, session, objective, step.optimizer, logger, mlflow_run_id, budget.total_steps)
+    checkpointer = Checkpointer(cfg, session, objective, optimizer, logger, mlflow_run_id, budget.total_steps)
+
     objective.train()
     stream = batches(session, cfg, device) if counters.step < budget.total_steps else iter(())
     for batch in stream:
@@ -115,7 +120,7 @@ def train(cfg: Config, session: Session, mlflow_run_id: str | None = None, init_
         monitor.after_step(result, budget.views_per_step)
         checkpoint = checkpointer.due(counters.step)
         if logging or checkpoint:
-            monitor.check(counters)
+            monitor.check(counters)  # skipped steps: reported, and too many in a row stop the run
         if logging:
             monitor.log(counters, result, objective, batch)
         if checkpoint:
