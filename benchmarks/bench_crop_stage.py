@@ -15,8 +15,9 @@ Each path first runs one warm-up pass (imports, page cache, Ray's worker pool), 
 execution): Ray in ONE execution, as the trainer does, the DataLoader rebuilding its worker
 processes per pass (fork: cheap), as a default `DataLoader` does. "start s" is the time to the
 first batch: Ray Data starts a new actor pool per execution (worker processes importing ray.data,
-torch, OpenCV), paid once per execution; "steady" is the rate after it: what a long run sees. a/b is on the whole run, "steady" on the steady columns. "ray 1 pass" runs one
-execution per pass (what an epoch-by-epoch loop would get). "0.9 from": images one execution has to
+torch, OpenCV), paid once per execution; "steady" is the rate after it: what a long run sees. a/b is
+on the whole run, "steady" on the steady columns. "ray 1 pass" runs one execution per pass (what an
+epoch-by-epoch loop would get). "0.9 from": images one execution has to
 stream for the whole-run a/b to reach 0.9, from the measured start-up and steady rates (the trainer
 streams up to 16 passes of the dataset per execution). Views/s counts every view once, M crops
 + A annotation views, as the budget does.
@@ -124,7 +125,9 @@ def timed_pass(batches, rows_of, ledger: CpuLedger | None = None) -> tuple[int, 
 
 def bench_ray(shard_dir: str, cfg: ViewsConfig, name: str, passes: int = 1, warm_up: bool = False):
     """`passes` passes over the shards in ONE execution (as the trainer streams them): one actor start-up."""
-    source = stream_dataset(shard_dir, {}, DataConfig().read_cpus, passes, default_read_concurrency(crop_pool_size(cfg)))
+    source = stream_dataset(
+        shard_dir, {}, DataConfig().read_cpus, passes, default_read_concurrency(crop_pool_size(cfg))
+    )
     out = build_crop_dataset(source, cfg, seed=0, stats_name=name)
     run = lambda: out.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
     if warm_up:
@@ -200,46 +203,82 @@ def print_breakdown(jpegs: list[bytes], cfg: ViewsConfig) -> None:
     decode = ms_per_call(lambda j: decode_rgb(j, draft_to=draft), jpegs)
     rows = [
         ("JPEG decode (draft-reduced)", decode),
-        (f"cut + resize {cfg.num_views} crops", ms_per_call(lambda i: cut_views(rgbs[i], boxes[i], cfg.view_size), range(len(rgbs)))),
-        ("  same with Pillow (baseline)", ms_per_call(lambda i: pillow_cut_views(rgbs[i], boxes[i], cfg.view_size), range(len(rgbs)))),
+        (
+            f"cut + resize {cfg.num_views} crops",
+            ms_per_call(lambda i: cut_views(rgbs[i], boxes[i], cfg.view_size), range(len(rgbs))),
+        ),
+        (
+            "  same with Pillow (baseline)",
+            ms_per_call(lambda i: pillow_cut_views(rgbs[i], boxes[i], cfg.view_size), range(len(rgbs))),
+        ),
         ("colour jitter, 1 view (p=0.8)", ms_per_call(lambda v: colour_jitter(rng, v, cfg.color_jitter), views)),
         ("Gaussian blur, 1 view (sigma 1)", ms_per_call(lambda v: gaussian_blur(v, 1.0), views)),
-        (f"make_views: all {cfg.num_views} + {cfg.annotation_views} views", ms_per_call(lambda r: make_views(r, rng, cfg), rgbs)),
+        (
+            f"make_views: all {cfg.num_views} + {cfg.annotation_views} views",
+            ms_per_call(lambda r: make_views(r, rng, cfg), rgbs),
+        ),
     ]
     print(f"\nper-image cost on one core, M = {cfg.num_views}, {cfg.view_size} px (ms; x decode)")
     for name, ms in rows:
         print(f"  {name:<36} {ms:>7.2f} {ms / decode:>6.1f}x")
-    print(f"  the crop stage is at >= 0.5x the decode-only floor per core only if all of it costs <= {2 * decode:.2f} ms")
+    print(
+        f"  the crop stage is at >= 0.5x the decode-only floor per core only if all of it costs <= {2 * decode:.2f} ms"
+    )
 
 
 def print_cpu_ledger(rows, cores: int) -> None:
     """Where the machine's CPU seconds went in each measured pass (psutil, per process role)."""
     roles = ("crop workers", "driver", "ray other", "machine")
     print(f"\nCPU seconds per 100 images by process role (wall x {cores} cores = what the machine had)")
-    head = f"{'M':>2} {'path':<14} | {'wall x cores':>12} | " + " ".join(f"{r:>12}" for r in roles) + f" | {'crop share':>10}"
+    head = (
+        f"{'M':>2} {'path':<14} | {'wall x cores':>12} | "
+        + " ".join(f"{r:>12}" for r in roles)
+        + f" | {'crop share':>10}"
+    )
     print(head)
     print("-" * len(head))
     for m, name, n, wall, cpu in rows:
         per = 100 / n
         cells = " ".join(f"{cpu.get(r, 0.0) * per:>12.2f}" for r in roles)
-        print(f"{m:>2} {name:<14} | {wall * cores * per:>12.2f} | {cells} | {cpu.get('crop workers', 0.0) / (wall * cores):>10.2f}")
+        print(
+            f"{m:>2} {name:<14} | {wall * cores * per:>12.2f} | {cells} | "
+            f"{cpu.get('crop workers', 0.0) / (wall * cores):>10.2f}"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=1000)
-    ap.add_argument("--shards", type=int, default=8, help="tar files (>= workers: webdataset gives each DataLoader worker whole shards)")
+    ap.add_argument(
+        "--shards",
+        type=int,
+        default=8,
+        help="tar files (>= workers: webdataset gives each DataLoader worker whole shards)",
+    )
     ap.add_argument("--views", type=int, nargs="+", default=[2, 4, 8], help="values of M")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--max-side", type=int, default=IngestConfig().max_side,
-                    help="longest side of the stored JPEGs (ingest.max_side): the decode floor grows with it, the views' cost little")
+    ap.add_argument(
+        "--max-side",
+        type=int,
+        default=IngestConfig().max_side,
+        help="longest side of the stored JPEGs (ingest.max_side): the decode floor grows with it, the views' cost "
+        "little",
+    )
     ap.add_argument("--batch", type=int, default=ViewsConfig().batch_size, help="rows per crop batch (both paths)")
     ap.add_argument("--workers", type=int, default=2, help="crop actors / DataLoader workers")
-    ap.add_argument("--passes", type=int, default=DataConfig().max_passes_per_execution,
-                    help="passes per timed run (Ray: streamed in one execution, the trainer's way)")
-    ap.add_argument("--cpus", type=int, default=os.cpu_count() + 1,
-                    help="logical CPUs of the local Ray instance: one per crop actor plus one for the shard-read tasks "
-                    "(data.read_cpus each, mostly I/O), which the trainer reserves the same way")
+    ap.add_argument(
+        "--passes",
+        type=int,
+        default=DataConfig().max_passes_per_execution,
+        help="passes per timed run (Ray: streamed in one execution, the trainer's way)",
+    )
+    ap.add_argument(
+        "--cpus",
+        type=int,
+        default=os.cpu_count() + 1,
+        help="logical CPUs of the local Ray instance: one per crop actor plus one for the shard-read tasks "
+        "(data.read_cpus each, mostly I/O), which the trainer reserves the same way",
+    )
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -253,13 +292,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-crop-") as tmp:
         shard_dir, tars = write_bench_shards(args.images, tmp, args.shards, args.max_side)
         jpegs = shard_jpegs(tars)
-        print(f"{len(jpegs)} JPEGs in {len(tars)} shards, max side {args.max_side}, {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB mean; "
-              f"view size {args.size}; batches of {args.batch}; {args.workers} Ray crop actors / DataLoader workers; {os.cpu_count()} CPU cores")
-        print(f"ray 1 pass: one execution per pass (an epoch-by-epoch loop); ray / torch: {args.passes} passes per run (Ray: one "
-              f"execution, the trainer's way); start s: to the first batch; a/b on whole runs, a/c per core (a / workers / c); 0.9 from: images per "
-              f"execution from which the whole-run a/b >= 0.9")
-        head = (f"{'M':>2} {'A':>2} | {'ray 1 pass':>10} | {'ray img/s':>9} {'start s':>7} {'(steady)':>9} {'views/s':>8} | "
-                f"{'torch img/s':>11} {'start s':>7} {'(steady)':>9} | {'decode img/s':>12} | {'a/b':>5} {'steady':>6} {'a/c':>5} | {'0.9 from':>8}")
+        print(
+            f"{len(jpegs)} JPEGs in {len(tars)} shards, max side {args.max_side}, "
+            f"{sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB mean; "
+            f"view size {args.size}; batches of {args.batch}; {args.workers} Ray crop actors / DataLoader workers; "
+            f"{os.cpu_count()} CPU cores"
+        )
+        print(
+            f"ray 1 pass: one execution per pass (an epoch-by-epoch loop); ray / torch: {args.passes} passes per run "
+            "(Ray: one "
+            "execution, the trainer's way); start s: to the first batch; a/b on whole runs, a/c per core (a / workers "
+            "/ c); 0.9 from: images per "
+            f"execution from which the whole-run a/b >= 0.9"
+        )
+        head = (
+            f"{'M':>2} {'A':>2} | {'ray 1 pass':>10} | {'ray img/s':>9} {'start s':>7} {'(steady)':>9} {'views/s':>8} "
+            "| "
+            f"{'torch img/s':>11} {'start s':>7} {'(steady)':>9} | {'decode img/s':>12} | {'a/b':>5} {'steady':>6} "
+            f"{'a/c':>5} | {'0.9 from':>8}"
+        )
         print(head)
         print("-" * len(head))
         cpu_rows = []
@@ -268,15 +319,21 @@ def main() -> None:
             per_image = cfg.num_views + cfg.annotation_views
             n_one, t_one, _, _, _ = bench_ray(shard_dir, cfg, f"bench-crop-{m}", warm_up=True)  # also warms the next
             assert n_one == len(jpegs), crop_stats(f"bench-crop-{m}")
-            n_ray, t_ray, steady_ray, start_ray, cpu_ray = bench_ray(shard_dir, cfg, f"bench-crop-{m}-passes", args.passes)
+            n_ray, t_ray, steady_ray, start_ray, cpu_ray = bench_ray(
+                shard_dir, cfg, f"bench-crop-{m}-passes", args.passes
+            )
             assert n_ray == args.passes * len(jpegs), crop_stats(f"bench-crop-{m}-passes")
             n_torch, t_torch, steady_torch, start_torch, cpu_torch = bench_torch(tars, cfg, args.workers, args.passes)
             assert n_torch == n_ray, (n_torch, n_ray)
             n_dec, t_dec = bench_decode(jpegs, cfg)
             one, a, b, c = n_one / t_one, n_ray / t_ray, n_torch / t_torch, n_dec / t_dec
-            print(f"{m:>2} {cfg.annotation_views:>2} | {one:>10.1f} | {a:>9.1f} {start_ray:>7.2f} {steady_ray:>9.1f} {a * per_image:>8.0f} | "
-                  f"{b:>11.1f} {start_torch:>7.2f} {steady_torch:>9.1f} | {c:>12.1f} | {a / b:>5.2f} {steady_ray / steady_torch:>6.2f} {a / args.workers / c:>5.2f} | "
-                  f"{images_for_ratio(start_ray, steady_ray, steady_torch):>8.0f}")
+            print(
+                f"{m:>2} {cfg.annotation_views:>2} | {one:>10.1f} | {a:>9.1f} {start_ray:>7.2f} {steady_ray:>9.1f} "
+                f"{a * per_image:>8.0f} | "
+                f"{b:>11.1f} {start_torch:>7.2f} {steady_torch:>9.1f} | {c:>12.1f} | {a / b:>5.2f} "
+                f"{steady_ray / steady_torch:>6.2f} {a / args.workers / c:>5.2f} | "
+                f"{images_for_ratio(start_ray, steady_ray, steady_torch):>8.0f}"
+            )
             cpu_rows += [(m, "ray", n_ray, t_ray, cpu_ray), (m, "torch", n_torch, t_torch, cpu_torch)]
     ray.shutdown()
     print_cpu_ledger(cpu_rows, os.cpu_count())

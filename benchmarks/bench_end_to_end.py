@@ -91,7 +91,6 @@ def main() -> None:
 
     ray = init_ray(RayConfig(num_cpus=args.cpus))
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.train.trainer import build_training_datasets
@@ -104,7 +103,13 @@ def main() -> None:
         data=DataConfig(shards=shards, max_passes_per_execution=args.passes),
         views=ViewsConfig(num_views=args.views, view_size=args.size, batch_size=args.batch),
         # a budget of many passes: the stream is capped at --passes passes per execution
-        train=TrainConfig(batch_size=args.batch, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker, run_name="bench-e2e", total_views=10**9),
+        train=TrainConfig(
+            batch_size=args.batch,
+            num_workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            run_name="bench-e2e",
+            total_views=10**9,
+        ),
     ).resolved()
     cluster_cpus = ray.cluster_resources()["CPU"]
     reserved = args.workers * args.cpus_per_worker
@@ -122,7 +127,9 @@ def main() -> None:
     trainer = TorchTrainer(
         consume_in_ray_train,
         train_loop_config={"batch_size": args.batch // args.workers, "out": os.path.join(work, "rates")},
-        scaling_config=ray.train.ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": args.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=args.workers, resources_per_worker={"CPU": args.cpus_per_worker}
+        ),
         run_config=ray.train.RunConfig(name="bench-e2e", storage_path=os.path.join(work, "ray_train")),
         datasets=build_training_datasets(cfg, cluster_cpus),
     )
@@ -131,13 +138,22 @@ def main() -> None:
     train_rate, train_steady = (sum(r[k] for r in rates) for k in ("views_per_s", "steady_views_per_s"))
 
     per_image = cfg.views.num_views + cfg.views.annotation_views
-    print(f"{args.images} JPEGs (max side 384) in shards, {args.passes} passes per execution; M = {args.views} + {cfg.views.annotation_views} annotation views at "
-          f"{args.size} px; batch {args.batch}; {args.workers} Ray Train worker(s) x {args.cpus_per_worker} CPU; {cluster_cpus:g} CPUs")
+    print(
+        f"{args.images} JPEGs (max side 384) in shards, {args.passes} passes per execution; M = {args.views} + "
+        f"{cfg.views.annotation_views} annotation views at "
+        f"{args.size} px; batch {args.batch}; {args.workers} Ray Train worker(s) x {args.cpus_per_worker} CPU; "
+        f"{cluster_cpus:g} CPUs"
+    )
     head = f"{'path':<28} | {'views/s':>8} {'(steady)':>9} | {'img/s':>6} | {'vs crop stage':>13}"
     print(head)
     print("-" * len(head))
-    print(f"{'(a) crop stage alone':<28} | {alone:>8.0f} {alone_steady:>9.0f} | {alone / per_image:>6.1f} | {1.0:>13.2f}")
-    print(f"{'(b) into Ray Train workers':<28} | {train_rate:>8.0f} {train_steady:>9.0f} | {train_rate / per_image:>6.1f} | {train_rate / alone:>13.2f}")
+    print(
+        f"{'(a) crop stage alone':<28} | {alone:>8.0f} {alone_steady:>9.0f} | {alone / per_image:>6.1f} | {1.0:>13.2f}"
+    )
+    print(
+        f"{'(b) into Ray Train workers':<28} | {train_rate:>8.0f} {train_steady:>9.0f} | "
+        f"{train_rate / per_image:>6.1f} | {train_rate / alone:>13.2f}"
+    )
     ray.shutdown()
 
 

@@ -44,7 +44,11 @@ def serve(folder: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", folder],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
@@ -94,7 +98,9 @@ def main() -> None:
 
     quiet_environment()
     work = tempfile.mkdtemp(prefix="bench-img2dataset-")
-    paths = sorted(write_photo_files(os.path.join(work, "www"), copies=-(-args.images // len(photo_arrays()))))[: args.images]
+    paths = sorted(write_photo_files(os.path.join(work, "www"), copies=-(-args.images // len(photo_arrays()))))[
+        : args.images
+    ]
     names = [os.path.basename(p) for p in paths]
     sizes = [Image.open(p).size for p in paths]
     server, base = serve(os.path.join(work, "www"))
@@ -110,7 +116,11 @@ def main() -> None:
         with open(listing, "w") as fh:
             fh.write("url\tcaption\n" + "".join(f"{u}\tphoto {n}\n" for u, n in zip(urls, names)))
         ing = IngestConfig(
-            source="cc12m", input=listing, output=os.path.join(work, "cc"), max_side=args.max_side, samples_per_shard=args.per_shard,
+            source="cc12m",
+            input=listing,
+            output=os.path.join(work, "cc"),
+            max_side=args.max_side,
+            samples_per_shard=args.per_shard,
             cc12m=UrlIngestConfig(processes=args.processes, threads=args.threads, retries=0, keep_raw=True),
         )
         stats = {}
@@ -136,17 +146,31 @@ def main() -> None:
 
     n = len(urls)
     mpx = sum(w * h for w, h in sizes) / n / 1e6
-    print(f"\n{n} JPEGs, {sum(os.path.getsize(p) for p in paths) / n / 1024:.0f} KiB and {mpx:.2f} Mpixel mean, cut to max side {args.max_side}; "
-          f"{os.cpu_count()} CPU cores; img2dataset {args.processes} processes x {args.threads} threads, {args.per_shard} per shard")
-    rows = [("(a) sequential urllib + decode/resize/encode", seq), (f"(b) {args.threads} threads, same work", thr), ("(c) abpipe ingest cc12m, end to end", ours)]
+    print(
+        f"\n{n} JPEGs, {sum(os.path.getsize(p) for p in paths) / n / 1024:.0f} KiB and {mpx:.2f} Mpixel mean, cut to "
+        f"max side {args.max_side}; "
+        f"{os.cpu_count()} CPU cores; img2dataset {args.processes} processes x {args.threads} threads, "
+        f"{args.per_shard} per shard"
+    )
+    rows = [
+        ("(a) sequential urllib + decode/resize/encode", seq),
+        (f"(b) {args.threads} threads, same work", thr),
+        ("(c) abpipe ingest cc12m, end to end", ours),
+    ]
     head = f"{'method':<48} | {'seconds':>8} | {'images/s':>9} | {'vs (a)':>6}"
     print(head)
     print("-" * len(head))
     for name, secs in rows:
         print(f"{name:<48} | {secs:>8.2f} | {n / secs:>9.1f} | {seq / secs:>6.2f}")
-    print(f"{'    img2dataset workers only (its stats files)':<48} | {n / workers:>8.2f} | {workers:>9.1f} | {workers / (n / seq):>6.2f}")
+    print(
+        f"{'    img2dataset workers only (its stats files)':<48} | {n / workers:>8.2f} | {workers:>9.1f} | "
+        f"{workers / (n / seq):>6.2f}"
+    )
     if local is not None:
-        print(f"{'(d) local image-folder ingest (Ray), no HTTP':<48} | {local:>8.2f} | {n / local:>9.1f} | {seq / local:>6.2f}")
+        print(
+            f"{'(d) local image-folder ingest (Ray), no HTTP':<48} | {local:>8.2f} | {n / local:>9.1f} | "
+            f"{seq / local:>6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ write, manifest) is worth.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -49,14 +48,27 @@ def make_images(root: str, n: int) -> tuple[str, str]:
     for i in range(n):
         rel = f"c{i % 4}/img{i:05d}.jpg"
         os.makedirs(os.path.join(root, "images", f"c{i % 4}"), exist_ok=True)
-        Image.fromarray(photos[i % len(photos)]).convert("RGB").resize((640, 480)).save(os.path.join(root, "images", rel), quality=90)
+        Image.fromarray(photos[i % len(photos)]).convert("RGB").resize((640, 480)).save(
+            os.path.join(root, "images", rel), quality=90
+        )
         images.append({"id": i, "file_name": rel, "width": 640, "height": 480})
         for j in range(3):
             x, y = rng.uniform(0, 500), rng.uniform(0, 380)
-            anns.append({"id": 3 * i + j, "image_id": i, "category_id": 1 + j, "bbox": [x, y, 100.0, 80.0], "iscrowd": 0, "area": 8000.0})
+            anns.append(
+                {
+                    "id": 3 * i + j,
+                    "image_id": i,
+                    "category_id": 1 + j,
+                    "bbox": [x, y, 100.0, 80.0],
+                    "iscrowd": 0,
+                    "area": 8000.0,
+                }
+            )
     instances = os.path.join(root, "instances.json")
     with open(instances, "w") as fh:
-        json.dump({"images": images, "annotations": anns, "categories": [{"id": k, "name": f"cat{k}"} for k in (1, 2, 3)]}, fh)
+        json.dump(
+            {"images": images, "annotations": anns, "categories": [{"id": k, "name": f"cat{k}"} for k in (1, 2, 3)]}, fh
+        )
     return os.path.join(root, "images"), instances
 
 
@@ -113,30 +125,63 @@ def main() -> None:
         images_dir, instances = make_images(work, args.images)
         epic_root = os.path.join(work, "epic")
         video = str(write_video(os.path.join(epic_root, "P01", "videos", "P01_01.MP4"), args.frames, 456, 256, gop=50))
-        tar = str(write_rgb_frames_tar(os.path.join(epic_root, "P01", "rgb_frames", "P01_01.tar"), args.frames, 456, 256))
+        tar = str(
+            write_rgb_frames_tar(os.path.join(epic_root, "P01", "rgb_frames", "P01_01.tar"), args.frames, 456, 256)
+        )
         ray = init_ray(RayConfig(num_cpus=args.cpus))
         ray.data.DataContext.get_current().enable_progress_bars = False
         base = dict(max_side=384, samples_per_shard=args.per_shard)
         folder_cfg = IngestConfig(source="image_folder", input=images_dir, **base)
         coco_cfg = IngestConfig(source="coco", input=images_dir, coco=CocoIngestConfig(instances=instances), **base)
-        mp4_cfg = IngestConfig(source="epic_kitchens", input=epic_root, epic=EpicIngestConfig(frame_stride=1, layout="videos"), **base)
-        tar_cfg = IngestConfig(source="epic_kitchens", input=epic_root, epic=EpicIngestConfig(frame_stride=1, layout="rgb_frames"), **base)
+        mp4_cfg = IngestConfig(
+            source="epic_kitchens", input=epic_root, epic=EpicIngestConfig(frame_stride=1, layout="videos"), **base
+        )
+        tar_cfg = IngestConfig(
+            source="epic_kitchens", input=epic_root, epic=EpicIngestConfig(frame_stride=1, layout="rgb_frames"), **base
+        )
         files = [item["input"] for item in list_image_folder(images_dir)]
         rows = [
-            ("image_folder", timed_ingest(lambda: list_image_folder(images_dir), os.path.join(work, "o1"), folder_cfg, "image_folder"), timed(lambda: decode_files(files))),
-            ("coco", timed_ingest(lambda: coco.list_items(coco_cfg), os.path.join(work, "o2"), coco_cfg, "coco"), timed(lambda: decode_files(files))),
-            ("epic (mp4)", timed_ingest(lambda: epic_kitchens.list_items(mp4_cfg), os.path.join(work, "o3"), mp4_cfg, "epic_kitchens"), timed(lambda: decode_video(video, args.frames))),
-            ("epic (rgb_frames tar)", timed_ingest(lambda: epic_kitchens.list_items(tar_cfg), os.path.join(work, "o4"), tar_cfg, "epic_kitchens"), timed(lambda: decode_tar(tar))),
+            (
+                "image_folder",
+                timed_ingest(
+                    lambda: list_image_folder(images_dir), os.path.join(work, "o1"), folder_cfg, "image_folder"
+                ),
+                timed(lambda: decode_files(files)),
+            ),
+            (
+                "coco",
+                timed_ingest(lambda: coco.list_items(coco_cfg), os.path.join(work, "o2"), coco_cfg, "coco"),
+                timed(lambda: decode_files(files)),
+            ),
+            (
+                "epic (mp4)",
+                timed_ingest(
+                    lambda: epic_kitchens.list_items(mp4_cfg), os.path.join(work, "o3"), mp4_cfg, "epic_kitchens"
+                ),
+                timed(lambda: decode_video(video, args.frames)),
+            ),
+            (
+                "epic (rgb_frames tar)",
+                timed_ingest(
+                    lambda: epic_kitchens.list_items(tar_cfg), os.path.join(work, "o4"), tar_cfg, "epic_kitchens"
+                ),
+                timed(lambda: decode_tar(tar)),
+            ),
         ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\ningest throughput, {args.cpus} Ray CPUs, max_side 384, {args.per_shard} samples/shard (decode-only: 1 core, same inputs)")
-    print(f"| source | images | ingest s | ingest img/s | decode-only img/s | ingest / decode |")
+    print(
+        f"\ningest throughput, {args.cpus} Ray CPUs, max_side 384, {args.per_shard} samples/shard (decode-only: 1 "
+        "core, same inputs)"
+    )
+    print("| source | images | ingest s | ingest img/s | decode-only img/s | ingest / decode |")
     print("|---|---|---|---|---|---|")
     for name, (n, secs), (dn, dsecs) in rows:
         ingest_rate, decode_rate = n / secs, dn / dsecs
-        print(f"| {name} | {n} | {secs:.2f} | {ingest_rate:,.0f} | {decode_rate:,.0f} | {ingest_rate / decode_rate:.2f} |")
+        print(
+            f"| {name} | {n} | {secs:.2f} | {ingest_rate:,.0f} | {decode_rate:,.0f} | {ingest_rate / decode_rate:.2f} |"
+        )
 
 
 if __name__ == "__main__":

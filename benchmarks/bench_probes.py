@@ -41,7 +41,13 @@ def random_split(n: int, tokens: int, dim: int, classes: int, rng) -> ProbeSplit
         lo, hi = rng.uniform(0, 0.5, (k, 2)), rng.uniform(0.5, 1, (k, 2))
         boxes.append(np.concatenate([lo, hi], 1).astype(np.float32))
         box_labels.append(rng.integers(0, classes, k))
-    return ProbeSplit(pooled=tok.mean(1).astype(np.float32), tokens=tok, labels=rng.integers(0, classes, n), boxes=boxes, box_labels=box_labels)
+    return ProbeSplit(
+        pooled=tok.mean(1).astype(np.float32),
+        tokens=tok,
+        labels=rng.integers(0, classes, n),
+        boxes=boxes,
+        box_labels=box_labels,
+    )
 
 
 def main() -> None:
@@ -63,7 +69,10 @@ def main() -> None:
         PROBES[probe](split, split, TaskInfo("bench", kind, names), EvalConfig())
         rows.append((probe, kind, time.perf_counter() - wall, time.process_time() - cpu))
     base = rows[0][3]
-    print(f"{args.images} images x {args.tokens} tokens x {args.dim}-d, {args.classes} classes, torch threads {args.threads}")
+    print(
+        f"{args.images} images x {args.tokens} tokens x {args.dim}-d, {args.classes} classes, torch threads "
+        f"{args.threads}"
+    )
     print(f"| {'probe':<10} | {'task kind':<19} | {'wall s':>7} | {'cpu s':>7} | {'cpu / linear':>12} |")
     print(f"|{'-' * 12}|{'-' * 21}|{'-' * 9}|{'-' * 9}|{'-' * 14}|")
     for probe, kind, w, c in rows:

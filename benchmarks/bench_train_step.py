@@ -34,6 +34,29 @@ def synthetic_batch(b: int, m: int, a: int, size: int, device):
     return crops, boxes, ann
 
 
+def make_ab_step(cfg, b: int, device, autocast, compiled: bool = False):
+    """The bare AB_SimCLR step: forward, backward, clip, AdamW, EMA on one fixed batch (no loop around it)."""
+    torch.manual_seed(0)
+    student = build_model(cfg.model, cfg.views.view_size).to(device)
+    teacher = make_teacher(student)
+    if compiled:
+        student.encoder = torch.compile(student.encoder)
+        teacher.encoder = torch.compile(teacher.encoder)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
+    crops, boxes, ann = synthetic_batch(b, cfg.views.num_views, cfg.views.annotation_views, cfg.views.view_size, device)
+
+    def ab_step():
+        with autocast:
+            out = ab_simclr_step(student, teacher, crops, boxes, ann, cfg.objective)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        ema_update(teacher, student, 0.004)
+
+    return ab_step, student, opt, (crops, boxes, ann)
+
+
 def measure(name, step_fn, views_per_step, steps, device):
     for _ in range(3):  # warm-up (and compilation)
         step_fn()
@@ -60,27 +83,13 @@ def main() -> None:
     cfg = load_config(args.config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     b, m, a, size = args.batch, cfg.views.num_views, cfg.views.annotation_views, cfg.views.view_size
     rows = []
-    for compiled in ([False, True] if args.compile == "both" else [args.compile == "on"]):
-        torch.manual_seed(0)
-        student = build_model(cfg.model, size).to(device)
-        teacher = make_teacher(student)
-        if compiled:
-            student.encoder = torch.compile(student.encoder)
-            teacher.encoder = torch.compile(teacher.encoder)
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
-        crops, boxes, ann = synthetic_batch(b, m, a, size, device)
-
-        def ab_step():
-            with autocast:
-                out = ab_simclr_step(student, teacher, crops, boxes, ann, cfg.objective)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            ema_update(teacher, student, 0.004)
+    for compiled in [False, True] if args.compile == "both" else [args.compile == "on"]:
+        ab_step, student, opt, (crops, boxes, ann) = make_ab_step(cfg, b, device, autocast, compiled)
 
         def simclr_step():
             with autocast:
@@ -97,11 +106,17 @@ def main() -> None:
 
     base = rows[0]["views_per_s"]
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nTrain step, {cfg.model.encoder} {size}px, batch {b} images, {dev}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+    print(
+        f"\nTrain step, {cfg.model.encoder} {size}px, batch {b} images, {dev}, "
+        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
+    )
     print(f"| {'step':34s} | {'s/step':>8s} | {'views/s':>9s} | {'ratio vs SimCLR':>15s} | {'peak GiB':>8s} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 17}|{'-' * 10}|")
     for r in rows:
-        print(f"| {r['name']:34s} | {r['s_per_step']:8.4f} | {r['views_per_s']:9.1f} | {r['views_per_s'] / base:15.2f} | {r['peak_gib']:8.2f} |")
+        print(
+            f"| {r['name']:34s} | {r['s_per_step']:8.4f} | {r['views_per_s']:9.1f} | {r['views_per_s'] / base:15.2f} | "
+            f"{r['peak_gib']:8.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Run the small-scale Table 4 study (pipeline/study.py): `python jobs/repro_study.py [--arms base,simclr] [--max-seeds 1] [overrides...]`."""
+"""Run the small-scale Table 4 study (pipeline/study.py).
+
+python jobs/repro_study.py [--arms base,simclr] [--max-seeds 1] [overrides...]
+"""
 
 from __future__ import annotations
 

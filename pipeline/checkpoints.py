@@ -116,14 +116,19 @@ def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[
     try:
         run = MlflowClient(tracking_uri).get_run(ref)
     except MlflowException as exc:
-        raise CheckpointError(f"{ref} is neither a checkpoint directory nor a run in {tracking_uri}: {exc.message}") from None
+        raise CheckpointError(
+            f"{ref} is neither a checkpoint directory nor a run in {tracking_uri}: {exc.message}"
+        ) from None
     tags = run.data.tags
     local = tags.get("abpipe.checkpoint_path", "")
     if local and os.path.isfile(os.path.join(local, META_FILE)):
         return local, ref, local
     artifact = tags.get("abpipe.checkpoint_artifact", "")
     if not artifact:
-        raise CheckpointError(f"run {ref}: no local checkpoint ({local or 'no abpipe.checkpoint_path tag'}) and no abpipe.checkpoint_artifact tag")
+        raise CheckpointError(
+            f"run {ref}: no local checkpoint ({local or 'no abpipe.checkpoint_path tag'}) and no "
+            "abpipe.checkpoint_artifact tag"
+        )
     return _download(ref, artifact, tracking_uri, download_dir), ref, f"runs:/{ref}/{artifact}"
 
 
@@ -131,7 +136,9 @@ def _download(run_id: str, artifact: str, tracking_uri: str, download_dir: str) 
     import mlflow.artifacts
 
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=download_dir, tracking_uri=tracking_uri)
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact, dst_path=download_dir, tracking_uri=tracking_uri
+        )
     except Exception as exc:
         raise CheckpointError(f"run {run_id}: cannot download checkpoint artifact '{artifact}': {exc}") from None
     read_meta(path)
@@ -173,3 +180,44 @@ def latest_checkpoint_dir(storage_path: str, run_name: str) -> str | None:
         if step > best_step:
             best, best_step = os.path.dirname(meta_path), step
     return best
+
+
+# The run's record: the MLflow run a training run logs to, written once by the driver when it creates
+# that run, next to the run's checkpoints. A re-submitted job (same storage path and run name) reads it
+# and logs into the same MLflow run; Ray Train's own restarts keep the driver, so they need nothing.
+RUN_RECORD = "abpipe_run.json"
+
+
+def _run_file(storage_path: str, run_name: str):
+    """(pyarrow filesystem, path of the run's record) for a local or URI storage path."""
+    import pyarrow.fs as pafs
+
+    if "://" in storage_path:
+        fs, base = pafs.FileSystem.from_uri(storage_path)
+    else:
+        fs, base = pafs.LocalFileSystem(), os.path.abspath(storage_path)
+    return fs, f"{base.rstrip('/')}/{run_name}/{RUN_RECORD}"
+
+
+def read_run_record(storage_path: str, run_name: str) -> dict[str, Any] | None:
+    """The record of run `run_name` under `storage_path`, or None for a run not started yet."""
+    import pyarrow.fs as pafs
+
+    fs, path = _run_file(storage_path, run_name)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        try:
+            return json.loads(stream.read().decode())
+        except ValueError as exc:
+            raise CheckpointError(f"corrupt run record {path}: {exc}") from None
+
+
+def write_run_record(storage_path: str, run_name: str, record: dict[str, Any]) -> None:
+    """Write the run's record; it is written once, so an existing record is an error."""
+    fs, path = _run_file(storage_path, run_name)
+    if read_run_record(storage_path, run_name) is not None:
+        raise CheckpointError(f"run record {path} exists: a run's record is written once")
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(json.dumps(record, indent=1, sort_keys=True).encode())

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import load_config
+from pipeline.config import load_config, packaged_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = packaged_config("tiny.yaml")  # package data: the demo runs from any install
 
 
 def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> dict:
@@ -46,7 +45,10 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> d
     timings["pretrain_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint=train["run_id"] or train["checkpoint"], dataset=str(digits_dir)))
+    cfg = dataclasses.replace(
+        cfg,
+        eval=dataclasses.replace(cfg.eval, checkpoint=train["run_id"] or train["checkpoint"], dataset=str(digits_dir)),
+    )
     evaluation = run_eval(cfg)
     timings["eval_s"] = time.perf_counter() - t0
 
@@ -57,7 +59,14 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> d
     print(f"eval:      {_metrics_line(evaluation)}")
     print("timings:   " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"results:   mlflow ui --backend-store-uri {db}   (then open http://127.0.0.1:5000)")
-    return {"ingest": stats.get("counts"), "pretrain": train, "eval": evaluation, "timings": timings, "tracking_uri": db, "root": os.fspath(cfg.paths.root)}
+    return {
+        "ingest": stats.get("counts"),
+        "pretrain": train,
+        "eval": evaluation,
+        "timings": timings,
+        "tracking_uri": db,
+        "root": os.fspath(cfg.paths.root),
+    }
 
 
 def _metrics_line(evaluation: dict) -> str:

@@ -73,11 +73,17 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
     if ing.source not in SOURCES:
         raise ConfigError(f"ingest.source must be one of {sorted(SOURCES)}, got {ing.source!r}")
     if not ing.input:
-        raise ConfigError(f"ingest.input is required for source {ing.source!r} (--input/--urls PATH, or ingest.input=PATH)")
+        raise ConfigError(
+            f"ingest.input is required for source {ing.source!r} (--input/--urls PATH, or ingest.input=PATH)"
+        )
     stats = SOURCES[ing.source](cfg)
     stats["output"] = ing.output
     counts = ", ".join(f"{k}={v}" for k, v in stats["counts"].items())
-    print(f"[abpipe] ingest {ing.source}: {stats['total']} inputs -> {counts}; {len(stats['shards'])} shards in {ing.output}", flush=True)
+    print(
+        f"[abpipe] ingest {ing.source}: {stats['total']} inputs -> {counts}; {len(stats['shards'])} shards in "
+        f"{ing.output}",
+        flush=True,
+    )
     _log_to_mlflow(cfg, stats)
     return stats
 
@@ -88,7 +94,13 @@ def _log_to_mlflow(cfg: Config, stats: dict[str, Any]) -> None:
 
     try:
         params = {k: v for k, v in cfg.flat().items() if k.startswith("ingest.")}
-        run_id = start_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, "ingest", params, {"abpipe.kind": "ingest", "abpipe.output": cfg.ingest.output})
+        run_id = start_run(
+            cfg.tracking.tracking_uri,
+            cfg.tracking.experiment,
+            "ingest",
+            params,
+            {"abpipe.kind": "ingest", "abpipe.output": cfg.ingest.output},
+        )
     except Exception as exc:
         print(f"[abpipe] WARNING: MLflow unavailable, ingest counts not tracked: {exc}", flush=True)
         return

@@ -28,7 +28,9 @@ def topk_accuracy(ranked: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((ranked[:, :k] == labels[:, None]).any(axis=1).mean())
 
 
-def classification_metrics(scores_or_ranked: np.ndarray, labels: np.ndarray, num_classes: int, ranked: bool = False) -> dict[str, float]:
+def classification_metrics(
+    scores_or_ranked: np.ndarray, labels: np.ndarray, num_classes: int, ranked: bool = False
+) -> dict[str, float]:
     """`top1`, plus `top5` when there are more than 5 classes (below that, top5 is always 1)."""
     order = np.asarray(scores_or_ranked) if ranked else np.argsort(-np.asarray(scores_or_ranked), axis=1, kind="stable")
     out = {"top1": topk_accuracy(order, labels, 1)}
@@ -67,16 +69,35 @@ def coco_map(
     for i in range(n):
         for box, label in zip(np.asarray(gt_boxes[i]).reshape(-1, 4), np.asarray(gt_labels[i]).reshape(-1)):
             xywh = _to_coco_xywh(box)
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(label) + 1, "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0})
-        for box, label, score in zip(np.asarray(pred_boxes[i]).reshape(-1, 4), np.asarray(pred_labels[i]).reshape(-1), np.asarray(pred_scores[i]).reshape(-1)):
-            detections.append({"image_id": i + 1, "category_id": int(label) + 1, "bbox": _to_coco_xywh(box), "score": float(score)})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(label) + 1,
+                    "bbox": xywh,
+                    "area": xywh[2] * xywh[3],
+                    "iscrowd": 0,
+                }
+            )
+        for box, label, score in zip(
+            np.asarray(pred_boxes[i]).reshape(-1, 4),
+            np.asarray(pred_labels[i]).reshape(-1),
+            np.asarray(pred_scores[i]).reshape(-1),
+        ):
+            detections.append(
+                {"image_id": i + 1, "category_id": int(label) + 1, "bbox": _to_coco_xywh(box), "score": float(score)}
+            )
     if not annotations:
         raise ValueError("coco_map: the test split has no ground-truth boxes, so mAP is undefined")
     if not detections:  # COCO.loadRes cannot take an empty list; nothing detected means AP 0
         return {"map": 0.0, "map50": 0.0, "map75": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the table
         gt = COCO()
-        gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)]}
+        gt.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)],
+        }
         gt.createIndex()
         dt = gt.loadRes(detections)
         ev = COCOeval(gt, dt, iouType="bbox")

@@ -13,8 +13,9 @@ import os
 
 from pipeline.config import RayConfig
 
-# Keep Ray off usage telemetry and libraries offline.
-_QUIET_ENV = {
+# Keep Ray off usage telemetry and libraries offline. The one list: the CLI, the tests (tests/conftest.py)
+# and Ray workers (passed on by init_ray) all take it from here.
+QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
@@ -26,14 +27,14 @@ _QUIET_ENV = {
 
 
 def quiet_environment() -> None:
-    for key, value in _QUIET_ENV.items():
+    for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
 
 
 # Only for a local instance: Ray then treats the machine as single-node and keeps every address on
 # loopback. Never for a cluster: it forbids joining nodes and makes workers report 127.0.0.1, which
 # breaks multi-node DDP rendezvous.
-_LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def init_ray(cfg: RayConfig | None = None):
@@ -41,11 +42,11 @@ def init_ray(cfg: RayConfig | None = None):
     quiet_environment()
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    passed_on = dict(_QUIET_ENV)
+    passed_on = dict(QUIET_ENV)
     if not address:
-        for key, value in _LOCAL_ONLY_ENV.items():
+        for key, value in LOCAL_ONLY_ENV.items():
             os.environ.setdefault(key, value)
-        passed_on.update(_LOCAL_ONLY_ENV)
+        passed_on.update(LOCAL_ONLY_ENV)
     import ray
 
     if ray.is_initialized():

@@ -73,7 +73,9 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | None = 
     return client.create_experiment(name, artifact_location=location)
 
 
-def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+def start_run(
+    tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None
+) -> str:
     """Create a run, log the resolved config as params, return its id."""
     from mlflow.entities import Param, RunTag
 
@@ -125,7 +127,10 @@ class RunLogger:
             if self.failures <= 3 or self.failures % 100 == 0:
                 log.warning(
                     "MLflow %s failed (%d so far), training continues without tracking for %.0f s: %s",
-                    what, self.failures, self.retry_after_s, exc,
+                    what,
+                    self.failures,
+                    self.retry_after_s,
+                    exc,
                 )
 
     def metrics(self, values: dict[str, float], step: int) -> None:

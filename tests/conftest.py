@@ -8,19 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.runtime import LOCAL_ONLY_ENV, QUIET_ENV  # Ray-free: importing it sets nothing
+
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="abpipe-tests-"))
 
-# Set before anything imports Ray/MLflow: keeps Ray on 127.0.0.1, telemetry off, and any file a
-# library drops in HOME (Ray's auth token, caches) inside the test session's temp dir.
+# Set before anything imports Ray/MLflow: the quiet environment every abpipe process gets (one list, in
+# pipeline/runtime.py), Ray kept on 127.0.0.1, and any file a library drops in HOME (Ray's auth token,
+# caches) inside the test session's temp dir.
 os.environ.update(
     {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "NO_ALBUMENTATIONS_UPDATE": "1",
+        **QUIET_ENV,
+        **LOCAL_ONLY_ENV,
         "HOME": str(_SESSION_TMP / "home"),
         "ABPIPE_RAY_TMP": str(_SESSION_TMP / "ray"),
         "TORCH_HOME": str(_SESSION_TMP / "torch"),
@@ -30,6 +28,18 @@ os.environ.update(
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own sqlite stores
 (_SESSION_TMP / "home").mkdir(exist_ok=True)
+
+
+# The fast tier is `pytest -m "not ray"`. Every test that starts Ray (through the shared cluster fixture,
+# directly or via a fixture built on it) is marked here; tests that start Ray or other slow machinery
+# another way (their own cluster, notebooks, subprocess workers) carry `pytest.mark.ray` explicitly.
+RAY_FIXTURES = {"ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +82,10 @@ def digit_shards(ray_cluster, digits_folder, session_tmp):
     from pipeline.ingest import run_ingest
 
     out = session_tmp / "train_shards"
-    cfg = Config(paths=PathsConfig(root=str(session_tmp / "ingest_root")), ingest=IngestConfig(input=str(digits_folder), output=str(out), samples_per_shard=100))
+    cfg = Config(
+        paths=PathsConfig(root=str(session_tmp / "ingest_root")),
+        ingest=IngestConfig(input=str(digits_folder), output=str(out), samples_per_shard=100),
+    )
     stats = run_ingest(cfg)
     assert stats["counts"]["ok"] == 300
     return out

@@ -18,8 +18,18 @@ import numpy as np
 from PIL import Image
 
 PALETTE = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
 ]
 BACKGROUND = (20, 20, 20)
 
@@ -98,7 +108,8 @@ FOOD_CLASSES = ["apple_pie", "baby_back_ribs", "baklava"]
 
 
 def make_food101(root: str) -> str:
-    """food-101/images/<class>/<id>.jpg + meta/{classes,labels,train,test}.txt + meta/{train,test}.json: 3 train + 2 test a class."""
+    """food-101/images/<class>/<id>.jpg + meta/{classes,labels,train,test}.txt + meta/{train,test}.json:
+    3 train + 2 test a class."""
     base = os.path.join(root, "food-101")
     train, test = [], []
     for label, cls in enumerate(FOOD_CLASSES):
@@ -111,11 +122,19 @@ def make_food101(root: str) -> str:
     _lines(os.path.join(base, "meta", "train.txt"), train)
     _lines(os.path.join(base, "meta", "test.txt"), test)
     for split, entries in (("train", train), ("test", test)):  # the archive also has the lists as json
-        _json(os.path.join(base, "meta", f"{split}.json"), {c: [e for e in entries if e.startswith(c + "/")] for c in FOOD_CLASSES})
+        _json(
+            os.path.join(base, "meta", f"{split}.json"),
+            {c: [e for e in entries if e.startswith(c + "/")] for c in FOOD_CLASSES},
+        )
     return root
 
 
-PET_BREEDS = [("Abyssinian", 1), ("american_bulldog", 2), ("american_pit_bull_terrier", 2)]  # (breed, species 1 cat / 2 dog)
+# (breed, species 1 cat / 2 dog)
+PET_BREEDS = [
+    ("Abyssinian", 1),
+    ("american_bulldog", 2),
+    ("american_pit_bull_terrier", 2),
+]
 
 
 def make_pets(root: str) -> str:
@@ -199,16 +218,33 @@ def make_clevr(root: str) -> str:
             for j, depth in enumerate(depths):
                 x, y = int(rng.integers(4, w - 4)), int(rng.integers(4, h - 4))
                 pixels[y - 3 : y + 3, x - 3 : x + 3] = PALETTE[j % len(PALETTE)]
-                objects.append({
-                    "color": "red", "size": "large", "shape": "cube", "material": "rubber", "rotation": 12.5,
-                    "3d_coords": [float(rng.uniform(-3, 3)), float(rng.uniform(-3, 3)), 0.7],
-                    "pixel_coords": [x, y, round(float(depth), 4)],
-                })
+                objects.append(
+                    {
+                        "color": "red",
+                        "size": "large",
+                        "shape": "cube",
+                        "material": "rubber",
+                        "rotation": 12.5,
+                        "3d_coords": [float(rng.uniform(-3, 3)), float(rng.uniform(-3, 3)), 0.7],
+                        "pixel_coords": [x, y, round(float(depth), 4)],
+                    }
+                )
             _write(os.path.join(base, "images", split, name), pixels)
-            scenes.append({"image_index": i, "image_filename": name, "split": split, "objects": objects,
-                           "relationships": {}, "directions": {}})
+            scenes.append(
+                {
+                    "image_index": i,
+                    "image_filename": name,
+                    "split": split,
+                    "objects": objects,
+                    "relationships": {},
+                    "directions": {},
+                }
+            )
             k += 1
-        _json(os.path.join(base, "scenes", f"CLEVR_{split}_scenes.json"), {"info": {"split": split, "version": "1.0"}, "scenes": scenes})
+        _json(
+            os.path.join(base, "scenes", f"CLEVR_{split}_scenes.json"),
+            {"info": {"split": split, "version": "1.0"}, "scenes": scenes},
+        )
     return root
 
 
@@ -240,31 +276,76 @@ def make_coco(root: str) -> str:
             image_id = first_id + 1000 * k
             width, height = (64 + 8 * k, 48 + 4 * (k % 2))
             file_name = f"{image_id:012d}.jpg"
-            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height,
-                           "license": 1, "coco_url": "", "date_captured": "2013-11-14 16:28:13", "flickr_url": ""})
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": file_name,
+                    "width": width,
+                    "height": height,
+                    "license": 1,
+                    "coco_url": "",
+                    "date_captured": "2013-11-14 16:28:13",
+                    "flickr_url": "",
+                }
+            )
             boxes, labels = [], []
             if k < n_images - 1:  # the last image has no annotations
                 for cell in range(1 + k % 3):
                     cat_id = COCO_CATEGORIES[(k + cell) % len(COCO_CATEGORIES)][0]
                     x0, y0, x1, y1 = _grid_box(cell)
                     bbox = [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
-                    annotations.append({"id": ann_id, "image_id": image_id, "category_id": cat_id, "bbox": bbox,
-                                        "area": bbox[2] * bbox[3], "iscrowd": 0,
-                                        "segmentation": [[bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]]]})
+                    annotations.append(
+                        {
+                            "id": ann_id,
+                            "image_id": image_id,
+                            "category_id": cat_id,
+                            "bbox": bbox,
+                            "area": bbox[2] * bbox[3],
+                            "iscrowd": 0,
+                            "segmentation": [
+                                [bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]]
+                            ],
+                        }
+                    )
                     ann_id += 1
                     boxes.append([x0, y0, x1, y1])
                     labels.append(index[cat_id])
             if k == 0:
-                annotations.append({"id": ann_id, "image_id": image_id, "category_id": 1, "bbox": [0.0, 0.0, width / 2, height / 2],
-                                    "area": 100.0, "iscrowd": 1, "segmentation": {"counts": [0, 12, 30], "size": [height, width]}})
-                annotations.append({"id": ann_id + 1, "image_id": image_id, "category_id": 3, "bbox": [5.0, 5.0, 0.0, 4.0],
-                                    "area": 0.0, "iscrowd": 0, "segmentation": [[5, 5, 5, 9, 5, 5]]})
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": 1,
+                        "bbox": [0.0, 0.0, width / 2, height / 2],
+                        "area": 100.0,
+                        "iscrowd": 1,
+                        "segmentation": {"counts": [0, 12, 30], "size": [height, width]},
+                    }
+                )
+                annotations.append(
+                    {
+                        "id": ann_id + 1,
+                        "image_id": image_id,
+                        "category_id": 3,
+                        "bbox": [5.0, 5.0, 0.0, 4.0],
+                        "area": 0.0,
+                        "iscrowd": 0,
+                        "segmentation": [[5, 5, 5, 9, 5, 5]],
+                    }
+                )
                 ann_id += 2
             boxes_image(os.path.join(root, split, file_name), boxes, labels, size=(width, height))
         categories = [{"id": cid, "name": name, "supercategory": sup} for cid, name, sup in COCO_CATEGORIES]
-        _json(os.path.join(root, "annotations", f"instances_{split}.json"),
-              {"info": {"year": 2017}, "licenses": [{"id": 1, "name": "CC"}], "images": images,
-               "annotations": annotations, "categories": categories})
+        _json(
+            os.path.join(root, "annotations", f"instances_{split}.json"),
+            {
+                "info": {"year": 2017},
+                "licenses": [{"id": 1, "name": "CC"}],
+                "images": images,
+                "annotations": annotations,
+                "categories": categories,
+            },
+        )
     return root
 
 
@@ -273,8 +354,23 @@ make_coco_detection = make_coco
 
 EPIC_VERBS = ["take", "put", "wash", "open"]
 EPIC_NOUNS = ["tap", "spoon", "plate", "cupboard", "knife"]
-EPIC_COLUMNS = ["narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp", "stop_timestamp",
-                "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun", "noun_class", "all_nouns", "all_noun_classes"]
+EPIC_COLUMNS = [
+    "narration_id",
+    "participant_id",
+    "video_id",
+    "narration_timestamp",
+    "start_timestamp",
+    "stop_timestamp",
+    "start_frame",
+    "stop_frame",
+    "narration",
+    "verb",
+    "verb_class",
+    "noun",
+    "noun_class",
+    "all_nouns",
+    "all_noun_classes",
+]
 EPIC_FRAME_SIZE = (48, 27)  # real rgb_frames are 456x256
 
 
@@ -294,7 +390,9 @@ def _epic_actions():
             start = 1
             for _ in range(4):
                 length = int(rng.integers(2, 9))
-                actions.append((split, video[:3], video, start, start + length, int(rng.integers(4)), int(rng.integers(5))))
+                actions.append(
+                    (split, video[:3], video, start, start + length, int(rng.integers(4)), int(rng.integers(5)))
+                )
                 start += length + int(rng.integers(1, 4))
     actions.append(("train", "P03", "P03_04", 10, 20, 0, 0))  # its frames are not extracted
     return actions
@@ -309,18 +407,40 @@ def make_epic(root: str) -> str:
     """
     rows = {"train": [], "validation": []}
     for n, (split, participant, video, start, stop, verb, noun) in enumerate(_epic_actions()):
-        rows[split].append([f"{video}_{n}", participant, video, "00:00:01.00", "00:00:01.00", "00:00:02.00", start, stop,
-                            f"{EPIC_VERBS[verb]} {EPIC_NOUNS[noun]}", EPIC_VERBS[verb], verb, EPIC_NOUNS[noun], noun,
-                            f"['{EPIC_NOUNS[noun]}']", f"[{noun}]"])
+        rows[split].append(
+            [
+                f"{video}_{n}",
+                participant,
+                video,
+                "00:00:01.00",
+                "00:00:01.00",
+                "00:00:02.00",
+                start,
+                stop,
+                f"{EPIC_VERBS[verb]} {EPIC_NOUNS[noun]}",
+                EPIC_VERBS[verb],
+                verb,
+                EPIC_NOUNS[noun],
+                noun,
+                f"['{EPIC_NOUNS[noun]}']",
+                f"[{noun}]",
+            ]
+        )
         if video != "P03_04":
             for frame in range(start, stop + 1):
                 epic_frame(os.path.join(root, participant, "rgb_frames", video, f"frame_{frame:010d}.jpg"), verb, noun)
     for split, split_rows in rows.items():
         _csv(os.path.join(root, f"EPIC_100_{split}.csv"), EPIC_COLUMNS, split_rows)
-    _csv(os.path.join(root, "EPIC_100_verb_classes.csv"), ["id", "key", "instances", "category"],
-         [[i, v, f"['{v}']", "manipulation"] for i, v in enumerate(EPIC_VERBS)])
-    _csv(os.path.join(root, "EPIC_100_noun_classes.csv"), ["id", "key", "instances", "category"],
-         [[i, v, f"['{v}']", "utensils"] for i, v in enumerate(EPIC_NOUNS)])
+    _csv(
+        os.path.join(root, "EPIC_100_verb_classes.csv"),
+        ["id", "key", "instances", "category"],
+        [[i, v, f"['{v}']", "manipulation"] for i, v in enumerate(EPIC_VERBS)],
+    )
+    _csv(
+        os.path.join(root, "EPIC_100_noun_classes.csv"),
+        ["id", "key", "instances", "category"],
+        [[i, v, f"['{v}']", "utensils"] for i, v in enumerate(EPIC_NOUNS)],
+    )
     return root
 
 
@@ -355,22 +475,51 @@ def make_visor(root: str) -> str:
                     top = [[x0, y0], [x1, y0], [x1, (y0 + y1) / 2]]  # two polygons whose union spans the box
                     bottom = [[x0, (y0 + y1) / 2], [(x0 + x1) / 2, y1], [x0, y1]]
                     mask_id += 1
-                    annotations.append({"id": f"{video}_{mask_id}", "name": VISOR_CLASSES[label], "class_id": label,
-                                        "exhaustive": "y", "segments": [top, bottom]})
+                    annotations.append(
+                        {
+                            "id": f"{video}_{mask_id}",
+                            "name": VISOR_CLASSES[label],
+                            "class_id": label,
+                            "exhaustive": "y",
+                            "segments": [top, bottom],
+                        }
+                    )
                     boxes.append(_grid_box(cell))
                     labels.append(label)
                 if f == 1:
-                    annotations.append({"id": f"{video}_empty", "name": "spoon", "class_id": 1, "exhaustive": "n", "segments": [[]]})
+                    annotations.append(
+                        {"id": f"{video}_empty", "name": "spoon", "class_id": 1, "exhaustive": "n", "segments": [[]]}
+                    )
                 if f == 2 and split == "train":  # a frame whose only object has no polygon
-                    annotations, boxes, labels = [{"id": f"{video}_e2", "name": "plate", "class_id": 2, "exhaustive": "y", "segments": []}], [], []
-                entries.append({"image": {"image_path": f"{video}/{name}", "name": name,
-                                          "subsequence": f"{video}_seq_00001", "video": video},
-                                "annotations": annotations})
+                    annotations, boxes, labels = (
+                        [{"id": f"{video}_e2", "name": "plate", "class_id": 2, "exhaustive": "y", "segments": []}],
+                        [],
+                        [],
+                    )
+                entries.append(
+                    {
+                        "image": {
+                            "image_path": f"{video}/{name}",
+                            "name": name,
+                            "subsequence": f"{video}_seq_00001",
+                            "video": video,
+                        },
+                        "annotations": annotations,
+                    }
+                )
                 if video != "P02_03":
-                    boxes_image(os.path.join(base, "rgb_frames", split, video[:3], video, name), boxes, labels, size=VISOR_FRAME_SIZE)
+                    boxes_image(
+                        os.path.join(base, "rgb_frames", split, video[:3], video, name),
+                        boxes,
+                        labels,
+                        size=VISOR_FRAME_SIZE,
+                    )
             _json(os.path.join(base, "annotations", split, f"{video}.json"), {"video_annotations": entries})
-    _csv(os.path.join(root, "EPIC_100_noun_classes_v2.csv"), ["id", "key", "instances", "category"],
-         [[i, k, f"['{k}']", "x"] for i, k in enumerate(VISOR_CLASSES)])
+    _csv(
+        os.path.join(root, "EPIC_100_noun_classes_v2.csv"),
+        ["id", "key", "instances", "category"],
+        [[i, k, f"['{k}']", "x"] for i, k in enumerate(VISOR_CLASSES)],
+    )
     return root
 
 
@@ -378,7 +527,17 @@ make_visor_objects = make_visor
 make_visor_detection = make_visor
 
 FIXTURES = {
-    "folder": make_folder, "food101": make_food101, "pets": make_pets, "resisc45": make_resisc45, "sun397": make_sun397,
-    "clevr_count": make_clevr, "clevr_distance": make_clevr, "coco_objects": make_coco, "coco_detection": make_coco,
-    "epic_verbs": make_epic, "epic_nouns": make_epic, "visor_objects": make_visor, "visor_detection": make_visor,
+    "folder": make_folder,
+    "food101": make_food101,
+    "pets": make_pets,
+    "resisc45": make_resisc45,
+    "sun397": make_sun397,
+    "clevr_count": make_clevr,
+    "clevr_distance": make_clevr,
+    "coco_objects": make_coco,
+    "coco_detection": make_coco,
+    "epic_verbs": make_epic,
+    "epic_nouns": make_epic,
+    "visor_objects": make_visor,
+    "visor_detection": make_visor,
 }

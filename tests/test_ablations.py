@@ -7,8 +7,6 @@ against numpy / loop re-implementations.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -29,7 +27,11 @@ from tests.test_train import BATCH, A, M, _batch, micro_config
 
 
 def _objective(**objective):
-    cfg = Config(model=MICRO_MODEL, views=ViewsConfig(num_views=M, view_size=32, annotation_views=A), objective=ObjectiveConfig(**objective))
+    cfg = Config(
+        model=MICRO_MODEL,
+        views=ViewsConfig(num_views=M, view_size=32, annotation_views=A),
+        objective=ObjectiveConfig(**objective),
+    )
     return build_objective(cfg)
 
 
@@ -46,14 +48,18 @@ def test_no_target_network_uses_the_student_as_its_own_teacher():
     assert enc["teacher"] is enc["student"]
     batch = _batch(_boxes())
     out = ablated(batch, Progress(0, 10, 0.004))
-    ref = ab_simclr_step(ablated.student, ablated.student, batch["views"], batch["boxes"], batch["ann_views"], ablated.cfg.objective)
+    ref = ab_simclr_step(
+        ablated.student, ablated.student, batch["views"], batch["boxes"], batch["ann_views"], ablated.cfg.objective
+    )
     assert torch.allclose(out.loss, ref.loss)
     before = [p.clone() for p in ablated.parameters()]
     ablated.after_step(Progress(0, 10, 0.5))  # no EMA to move
     assert all(torch.equal(a, b) for a, b in zip(before, ablated.parameters()))
 
 
-@pytest.mark.parametrize("weights, term", [({"propagation_weight": 0.0}, "annotation"), ({"annotation_weight": 0.0}, "propagation")])
+@pytest.mark.parametrize(
+    "weights, term", [({"propagation_weight": 0.0}, "annotation"), ({"annotation_weight": 0.0}, "propagation")]
+)
 def test_dropping_a_loss_leaves_exactly_the_other(weights, term):
     obj = _objective(**weights)
     out = obj(_batch(_boxes()), Progress(0, 10, 0.004))
@@ -81,7 +87,9 @@ def _draw(mode: str, n: int, seed: int = 0, m: int = 4, k: int = 4):
 def test_crop_distance_control_moves_pair_iou_but_not_the_box_marginal():
     n = 600
     iid, near, far = (_draw(mode, n, seed=i) for i, mode in enumerate(("iid", "near", "far")))
-    pair_iou = {name: np.mean([mean_pair_iou(b) for b in draws]) for name, draws in (("iid", iid), ("near", near), ("far", far))}
+    pair_iou = {
+        name: np.mean([mean_pair_iou(b) for b in draws]) for name, draws in (("iid", iid), ("near", near), ("far", far))
+    }
     assert pair_iou["near"] > pair_iou["iid"] + 0.1 and pair_iou["far"] < pair_iou["iid"] - 0.03, pair_iou
 
     # One uniformly chosen crop per image is an independent draw from the crop marginal: it must
@@ -129,7 +137,9 @@ def test_rankme_matches_numpy_reference():
     z = rng.normal(size=(64, 16)) @ np.diag(np.linspace(1, 0.01, 16))
     s = np.linalg.svd(z, compute_uv=False)
     p = s / s.sum() + 1e-7
-    assert rankme(torch.tensor(z, dtype=torch.float32)) == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-4)
+    assert rankme(torch.tensor(z, dtype=torch.float32)) == pytest.approx(
+        float(np.exp(-(p * np.log(p)).sum())), rel=1e-4
+    )
     collapsed = torch.ones(32, 8) + 1e-6 * torch.randn(32, 8)
     assert rankme(collapsed) < 1.1 and embedding_std(collapsed) < 1e-4
     assert embedding_std(torch.randn(512, 16)) == pytest.approx(1 / 16**0.5, rel=0.1)
@@ -155,14 +165,22 @@ def test_iou_binned_error_matches_a_loop():
 
 def test_diagnostics_reach_mlflow_on_logged_steps(tmp_path):
     from pipeline.tracking import start_run
-    from pipeline.train.loop import train_loop_per_worker
+    from pipeline.train.loop import train
+    from pipeline.train.session import LocalSession
 
     cfg = micro_config(tmp_path, tmp_path, steps=4, log_every_steps=2, checkpoint_every_steps=1000)
     run_id = start_run(cfg.tracking.tracking_uri, "unit", "diag", cfg.flat())
-    loop_config = {"config": cfg.to_dict(), "local_dataset": [_batch(_boxes())] * 4, "local_checkpoint_dir": str(tmp_path / "ck"), "mlflow_run_id": run_id}
-    train_loop_per_worker(loop_config)
+    train(cfg, LocalSession({"train": [_batch(_boxes())] * 4}, tmp_path / "ck"), run_id)
     metrics = MlflowClient(cfg.tracking.tracking_uri).get_run(run_id).data.metrics
-    for key in ("rankme_encoder", "std_encoder", "rankme_head", "std_head", "grad_norm_l2", "grad_norm_linf", "teacher_entropy"):
+    for key in (
+        "rankme_encoder",
+        "std_encoder",
+        "rankme_head",
+        "std_head",
+        "grad_norm_l2",
+        "grad_norm_linf",
+        "teacher_entropy",
+    ):
         assert key in metrics, sorted(metrics)
     assert 1.0 <= metrics["rankme_encoder"] <= 48  # at most the micro ViT's width
     assert any(k.startswith("prop_error_iou_") for k in metrics), sorted(metrics)

@@ -94,11 +94,21 @@ def test_runtime_env_is_accepted_by_ray():
 
 # The required fields and types of KubeRay's v1 CRDs (ray-operator/config/crd/bases at v1.7.0-rc), for
 # the parts these manifests use; no cluster or CRD download is available here to validate against.
-_CONTAINER = {"type": "object", "required": ["name", "image"], "properties": {"name": {"type": "string"}, "image": {"type": "string"}}}
+_CONTAINER = {
+    "type": "object",
+    "required": ["name", "image"],
+    "properties": {"name": {"type": "string"}, "image": {"type": "string"}},
+}
 _POD_TEMPLATE = {
     "type": "object",
     "required": ["spec"],
-    "properties": {"spec": {"type": "object", "required": ["containers"], "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}}}},
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}},
+        }
+    },
 }
 _START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
 _CLUSTER_SPEC = {
@@ -107,8 +117,19 @@ _CLUSTER_SPEC = {
     "properties": {
         "rayVersion": {"type": "string"},
         "enableInTreeAutoscaling": {"type": "boolean"},
-        "authOptions": {"type": "object", "properties": {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"}}},
-        "headGroupSpec": {"type": "object", "required": ["template"], "properties": {"rayStartParams": _START_PARAMS, "template": _POD_TEMPLATE, "serviceType": {"type": "string"}}},
+        "authOptions": {
+            "type": "object",
+            "properties": {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"}},
+        },
+        "headGroupSpec": {
+            "type": "object",
+            "required": ["template"],
+            "properties": {
+                "rayStartParams": _START_PARAMS,
+                "template": _POD_TEMPLATE,
+                "serviceType": {"type": "string"},
+            },
+        },
         "workerGroupSpecs": {
             "type": "array",
             "items": {
@@ -126,11 +147,38 @@ _CLUSTER_SPEC = {
         },
     },
 }
-_METADATA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}}}
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}},
+}
+_RAYJOB_SPEC = {
+    "type": "object",
+    "required": ["entrypoint", "rayClusterSpec"],
+    "properties": {
+        "entrypoint": {"type": "string"},
+        "runtimeEnvYAML": {"type": "string"},
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "shutdownAfterJobFinishes": {"type": "boolean"},
+        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+        "backoffLimit": {"type": "integer", "minimum": 0},
+        "rayClusterSpec": _CLUSTER_SPEC,
+    },
+}
 KUBERAY_SCHEMAS = {
-    "RayCluster": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-                   "properties": {"apiVersion": {"const": "ray.io/v1"}, "metadata": _METADATA, "spec": _CLUSTER_SPEC}},
+    "RayCluster": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": "ray.io/v1"}, "metadata": _METADATA, "spec": _CLUSTER_SPEC},
+    },
     "RayJob": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": "ray.io/v1"}, "metadata": _METADATA, "spec": _RAYJOB_SPEC},
+    },
+    # ray.io_raycronjobs.yaml at v1.7.0 (alpha, feature gate RayCronJob): jobTemplate is a RayJob spec.
+    "RayCronJob": {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
@@ -138,15 +186,12 @@ KUBERAY_SCHEMAS = {
             "metadata": _METADATA,
             "spec": {
                 "type": "object",
-                "required": ["entrypoint", "rayClusterSpec"],
+                "required": ["jobTemplate", "schedule"],
                 "properties": {
-                    "entrypoint": {"type": "string"},
-                    "runtimeEnvYAML": {"type": "string"},
-                    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-                    "shutdownAfterJobFinishes": {"type": "boolean"},
-                    "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                    "backoffLimit": {"type": "integer", "minimum": 0},
-                    "rayClusterSpec": _CLUSTER_SPEC,
+                    "jobTemplate": _RAYJOB_SPEC,
+                    "schedule": {"type": "string"},
+                    "timeZone": {"type": "string", "minLength": 1},
+                    "suspend": {"type": "boolean"},
                 },
             },
         },
@@ -154,17 +199,23 @@ KUBERAY_SCHEMAS = {
 }
 
 
-@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def _cluster_spec(manifest: dict) -> dict:
+    """The RayCluster spec of a RayCluster, RayJob or RayCronJob manifest."""
+    spec = manifest["spec"].get("jobTemplate", manifest["spec"])
+    return spec.get("rayClusterSpec", spec)
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "raycronjob-sweep.yaml"])
 def test_kuberay_manifest_has_what_the_v1_crd_requires(name):
     manifest = _yaml(CLUSTER / "kuberay" / name)
     schema = KUBERAY_SCHEMAS[manifest["kind"]]
     jsonschema.validate(manifest, schema)
-    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    spec = _cluster_spec(manifest)
     assert spec["authOptions"]["mode"] == "token"
     for group in spec["workerGroupSpecs"]:
         assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
     broken = copy.deepcopy(manifest)
-    spec = broken["spec"].get("rayClusterSpec", broken["spec"])
+    spec = _cluster_spec(broken)
     del spec["workerGroupSpecs"][0]["groupName"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
@@ -179,16 +230,100 @@ def _cpu(quantity: str) -> float:
 
 def test_kuberay_gpu_group_sizing_and_rayjob_cluster_match():
     cluster, job = _yaml(CLUSTER / "kuberay" / "raycluster.yaml"), _yaml(CLUSTER / "kuberay" / "rayjob.yaml")
-    assert job["spec"]["rayClusterSpec"] == cluster["spec"], "rayjob.yaml must run the cluster raycluster.yaml describes"
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"], (
+        "rayjob.yaml must run the cluster raycluster.yaml describes"
+    )
     groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
     limits = groups["gpu-train"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     gpus, cpus = int(limits["nvidia.com/gpu"]), _cpu(limits["cpu"])
     paper = load_config(PAPER)
     assert (cpus - gpus * paper.train.cpus_per_worker) / gpus >= crop_cpus_per_gpu()
-    assert not any("nvidia.com/gpu" in c["resources"]["limits"] for c in groups["cpu-ingest"]["template"]["spec"]["containers"])
+    assert not any(
+        "nvidia.com/gpu" in c["resources"]["limits"] for c in groups["cpu-ingest"]["template"]["spec"]["containers"]
+    )
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     entry = job["spec"]["entrypoint"].split()
     assert entry[:2] == ["python", "jobs/pretrain.py"] and (REPO / entry[3]).is_file()
+
+
+_CRON_RANGES = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]  # minute hour day-of-month month day-of-week
+
+
+def cron_is_valid(expr: str) -> bool:
+    """A standard 5-field cron expression: per field `*`, n, a-b, lists of those, each with an optional /step."""
+    fields = expr.split()
+    if len(fields) != 5:
+        return False
+    for field, (lo, hi) in zip(fields, _CRON_RANGES):
+        for item in field.split(","):
+            match = re.fullmatch(r"(\*|(\d+)(?:-(\d+))?)(?:/(\d+))?", item)
+            if not match:
+                return False
+            first, last, step = match.group(2), match.group(3), match.group(4)
+            values = [int(v) for v in (first, last) if v is not None]
+            if any(not lo <= v <= hi for v in values) or (len(values) == 2 and values[0] > values[1]) or step == "0":
+                return False
+    return True
+
+
+def _without_shared_volume(spec: dict, volume: str) -> dict:
+    """The cluster spec with the volume `volume` and its mounts taken out (empty lists dropped)."""
+    spec = copy.deepcopy(spec)
+    for pod in [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]:
+        for holder, key in [(pod, "volumes")] + [(c, "volumeMounts") for c in pod["containers"]]:
+            kept = [v for v in holder.get(key, []) if v["name"] != volume]
+            holder.update({key: kept}) if kept else holder.pop(key, None)
+    return spec
+
+
+def test_scheduled_sweep_raycronjob_runs_the_sweep_entrypoint():
+    """cluster/kuberay/raycronjob-sweep.yaml: a valid schedule, raycluster.yaml's cluster plus the shared
+    volume on every pod, and an entrypoint that `abpipe sweep` parses into a config whose task data and
+    outputs lie on that volume."""
+    from pipeline.cli import _load, build_parser
+
+    cron, cluster = _yaml(CLUSTER / "kuberay" / "raycronjob-sweep.yaml"), _yaml(CLUSTER / "kuberay" / "raycluster.yaml")
+    assert cron_is_valid(cron["spec"]["schedule"]) and cron["spec"].get("suspend") is False
+    assert [cron_is_valid(e) for e in ("0 * * *", "61 * * * *", "*/0 * * * *", "5-1 * * * *", "0 3 * * 1-5")] == [
+        False
+    ] * 4 + [True]
+    job = cron["spec"]["jobTemplate"]
+    assert job["shutdownAfterJobFinishes"] is True and 0 < job["activeDeadlineSeconds"] < 3600, (
+        "one sweep per hour at most"
+    )
+    pods = [job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in job["rayClusterSpec"]["workerGroupSpecs"]
+    ]
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for pod in pods
+        for v in pod.get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+    assert len(set(claims)) == 1, claims
+    volume = next(iter(claims))
+    mounts = {
+        m["mountPath"]
+        for pod in pods
+        for c in pod["containers"]
+        for m in c.get("volumeMounts", [])
+        if m["name"] == volume
+    }
+    assert len(mounts) == 1 and all(
+        any(m["name"] == volume for m in c.get("volumeMounts", [])) for pod in pods for c in pod["containers"]
+    )
+    assert _without_shared_volume(job["rayClusterSpec"], volume) == cluster["spec"], (
+        "the cron job must run raycluster.yaml's cluster"
+    )
+
+    entry = job["entrypoint"].split()
+    assert entry[:2] == ["python", "jobs/sweep.py"] and (REPO / entry[3]).is_file()
+    args, rest = build_parser().parse_known_args(["sweep", *entry[2:]])
+    args.overrides += rest
+    cfg = _load(args)  # what the job runs: unknown keys or bad values raise here
+    mount = next(iter(mounts))
+    assert cfg.sweep.experiments and cfg.eval.use_gpu and cfg.paths.root.startswith(mount + "/")
+    assert cfg.eval.tasks and all(cfg.eval.task_roots[t].startswith(mount + "/") for t in cfg.eval.tasks)
 
 
 # ---------------------------------------------------------------- job configs
@@ -209,7 +344,9 @@ def _training_sections(path: Path) -> dict:
 
 def test_paper_configs_share_one_training_setting():
     paper = load_config(PAPER)
-    assert paper.model.encoder == "vit_small_patch16_224" and paper.views.view_size == 224 and paper.views.num_views == 4
+    assert (
+        paper.model.encoder == "vit_small_patch16_224" and paper.views.view_size == 224 and paper.views.num_views == 4
+    )
     assert paper.train.total_views == 800_000_000 and paper.train.max_failures > 0
     for name in DATASET_CONFIGS:
         assert _training_sections(REPO / "jobs" / "configs" / f"{name}.yaml") == _training_sections(PAPER), name
@@ -225,7 +362,10 @@ def test_paper_configs_share_one_training_setting():
 # ---------------------------------------------------------------- secrets
 
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|access[_-]?key|credential)", re.I)
-_SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@|-----BEGIN [A-Z ]*PRIVATE KEY|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,})")
+_SECRET_VALUE = re.compile(
+    r"(AKIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@|-----BEGIN [A-Z ]*PRIVATE "
+    r"KEY|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,})"
+)
 _NAMES_NOT_VALUES = {"secretName", "secretRef", "secretKeyRef", "valueFrom", "envFrom"}
 
 
@@ -238,7 +378,13 @@ def secret_findings(data, where: str = "") -> list[str]:
         for key, value in data.items():
             path = f"{where}.{key}"
             is_path = isinstance(value, str) and value.startswith(("/", "~", "./"))
-            if isinstance(value, (str, int)) and value != "" and _SECRET_KEY.search(str(key)) and str(key) not in _NAMES_NOT_VALUES and not is_path:
+            if (
+                isinstance(value, (str, int))
+                and value != ""
+                and _SECRET_KEY.search(str(key))
+                and str(key) not in _NAMES_NOT_VALUES
+                and not is_path
+            ):
                 found.append(path)
             found += secret_findings(value, path)
     elif isinstance(data, list):
@@ -254,8 +400,12 @@ def _all_config_files() -> list[Path]:
 
 
 def test_no_secrets_in_configs_or_manifests():
-    planted = {"tracking": {"password": "hunter2"}, "env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}],
-               "uri": "http://user:pw@mlflow:5000", "ok": {"secretName": "abpipe", "mode": "token", "/home/ray/.ray/auth_token": "~/.ray/auth_token"}}
+    planted = {
+        "tracking": {"password": "hunter2"},
+        "env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}],
+        "uri": "http://user:pw@mlflow:5000",
+        "ok": {"secretName": "abpipe", "mode": "token", "/home/ray/.ray/auth_token": "~/.ray/auth_token"},
+    }
     assert sorted(secret_findings(planted)) == [".env[0].AWS_SECRET_ACCESS_KEY", ".tracking.password", ".uri"]
     for path in _all_config_files():
         for doc in yaml.safe_load_all(path.read_text()):
@@ -268,16 +418,35 @@ def test_no_secrets_in_configs_or_manifests():
 # ---------------------------------------------------------------- entrypoints and defaults
 
 
-@pytest.mark.parametrize("job,command", [("ingest", "ingest"), ("pretrain", "train"), ("evaluate", "eval"), ("sweep", "sweep")])
+@pytest.mark.parametrize(
+    "job,command", [("ingest", "ingest"), ("pretrain", "train"), ("evaluate", "eval"), ("sweep", "sweep")]
+)
 def test_job_entrypoint_help(job, command):
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True, timeout=120, cwd="/")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
     assert out.returncode == 0, out.stderr
     assert f"jobs/{job}.py" in out.stdout and f"abpipe {command}" in out.stdout and "ray job submit" in out.stdout
 
 
 def test_job_entrypoint_forwards_to_the_abpipe_config_system():
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "ingest.py"), "--config", str(REPO / "jobs" / "configs" / "tiny.yaml"), "ingest.no_such_key=1"],
-                         capture_output=True, text=True, timeout=180, cwd="/")
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "ingest.py"),
+            "--config",
+            str(REPO / "jobs" / "configs" / "tiny.yaml"),
+            "ingest.no_such_key=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd="/",
+    )
     assert out.returncode == 2 and "unknown config key 'ingest.no_such_key'" in out.stderr
 
 

@@ -61,7 +61,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def run_two_workers(tmp_path):
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     return torch.load(tmp_path / "ddp.pt")
 
 

@@ -51,7 +51,10 @@ def messy_folder(tmp_path_factory, photo_files, digits_folder):
 
 
 def ingest(input_path, out, source="image_folder", **kw) -> dict:
-    cfg = Config(paths=PathsConfig(root=str(out.parent / "root")), ingest=IngestConfig(source=source, input=str(input_path), output=str(out), min_side=8, **kw))
+    cfg = Config(
+        paths=PathsConfig(root=str(out.parent / "root")),
+        ingest=IngestConfig(source=source, input=str(input_path), output=str(out), min_side=8, **kw),
+    )
     return run_ingest(cfg)
 
 
@@ -118,11 +121,17 @@ def test_shards_read_as_one_block_per_tar(ray_cluster, photo_files, tmp_path):
 
 def test_file_list_counts_missing_paths(ray_cluster, photo_files, tmp_path):
     listing = tmp_path / "paths.txt"
-    listing.write_text("# a comment\n" + "\n".join(str(p) for p in photo_files[:3]) + f"\n\n{tmp_path}/nope.jpg\nrelative_missing.png\n")
+    listing.write_text(
+        "# a comment\n"
+        + "\n".join(str(p) for p in photo_files[:3])
+        + f"\n\n{tmp_path}/nope.jpg\nrelative_missing.png\n"
+    )
     stats = ingest(listing, tmp_path / "shards", source="files")
     assert stats["counts"] == {"ok": 3, "missing": 2}
     manifest = load_manifest(str(tmp_path / "shards"))
-    assert manifest.loc[manifest["status"] == "missing", "input"].str.endswith(("nope.jpg", "relative_missing.png")).all()
+    assert (
+        manifest.loc[manifest["status"] == "missing", "input"].str.endswith(("nope.jpg", "relative_missing.png")).all()
+    )
 
 
 def test_rerun_replaces_the_shard_set(ray_cluster, messy_folder, tmp_path):

@@ -25,7 +25,15 @@ CATEGORIES = [{"id": 1, "name": "cat", "supercategory": "animal"}, {"id": 7, "na
 
 
 def _ann(aid, image_id, bbox, cat=1, crowd=0):
-    return {"id": aid, "image_id": image_id, "category_id": cat, "bbox": bbox, "area": 1.0, "iscrowd": crowd, "segmentation": [[0, 0, 1, 1, 1, 0]]}
+    return {
+        "id": aid,
+        "image_id": image_id,
+        "category_id": cat,
+        "bbox": bbox,
+        "area": 1.0,
+        "iscrowd": crowd,
+        "segmentation": [[0, 0, 1, 1, 1, 0]],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +72,29 @@ def coco_set(tmp_path_factory, photo_files):
         _ann(11, 999, [1, 1, 5, 5]),  # an image id not in images[]
     ]
     instances = {"info": {}, "licenses": [], "images": entries, "annotations": anns, "categories": CATEGORIES}
-    captions = {"images": entries, "annotations": [{"id": 31, "image_id": 1, "caption": "A cat on a mat. "}, {"id": 12, "image_id": 1, "caption": "A small cat."}, {"id": 40, "image_id": 6, "caption": "A dog."}]}
+    captions = {
+        "images": entries,
+        "annotations": [
+            {"id": 31, "image_id": 1, "caption": "A cat on a mat. "},
+            {"id": 12, "image_id": 1, "caption": "A small cat."},
+            {"id": 40, "image_id": 6, "caption": "A dog."},
+        ],
+    }
     (root / "instances_val2017.json").write_text(json.dumps(instances))
     (root / "captions_val2017.json").write_text(json.dumps(captions))
     return root, images, instances
 
 
 def _cfg(images_dir, root, out, **coco_kw) -> Config:
-    cc = CocoIngestConfig(instances=str(root / "instances_val2017.json"), captions=str(root / "captions_val2017.json"), **coco_kw)
-    return Config(paths=PathsConfig(root=str(root.parent / "runs")), ingest=IngestConfig(source="coco", input=str(images_dir), output=str(out), max_side=MAX_SIDE, samples_per_shard=3, coco=cc))
+    cc = CocoIngestConfig(
+        instances=str(root / "instances_val2017.json"), captions=str(root / "captions_val2017.json"), **coco_kw
+    )
+    return Config(
+        paths=PathsConfig(root=str(root.parent / "runs")),
+        ingest=IngestConfig(
+            source="coco", input=str(images_dir), output=str(out), max_side=MAX_SIDE, samples_per_shard=3, coco=cc
+        ),
+    )
 
 
 def _reference(instances: dict, stored: dict[int, tuple[int, int]], min_side: float = 1.0):
@@ -83,7 +105,17 @@ def _reference(instances: dict, stored: dict[int, tuple[int, int]], min_side: fl
         if "width" in e:
             size.setdefault(e["id"], (e["width"], e["height"]))
     boxes = {i: [] for i in stored}
-    counts = dict.fromkeys(["boxes_clipped", "boxes_dropped_crowd", "boxes_dropped_degenerate", "boxes_dropped_unknown_category", "boxes_kept", "boxes_kept_crowd"], 0)
+    counts = dict.fromkeys(
+        [
+            "boxes_clipped",
+            "boxes_dropped_crowd",
+            "boxes_dropped_degenerate",
+            "boxes_dropped_unknown_category",
+            "boxes_kept",
+            "boxes_kept_crowd",
+        ],
+        0,
+    )
     for a in instances["annotations"]:
         if a["image_id"] not in stored:
             continue
@@ -166,13 +198,18 @@ def test_coco_over_http_into_an_fsspec_filesystem(ray_cluster, coco_set, tmp_pat
 def test_include_crowd_and_min_box_side(coco_set):
     """The listing alone: crowd boxes kept on request; a larger min side drops more."""
     root, images, _ = coco_set
+
     def image_a(**kw):
         items = coco.list_items(_cfg(images, root, root / "x", **kw).ingest)
         return next(it for it in items if it["input"] == str(images / "a.jpg"))
 
     a = image_a(include_crowd=True, min_box_side=40)
     assert a["labels"] == ["cat", "dog", "cat"] and a["boxes"][1] == [0.0, 0.0, 50.0, 50.0]
-    assert a["counts"]["boxes_kept_crowd"] == 1 and a["counts"]["boxes_dropped_crowd"] == 0 and a["counts"]["boxes_dropped_degenerate"] == 5
+    assert (
+        a["counts"]["boxes_kept_crowd"] == 1
+        and a["counts"]["boxes_dropped_crowd"] == 0
+        and a["counts"]["boxes_dropped_degenerate"] == 5
+    )
     assert a["box_frame"] == [400.0, 300.0]
     a = image_a(include_crowd=True, min_box_side=60)  # 100x50, 50x50 and the clipped 50x50 now too thin
     assert a["boxes"] == [] and a["counts"]["boxes_dropped_degenerate"] == 8
@@ -183,9 +220,19 @@ def test_bad_annotation_files_name_the_file(coco_set, tmp_path):
     root, images, _ = coco_set
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="broken.json is not valid json"):
-        coco.list_items(IngestConfig(source="coco", input=str(images), coco=CocoIngestConfig(instances=str(tmp_path / "broken.json"))))
+        coco.list_items(
+            IngestConfig(
+                source="coco", input=str(images), coco=CocoIngestConfig(instances=str(tmp_path / "broken.json"))
+            )
+        )
     (tmp_path / "other.json").write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="other.json: missing or malformed 'annotations'"):
-        coco.list_items(IngestConfig(source="coco", input=str(images), coco=CocoIngestConfig(instances=str(tmp_path / "other.json"))))
+        coco.list_items(
+            IngestConfig(
+                source="coco", input=str(images), coco=CocoIngestConfig(instances=str(tmp_path / "other.json"))
+            )
+        )
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        coco.list_items(IngestConfig(source="coco", input=str(images), coco=CocoIngestConfig(instances=str(tmp_path / "nope.json"))))
+        coco.list_items(
+            IngestConfig(source="coco", input=str(images), coco=CocoIngestConfig(instances=str(tmp_path / "nope.json")))
+        )

@@ -33,7 +33,11 @@ ACTIONS = [
 ]
 # VISOR frame (its own numbering) -> rgb_frames frame via frame_mapping.json (offset +1)
 VISOR = {
-    24: [("left hand", [[[100.0, 200.0], [300.0, 210.0], [250.0, 400.0]]]), ("plate", [[[1000.0, 500.0], [1500.0, 520.0]], [[1200.0, 900.0]]]), ("sponge", [])],
+    24: [
+        ("left hand", [[[100.0, 200.0], [300.0, 210.0], [250.0, 400.0]]]),
+        ("plate", [[[1000.0, 500.0], [1500.0, 520.0]], [[1200.0, 900.0]]]),
+        ("sponge", []),
+    ],
     40: [("tap", [[[10.0, 20.0], [30.0, 60.0], [20.0, 40.0]]])],
 }
 
@@ -43,7 +47,25 @@ def _csv(path, rows) -> None:
         out = csv.writer(fh)
         out.writerow(epic_kitchens.CSV_COLUMNS)
         for nid, vid, start, stop, verb, noun in rows:
-            out.writerow([nid, vid[:3], vid, "00:00:01.00", "00:00:00.00", "00:00:02.00", start, stop, f"{verb} {noun}", verb, 1, noun, 2, f"['{noun}']", "[2]"])
+            out.writerow(
+                [
+                    nid,
+                    vid[:3],
+                    vid,
+                    "00:00:01.00",
+                    "00:00:00.00",
+                    "00:00:02.00",
+                    start,
+                    stop,
+                    f"{verb} {noun}",
+                    verb,
+                    1,
+                    noun,
+                    2,
+                    f"['{noun}']",
+                    "[2]",
+                ]
+            )
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +77,23 @@ def epic_root(tmp_path_factory):
     write_rgb_frames_tar(root / "P01" / "rgb_frames" / "P01_01.tar", LENGTHS["P01_01"], W, H)
     write_rgb_frames_dir(root / "P02" / "rgb_frames" / "P02_01", LENGTHS["P02_01"], W, H, skip=(11,))
     _csv(root / "EPIC_100_train.csv", ACTIONS + [("P01_01_9", "P01_01", 50, 10, "bad", "row")])
-    visor = {"video_annotations": [
-        {"image": {"image_path": f"P01_01_seq_00001/P01_01_frame_{f:010d}.jpg", "name": f"P01_01_frame_{f:010d}.jpg", "subsequence": "P01_01_seq_00001", "video": "P01_01"},
-         "annotations": [{"id": f"m{f}_{i}", "name": name, "class_id": i, "exhaustive": "y", "segments": segs} for i, (name, segs) in enumerate(ents)]}
-        for f, ents in VISOR.items()
-    ]}
+    visor = {
+        "video_annotations": [
+            {
+                "image": {
+                    "image_path": f"P01_01_seq_00001/P01_01_frame_{f:010d}.jpg",
+                    "name": f"P01_01_frame_{f:010d}.jpg",
+                    "subsequence": "P01_01_seq_00001",
+                    "video": "P01_01",
+                },
+                "annotations": [
+                    {"id": f"m{f}_{i}", "name": name, "class_id": i, "exhaustive": "y", "segments": segs}
+                    for i, (name, segs) in enumerate(ents)
+                ],
+            }
+            for f, ents in VISOR.items()
+        ]
+    }
     (root / "P01_01.json").write_text(json.dumps(visor))
     mapping = {"P01_01": {f"P01_01_frame_{f:010d}.jpg": f"frame_{f + 1:010d}.jpg" for f in VISOR}}
     (root / "frame_mapping.json").write_text(json.dumps(mapping))
@@ -67,8 +101,19 @@ def epic_root(tmp_path_factory):
 
 
 def _cfg(root, out, layout: str) -> Config:
-    epic = EpicIngestConfig(annotations_csv=str(root / "EPIC_100_train.csv"), frame_stride=STRIDE, layout=layout, visor_json=str(root / "P01_01.json"), visor_frame_mapping=str(root / "frame_mapping.json"))
-    return Config(paths=PathsConfig(root=str(root.parent / "runs")), ingest=IngestConfig(source="epic_kitchens", input=str(root), output=str(out), samples_per_shard=6, max_side=384, epic=epic))
+    epic = EpicIngestConfig(
+        annotations_csv=str(root / "EPIC_100_train.csv"),
+        frame_stride=STRIDE,
+        layout=layout,
+        visor_json=str(root / "P01_01.json"),
+        visor_frame_mapping=str(root / "frame_mapping.json"),
+    )
+    return Config(
+        paths=PathsConfig(root=str(root.parent / "runs")),
+        ingest=IngestConfig(
+            source="epic_kitchens", input=str(root), output=str(out), samples_per_shard=6, max_side=384, epic=epic
+        ),
+    )
 
 
 def _expected_action(video: str, frame: int):
@@ -87,7 +132,11 @@ def _expected_frames(video: str) -> list[int]:
 
 def _samples(out) -> dict[tuple[str, int], tuple[dict, np.ndarray]]:
     rows = read_shards(str(out)).take_all()
-    return {(m["video"], m["frame"]): (m, np.asarray(Image.open(io.BytesIO(r["jpg"])))) for r in rows for m in [json.loads(r["json"])]}
+    return {
+        (m["video"], m["frame"]): (m, np.asarray(Image.open(io.BytesIO(r["jpg"]))))
+        for r in rows
+        for m in [json.loads(r["json"])]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +156,9 @@ def test_video_frames_get_actions_and_visor_boxes(video_shards, capsys):
     assert sorted(samples) == sorted((v, f) for v in LENGTHS for f in _expected_frames(v))
     with_action = 0
     for (video, frame), (meta, image) in samples.items():
-        assert read_frame_code(image) == frame - 1, f"{video} frame {frame}: frame numbers are 1-based, decode index 0-based"
+        assert read_frame_code(image) == frame - 1, (
+            f"{video} frame {frame}: frame numbers are 1-based, decode index 0-based"
+        )
         assert (meta["width"], meta["height"]) == (W, H) and meta["id"] == f"{video}/frame_{frame:010d}"
         ref = _expected_action(video, frame)
         if ref is None:
@@ -116,7 +167,10 @@ def test_video_frames_get_actions_and_visor_boxes(video_shards, capsys):
             with_action += 1
             assert (meta["action"]["narration_id"], meta["action"]["verb"]) == ref[:2]
             assert meta["action"]["narration"] == f"{meta['action']['verb']} {meta['action']['noun']}"
-    assert samples[("P01_01", 21)][0]["action"]["narration_id"] == "P01_01_1" and "action" not in samples[("P01_01", 41)][0]
+    assert (
+        samples[("P01_01", 21)][0]["action"]["narration_id"] == "P01_01_1"
+        and "action" not in samples[("P01_01", 41)][0]
+    )
     # VISOR: frame 24 maps to rgb frame 25; boxes are the polygon extents, 1920x1080 -> 192x108
     for visor_frame, entities in VISOR.items():
         meta = samples[("P01_01", visor_frame + 1)][0]
@@ -124,7 +178,12 @@ def test_video_frames_get_actions_and_visor_boxes(video_shards, capsys):
         assert meta["labels"] == [name for name, _ in kept]
         for box, (_, segs) in zip(meta["boxes"], kept):
             pts = [p for poly in segs for p in poly]
-            ref = [min(p[0] for p in pts) / 10, min(p[1] for p in pts) / 10, max(p[0] for p in pts) / 10, max(p[1] for p in pts) / 10]
+            ref = [
+                min(p[0] for p in pts) / 10,
+                min(p[1] for p in pts) / 10,
+                max(p[0] for p in pts) / 10,
+                max(p[1] for p in pts) / 10,
+            ]
             assert box == pytest.approx(ref, abs=1e-9)
     assert "boxes" not in samples[("P01_01", 31)][0]
     n_frames = expected_ok
@@ -159,7 +218,13 @@ def test_video_reader_seeks_over_gaps_and_counts_missing_frames(epic_root, monke
     monkeypatch.setattr(frames, "SEEK_GAP", 8)
     path = str(epic_root / "P01" / "videos" / "P01_01.MP4")
     got = dict(frames.iter_video_frames(path, [3, 27, 28, 61, 89, 90]))
-    assert {i: read_frame_code(v) for i, v in got.items() if not isinstance(v, BadImage)} == {3: 3, 27: 27, 28: 28, 61: 61, 89: 89}
+    assert {i: read_frame_code(v) for i, v in got.items() if not isinstance(v, BadImage)} == {
+        3: 3,
+        27: 27,
+        28: 28,
+        61: 61,
+        89: 89,
+    }
     assert got[90].reason == "missing" and "past the video's end" in got[90].detail
     broken = dict(frames.iter_video_frames(str(epic_root / "P01" / "videos" / "P01_02.MP4"), [0, 5]))
     assert {v.reason for v in broken.values()} == {"corrupt"}
@@ -174,6 +239,8 @@ def test_bad_annotation_files_name_the_file(epic_root, tmp_path):
         epic_kitchens.list_items(IngestConfig(input=cfg.input, epic=EpicIngestConfig(annotations_csv=str(cols))))
     (tmp_path / "v.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="v.json: not a VISOR annotation file"):
-        epic_kitchens.list_items(IngestConfig(input=cfg.input, epic=EpicIngestConfig(visor_json=str(tmp_path / "v.json"))))
+        epic_kitchens.list_items(
+            IngestConfig(input=cfg.input, epic=EpicIngestConfig(visor_json=str(tmp_path / "v.json")))
+        )
     with pytest.raises(FileNotFoundError, match="no rgb_frames found"):
         epic_kitchens.list_items(IngestConfig(input=str(tmp_path), epic=EpicIngestConfig(layout="rgb_frames")))

@@ -55,7 +55,10 @@ class LoopbackServer:
                 if path.startswith("/delayed/"):
                     time.sleep(server.delay_seconds)
                 if path == "/page.html":
-                    body, headers = b"<!doctype html><html><body>not an image</body></html>", {"Content-Type": "text/html"}
+                    body, headers = (
+                        b"<!doctype html><html><body>not an image</body></html>",
+                        {"Content-Type": "text/html"},
+                    )
                 else:
                     name = path.lstrip("/")
                     for prefix in ("noai/", "delayed/"):
@@ -122,7 +125,15 @@ def _write_tsv(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 def _config(tmp_path: Path, urls: Path, out: Path, **cc) -> Config:
     cc = {"processes": 1, "threads": 4, "timeout": 1.0, "retries": 1} | cc
-    ing = IngestConfig(source="cc12m", input=str(urls), output=str(out), max_side=MAX_SIDE, min_side=8, samples_per_shard=5, cc12m=UrlIngestConfig(**cc))
+    ing = IngestConfig(
+        source="cc12m",
+        input=str(urls),
+        output=str(out),
+        max_side=MAX_SIDE,
+        min_side=8,
+        samples_per_shard=5,
+        cc12m=UrlIngestConfig(**cc),
+    )
     return Config(paths=PathsConfig(root=str(tmp_path / "root")), ingest=ing)
 
 
@@ -195,7 +206,9 @@ def test_every_url_is_kept_or_counted_with_its_reason(ray_cluster, server, tmp_p
 
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'root' / 'mlflow.db'}").get_run(stats["run_id"])
     assert run.data.tags["abpipe.kind"] == "ingest"
-    assert {k: v for k, v in run.data.metrics.items() if k.startswith("count_")} == {f"count_{k}": v for k, v in expected.items()}
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("count_")} == {
+        f"count_{k}": v for k, v in expected.items()
+    }
 
 
 def _tar_keys(out: Path) -> list[str]:
@@ -213,7 +226,16 @@ def test_resume_after_kill_fetches_only_unfinished_shards(server, tmp_path):
     urls = _write_tsv(tmp_path / "list.tsv", fast + delayed)
     out = tmp_path / "shards"
     abpipe = str(Path(sys.executable).parent / "abpipe")
-    overrides = [f"paths.root={tmp_path / 'root'}", f"ingest.max_side={MAX_SIDE}", "ingest.min_side=8", "ingest.samples_per_shard=3", "ingest.cc12m.processes=1", "ingest.cc12m.threads=3", "ingest.cc12m.timeout=10", "ingest.cc12m.retries=0"]
+    overrides = [
+        f"paths.root={tmp_path / 'root'}",
+        f"ingest.max_side={MAX_SIDE}",
+        "ingest.min_side=8",
+        "ingest.samples_per_shard=3",
+        "ingest.cc12m.processes=1",
+        "ingest.cc12m.threads=3",
+        "ingest.cc12m.timeout=10",
+        "ingest.cc12m.retries=0",
+    ]
     command = [abpipe, "ingest", "cc12m", "--urls", str(urls), "--out", str(out), *overrides]
 
     server.delay_seconds = 4.0  # the later shards take long enough to kill the run in between
@@ -230,7 +252,9 @@ def test_resume_after_kill_fetches_only_unfinished_shards(server, tmp_path):
     from pipeline.data.sources.url_captions import _collect_manifest
     from pipeline.data.sources.url_list import read_url_list
 
-    killed = _collect_manifest(read_url_list(str(urls), UrlIngestConfig()), IngestConfig(output=str(out), samples_per_shard=3), "cc12m", 3, {})
+    killed = _collect_manifest(
+        read_url_list(str(urls), UrlIngestConfig()), IngestConfig(output=str(out), samples_per_shard=3), "cc12m", 3, {}
+    )
     assert list(killed["status"]) == ["ok"] * 3 + ["incomplete"] * 6, "what a killed run leaves is counted, not lost"
     assert killed["detail"].iloc[-1].endswith("re-run the same command to fetch it")
 
@@ -243,7 +267,11 @@ def test_resume_after_kill_fetches_only_unfinished_shards(server, tmp_path):
     assert all(server.hits[u[len(server.base) :]] == 1 for u, _ in fast), "finished shard not downloaded again"
     assert all(server.hits[u[len(server.base) :]] in (1, 2) for u, _ in delayed)
     stats = load_stats(str(out))
-    assert stats["counts"] == {"ok": 9} and stats["shards"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert stats["counts"] == {"ok": 9} and stats["shards"] == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
     manifest = load_manifest(str(out))
     assert len(manifest) == 9 and manifest["key"].is_unique
     keys = _tar_keys(out)
@@ -284,7 +312,9 @@ def test_url_list_refuses_what_it_must_not_fetch(tmp_path):
     assert "'file' refused" in refused["000000002"]["detail"] and "'ftp' refused" in refused["000000003"]["detail"]
     assert "'data' refused" in refused["000000004"]["detail"] and refused["000000005"]["detail"] == "empty URL"
     assert refused["000000006"]["detail"] == "no host in URL"
-    assert refused["000000007"]["detail"].startswith("malformed row") and "extra column" in refused["000000007"]["input"]
+    assert (
+        refused["000000007"]["detail"].startswith("malformed row") and "extra column" in refused["000000007"]["input"]
+    )
     assert all(r["status"] == "bad_url" for r in listing.refused)
 
     with pytest.raises(ConfigError, match=r"columns=\[url,caption\]"):
@@ -321,7 +351,8 @@ def test_img2dataset_errors_map_to_reasons():
 
 
 def test_download_guard_refuses_bombs_from_the_header(server):
-    """The guard in front of img2dataset's OpenCV decoder: a bomb is refused without decoding pixels, bad files get a precise reason."""
+    """The guard in front of img2dataset's OpenCV decoder: a bomb is refused without decoding pixels, bad files
+    get a precise reason."""
     from img2dataset.resizer import Resizer
 
     from pipeline.data.sources.img2dataset_runner import GuardedResizer
@@ -358,4 +389,6 @@ def test_cli_ingest_source_and_flags():
     with pytest.raises(SystemExit):
         main(["ingest", "cc12m", "--bogus"])
     assert main(["ingest", "nosuch", "--urls", "x"]) == 2, "unknown source: a config error, not a traceback"
-    assert main(["ingest", "cc12m", "--urls", "x.tsv", "--out", "nosuchfs://bucket/x"]) == 2, "an output img2dataset cannot write"
+    assert main(["ingest", "cc12m", "--urls", "x.tsv", "--out", "nosuchfs://bucket/x"]) == 2, (
+        "an output img2dataset cannot write"
+    )

@@ -32,6 +32,8 @@ from pipeline.checkpoints import latest_checkpoint_dir, read_meta
 from tests.micro import MICRO_MODEL
 from tests.test_fault_tolerance import ray_train_worker_pids
 
+pytestmark = pytest.mark.ray  # starts its own two-node Ray cluster with `ray start`
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -48,8 +50,14 @@ def _free_port() -> int:
 def _node_ports() -> list[str]:
     """Explicit free ports, so this cluster never collides with another Ray instance on the machine."""
     args = []
-    for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"):
+    for flag in (
+        "--node-manager-port",
+        "--object-manager-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+    ):
         args += [flag, str(_free_port())]
     return args
 
@@ -78,16 +86,44 @@ class TwoNodeCluster:
 
     def _start(self, args: list[str], log_name: str) -> None:
         log = open(self.tmp / log_name, "w")
-        self.nodes.append(subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", *args, *_node_ports()],
-                                           env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+        self.nodes.append(
+            subprocess.Popen(
+                [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", *args, *_node_ports()],
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
 
     def start(self) -> None:
-        self._start(["--head", "--port", str(self.gcs_port), "--num-cpus", "1", "--object-store-memory", str(100 << 20),
-                     "--temp-dir", str(self.tmp / "ray"), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                     "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(_free_port()),
-                     "--disable-usage-stats"], "head.log")
+        self._start(
+            [
+                "--head",
+                "--port",
+                str(self.gcs_port),
+                "--num-cpus",
+                "1",
+                "--object-store-memory",
+                str(100 << 20),
+                "--temp-dir",
+                str(self.tmp / "ray"),
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard_port),
+                "--ray-client-server-port",
+                str(_free_port()),
+                "--disable-usage-stats",
+            ],
+            "head.log",
+        )
         self.wait_for_nodes(1)
-        self._start(["--address", self.address, "--num-cpus", "2", "--object-store-memory", str(100 << 20)], "worker.log")
+        self._start(
+            ["--address", self.address, "--num-cpus", "2", "--object-store-memory", str(100 << 20)], "worker.log"
+        )
         self.wait_for_nodes(2)
 
     def wait_for_nodes(self, n: int, timeout: float = 120) -> None:
@@ -147,10 +183,25 @@ def _micro_config_file(path: Path, root: Path, shards: Path, steps: int) -> Path
     config = {
         "paths": {"root": str(root)},
         "data": {"shards": str(shards), "shuffle_buffer": 16},
-        "views": {"num_views": M, "view_size": 32, "annotation_views": A, "batch_size": 16, "concurrency": 1, "cpus_per_actor": 0.5},
+        "views": {
+            "num_views": M,
+            "view_size": 32,
+            "annotation_views": A,
+            "batch_size": 16,
+            "concurrency": 1,
+            "cpus_per_actor": 0.5,
+        },
         "model": json.loads(json.dumps(MICRO_MODEL.__dict__)),
-        "train": {"total_views": steps * VIEWS_PER_STEP, "batch_size": BATCH, "num_workers": WORKERS, "cpus_per_worker": 0.5,
-                  "checkpoint_every_steps": 4, "log_every_steps": 1, "max_failures": 2, "run_name": "multinode"},
+        "train": {
+            "total_views": steps * VIEWS_PER_STEP,
+            "batch_size": BATCH,
+            "num_workers": WORKERS,
+            "cpus_per_worker": 0.5,
+            "checkpoint_every_steps": 4,
+            "log_every_steps": 1,
+            "max_failures": 2,
+            "run_name": "multinode",
+        },
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -162,8 +213,12 @@ def test_job_on_two_node_cluster_survives_a_killed_worker(two_node_cluster, digi
 
     cluster, steps = two_node_cluster, 40
     # The job server binds loopback only and refuses a request without the cluster's token.
-    listening = {c.laddr.ip for p in cluster.processes() for c in _connections(p)
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == cluster.dashboard_port}
+    listening = {
+        c.laddr.ip
+        for p in cluster.processes()
+        for c in _connections(p)
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == cluster.dashboard_port
+    }
     assert listening == {"127.0.0.1"}
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{cluster.dashboard_url}/api/jobs/", timeout=10)
@@ -173,8 +228,17 @@ def test_job_on_two_node_cluster_survives_a_killed_worker(two_node_cluster, digi
     config = _micro_config_file(tmp_path / "micro.yaml", root, digit_shards, steps)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runtime_env = tmp_path / "runtime_env.yaml"  # the tracking server reaches the job as an env var, not a config value
-    runtime_env.write_text(yaml.safe_dump({"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "NO_ALBUMENTATIONS_UPDATE": "1",
-                                                        "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}))
+    runtime_env.write_text(
+        yaml.safe_dump(
+            {
+                "env_vars": {
+                    "MLFLOW_TRACKING_URI": tracking_uri,
+                    "NO_ALBUMENTATIONS_UPDATE": "1",
+                    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                }
+            }
+        )
+    )
     run_dir = root / "ray_results" / "multinode"
     killed: list[int] = []
 
@@ -205,9 +269,26 @@ def test_job_on_two_node_cluster_survives_a_killed_worker(two_node_cluster, digi
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     submit = subprocess.run(
-        [RAY, "job", "submit", "--address", cluster.dashboard_url, "--runtime-env", str(runtime_env), "--log-color", "false",
-         "--", sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", str(config)],
-        env=cluster.env, capture_output=True, text=True, timeout=480,
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard_url,
+            "--runtime-env",
+            str(runtime_env),
+            "--log-color",
+            "false",
+            "--",
+            sys.executable,
+            str(REPO / "jobs" / "pretrain.py"),
+            "--config",
+            str(config),
+        ],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=480,
     )
     thread.join(timeout=5)
     output = submit.stdout + submit.stderr

@@ -18,7 +18,9 @@ def execute(name: str, env: dict[str, str]) -> nbformat.NotebookNode:
     old = dict(os.environ)
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
     finally:
         os.environ.clear()
         os.environ.update(old)
@@ -26,13 +28,24 @@ def execute(name: str, env: dict[str, str]) -> nbformat.NotebookNode:
 
 
 def outputs(nb) -> str:
-    return "\n".join(o.get("text", "") or str(o.get("data", {}).get("text/plain", "")) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    return "\n".join(
+        o.get("text", "") or str(o.get("data", {}).get("text/plain", ""))
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
 
 
+@pytest.mark.ray  # the quickstart starts its own local Ray in the kernel
 @pytest.mark.timeout(900)
 def test_quickstart_then_results_notebook(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="abpnb-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {"ABPIPE_ROOT": str(tmp_path / "root"), "ABPIPE_RAY_TMP": ray_tmp, "ABPIPE_QUICKSTART_STEPS": "10", "ABPIPE_QUICKSTART_PER_CLASS": "40"}
+    env = {
+        "ABPIPE_ROOT": str(tmp_path / "root"),
+        "ABPIPE_RAY_TMP": ray_tmp,
+        "ABPIPE_QUICKSTART_STEPS": "10",
+        "ABPIPE_QUICKSTART_PER_CLASS": "40",
+    }
     quick = execute("quickstart.ipynb", env)
     text = outputs(quick)
     assert "'ok': 400" in text  # every digit written was ingested

@@ -61,7 +61,9 @@ def reference_propagation(pred, targets, ann_student, ann_teacher, t):
                 z_t = sum(math.exp(v) for v in teacher_logits)
                 student_logits = [float(np.dot(pred[b, s, tt], ann_student[i])) / t for i in range(n)]
                 z_s = sum(math.exp(v) for v in student_logits)
-                losses.append(-sum(math.exp(teacher_logits[i]) / z_t * (student_logits[i] - math.log(z_s)) for i in range(n)))
+                losses.append(
+                    -sum(math.exp(teacher_logits[i]) / z_t * (student_logits[i] - math.log(z_s)) for i in range(n))
+                )
     return sum(losses) / len(losses)
 
 
@@ -94,7 +96,8 @@ def test_teacher_gets_no_gradient():
     assert not probs.requires_grad
 
 
-def test_ema_update_matches_manual_formula():
+@pytest.mark.parametrize("tau", [0.25, torch.tensor(0.25)], ids=["float", "device tensor"])
+def test_ema_update_matches_manual_formula(tau):
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     teacher = make_teacher(student)
@@ -103,7 +106,7 @@ def test_ema_update_matches_manual_formula():
         for p in student.parameters():
             p.add_(torch.randn_like(p))
         student[1].running_mean.fill_(3.0)
-    ema_update(teacher, student, 0.25)
+    ema_update(teacher, student, tau)
     for name, p in student.named_parameters():
         expect = before[name] * 0.75 + p.detach() * 0.25
         assert torch.allclose(teacher.state_dict()[name], expect)

@@ -25,9 +25,18 @@ MICRO_DINO = DinoConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16)
 MICRO_MAE = MaeConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2)
 VIEWS = {  # each method's crop-stage settings (32 px views, as the Ray smoke runs)
     "simclr": dict(num_views=0, annotation_views=2),
-    "dino": dict(num_views=0, annotation_views=2, local_views=LOCAL, local_size=LOCAL_SIZE, annotation_scale=(0.4, 1.0)),
+    "dino": dict(
+        num_views=0, annotation_views=2, local_views=LOCAL, local_size=LOCAL_SIZE, annotation_scale=(0.4, 1.0)
+    ),
     "mae": dict(num_views=1, annotation_views=0, scale=(0.2, 1.0)),
-    "silc": dict(num_views=0, annotation_views=2, local_views=LOCAL, local_size=LOCAL_SIZE, annotation_scale=(0.4, 1.0), text=TEXT),
+    "silc": dict(
+        num_views=0,
+        annotation_views=2,
+        local_views=LOCAL,
+        local_size=LOCAL_SIZE,
+        annotation_scale=(0.4, 1.0),
+        text=TEXT,
+    ),
 }
 
 
@@ -42,7 +51,9 @@ def gratings(g: torch.Generator, views: int, size: int) -> torch.Tensor:
     masked patch is predictable from the visible ones (white noise would not be)."""
     theta = torch.rand(B * views, 1, 1, generator=g) * math.pi
     period = 6 + 6 * torch.rand(B * views, 1, 1, generator=g)
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     wave = torch.sin(2 * math.pi * (xx * torch.cos(theta) + yy * torch.sin(theta)) / period)
     image = 0.5 + 0.5 * wave[..., None] * torch.rand(B * views, 1, 1, 3, generator=g)
     return (image * 255).round().to(torch.uint8).reshape(B, views, size, size, 3)
@@ -69,7 +80,10 @@ def test_simclr_objective_loss_matches_loop_reference():
     loss = obj(batch, Progress(0, 10)).loss.item()
     with torch.no_grad():  # embeddings through the bare modules, then Eq. 5 with python loops
         x = images_to_float(batch["ann_views"])
-        z = [obj.head(obj.encoder.forward_head(obj.encoder.forward_features(x[:, v]), pre_logits=True)).double().numpy() for v in (0, 1)]
+        z = [
+            obj.head(obj.encoder.forward_head(obj.encoder.forward_features(x[:, v]), pre_logits=True)).double().numpy()
+            for v in (0, 1)
+        ]
     t = obj.cfg.objective.temperature
     total = 0.0
     for i in range(B):
@@ -79,7 +93,9 @@ def test_simclr_objective_loss_matches_loop_reference():
     assert loss == pytest.approx(total / (2 * B), rel=1e-5)
 
 
-def reference_dino(s: np.ndarray, t: np.ndarray, c: np.ndarray, student_temp: float, teacher_temp: float, skip_same_view: bool) -> float:
+def reference_dino(
+    s: np.ndarray, t: np.ndarray, c: np.ndarray, student_temp: float, teacher_temp: float, skip_same_view: bool
+) -> float:
     """DINO's loss with python loops: teacher view iq vs student view v, image i, prototype j."""
 
     def softmax(row):
@@ -106,7 +122,10 @@ def reference_dino(s: np.ndarray, t: np.ndarray, c: np.ndarray, student_temp: fl
 @pytest.mark.parametrize("skip_same_view", [True, False])
 def test_dino_loss_matches_loop_reference(skip_same_view):
     g = torch.Generator().manual_seed(1)
-    student, teacher = torch.randn(5, 3, 7, generator=g, dtype=torch.float64), torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    student, teacher = (
+        torch.randn(5, 3, 7, generator=g, dtype=torch.float64),
+        torch.randn(2, 3, 7, generator=g, dtype=torch.float64),
+    )
     center = torch.randn(1, 7, generator=g, dtype=torch.float64)
     got, _ = dino_loss(student, teacher, center, 0.1, 0.04, skip_same_view)
     want = reference_dino(student.numpy(), teacher.numpy(), center.numpy()[0], 0.1, 0.04, skip_same_view)
@@ -128,6 +147,7 @@ def test_silc_loss_is_clip_plus_local_to_global_distillation():
 
     enc = obj.net.encoder
     with torch.no_grad():
+
         def pooled(module, images):
             return module.forward_head(module.forward_features(images_to_float(images)), pre_logits=True)
 
@@ -135,9 +155,18 @@ def test_silc_loss_is_clip_plus_local_to_global_distillation():
         z_txt = obj.net.text(batch["tokens"])
         clip = ref_symmetric_nce(z_img.double().numpy(), z_txt.double().numpy(), math.exp(obj.net.log_scale.item()))
         student = torch.stack([obj.dino_head(pooled(enc, batch["local_views"][:, v])) for v in range(LOCAL)])
-        teacher = torch.stack([obj.teacher.head(pooled(obj.teacher.encoder, batch["ann_views"][:, v])) for v in range(2)])
+        teacher = torch.stack(
+            [obj.teacher.head(pooled(obj.teacher.encoder, batch["ann_views"][:, v])) for v in range(2)]
+        )
     d = cfg.objective.dino
-    distill = reference_dino(student.double().numpy(), teacher.double().numpy(), centre.double().numpy()[0], d.student_temp, d.warmup_teacher_temp, False)
+    distill = reference_dino(
+        student.double().numpy(),
+        teacher.double().numpy(),
+        centre.double().numpy()[0],
+        d.student_temp,
+        d.warmup_teacher_temp,
+        False,
+    )
     assert got == pytest.approx(clip + 0.5 * distill, rel=1e-4)
 
 
@@ -168,7 +197,10 @@ def test_patchify_matches_loop_reference():
 
 def test_mae_loss_matches_loop_reference():
     g = torch.Generator().manual_seed(2)
-    pred, target = torch.randn(2, 5, 6, generator=g, dtype=torch.float64), torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    pred, target = (
+        torch.randn(2, 5, 6, generator=g, dtype=torch.float64),
+        torch.randn(2, 5, 6, generator=g, dtype=torch.float64),
+    )
     mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 0, 1]], dtype=torch.float64)
     p, t = pred.numpy(), target.numpy()
     errors = []
@@ -325,7 +357,9 @@ def test_loss_falls_on_a_fixed_batch(name):
     fitted part (loss - teacher entropy, a mean KL) is what must shrink. MAE must beat predicting
     zeros (the mean of a normalised patch), not just fall towards it."""
     cfg = method_config(name)
-    cfg.objective.dino = dataclasses.replace(MICRO_DINO, teacher_temp_warmup_fraction=0.0, freeze_last_layer_fraction=0.0)
+    cfg.objective.dino = dataclasses.replace(
+        MICRO_DINO, teacher_temp_warmup_fraction=0.0, freeze_last_layer_fraction=0.0
+    )
     obj = build_objective(cfg)
     steps, lr = (30, 1e-2) if name == "mae" else (20, 3e-3)
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=lr)

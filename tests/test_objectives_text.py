@@ -84,7 +84,9 @@ def random_batch(name: str, b: int = 4, seed: int = 0) -> dict[str, torch.Tensor
         "views": torch.randint(0, 256, (b, m, 32, 32, 3), dtype=torch.uint8, generator=g),
         "boxes": torch.cat([lo, lo + 0.3 + 0.2 * torch.rand(b, m, 2, generator=g)], dim=-1),
         "ann_views": torch.randint(0, 256, (b, a, 32, 32, 3), dtype=torch.uint8, generator=g),
-        "tokens": torch.from_numpy(build_tokenizer("ViT-S-16", CONTEXT)([f"a photo of the digit {i}" for i in range(b)]).numpy()),
+        "tokens": torch.from_numpy(
+            build_tokenizer("ViT-S-16", CONTEXT)([f"a photo of the digit {i}" for i in range(b)]).numpy()
+        ),
     }
 
 
@@ -104,7 +106,10 @@ def test_clip_loss_and_its_logit_scale_gradient_match_reference():
     assert loss.item() == pytest.approx(ref_symmetric_nce(x.numpy(), l.numpy(), 7.0), rel=1e-6)
     loss.backward()
     eps = 1e-5
-    numeric = (ref_symmetric_nce(x.numpy(), l.numpy(), math.exp(math.log(7.0) + eps)) - ref_symmetric_nce(x.numpy(), l.numpy(), math.exp(math.log(7.0) - eps))) / (2 * eps)
+    numeric = (
+        ref_symmetric_nce(x.numpy(), l.numpy(), math.exp(math.log(7.0) + eps))
+        - ref_symmetric_nce(x.numpy(), l.numpy(), math.exp(math.log(7.0) - eps))
+    ) / (2 * eps)
     assert log_scale.grad.item() == pytest.approx(numeric, rel=1e-4)
 
 
@@ -152,7 +157,9 @@ def test_ab_clip_step_matches_loop_reference():
         teacher.log_scale.fill_(math.log(4.0))
         student.log_scale.fill_(math.log(9.0))
     batch = random_batch("ab_clip", b=3)
-    out = ab_clip_step(student, teacher, batch["views"], batch["boxes"], batch["ann_views"], batch["tokens"], cfg.objective)
+    out = ab_clip_step(
+        student, teacher, batch["views"], batch["boxes"], batch["ann_views"], batch["tokens"], cfg.objective
+    )
 
     with torch.no_grad():
         crops = images_to_float(batch["views"])
@@ -217,7 +224,9 @@ def test_captions_become_tokens_one_per_epoch_without_moving_the_crops():
     for _ in range(8):  # epochs 0..7 of the same two samples
         out = cropper(batch)
         assert out["tokens"].dtype == np.int64 and out["tokens"].shape == (2, CONTEXT)
-        chosen = [next(c for c in group if np.array_equal(vocab[c], row)) for group, row in zip(captions, out["tokens"])]
+        chosen = [
+            next(c for c in group if np.array_equal(vocab[c], row)) for group, row in zip(captions, out["tokens"])
+        ]
         seen.add(chosen[0])
         assert chosen[1] == "a red bus"
     assert len(seen) > 1, "a different caption must come up in some epoch"
@@ -236,7 +245,9 @@ def test_boxes_and_labels_become_text_largest_first():
     from pipeline.data.text_annotations import boxes_text
 
     meta = {
-        "width": 200, "height": 100, "labels": ["cup", "person", "dog", "person"],
+        "width": 200,
+        "height": 100,
+        "labels": ["cup", "person", "dog", "person"],
         "boxes": [[0, 0, 10, 10], [20, 0, 120, 100], [150, 50, 200, 100], [0, 20, 50, 100]],
     }
     # areas: cup 100, person 10000, dog 2500, person 4000 -> person, person, dog, cup
@@ -245,9 +256,13 @@ def test_boxes_and_labels_become_text_largest_first():
     quantised = boxes_text(meta, TextViewsConfig(source="boxes", box_format="names_boxes", box_bins=10))
     assert quantised == "person 1 0 6 9, person 0 2 2 9, dog 7 5 9 9, cup 0 0 0 1"
 
-    views = ViewsConfig(num_views=1, view_size=32, annotation_views=1, text=TextViewsConfig(source="boxes", context_length=CONTEXT))
+    views = ViewsConfig(
+        num_views=1, view_size=32, annotation_views=1, text=TextViewsConfig(source="boxes", context_length=CONTEXT)
+    )
     out = MultiViewCropper(views, stats_name=None)(_batch([meta]))
-    np.testing.assert_array_equal(out["tokens"][0], build_tokenizer("ViT-S-16", CONTEXT)(["2 person, dog, cup"]).numpy()[0])
+    np.testing.assert_array_equal(
+        out["tokens"][0], build_tokenizer("ViT-S-16", CONTEXT)(["2 person, dog, cup"]).numpy()[0]
+    )
 
 
 def test_missing_or_bad_text_is_skipped_and_counted(ray_cluster):
@@ -255,7 +270,9 @@ def test_missing_or_bad_text_is_skipped_and_counted(ray_cluster):
 
     caps = ViewsConfig(num_views=1, view_size=32, annotation_views=1, text=TEXT)
     metas = [{"captions": ["ok one"]}, {"captions": ["", "  "]}, {}, b"{not json", {"captions": []}]
-    out = MultiViewCropper(caps, stats_name="text-skips-captions")(_batch(metas, txts=[None, None, None, None, b"from the txt member"]))
+    out = MultiViewCropper(caps, stats_name="text-skips-captions")(
+        _batch(metas, txts=[None, None, None, None, b"from the txt member"])
+    )
     assert out["tokens"].shape == (2, CONTEXT)  # the first sample, and the last one through `txt`
     assert crop_stats("text-skips-captions") == {"ok": 2, "no_caption": 2, "bad_annotation": 1}
 
@@ -279,10 +296,18 @@ def test_text_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="views.text.source"):
         MultiViewCropper(ViewsConfig(text=TextViewsConfig(source="caption")), stats_name=None)
     with pytest.raises(ConfigError, match="views.text.source must be 'captions' or 'boxes' for clip"):
-        build_objective(dataclasses.replace(text_config("clip"), views=ViewsConfig(num_views=0, annotation_views=1, view_size=32)))
+        build_objective(
+            dataclasses.replace(text_config("clip"), views=ViewsConfig(num_views=0, annotation_views=1, view_size=32))
+        )
     with pytest.raises(ConfigError, match="views.num_views must be 1 for slip"):
-        build_objective(dataclasses.replace(text_config("slip"), views=ViewsConfig(num_views=2, annotation_views=2, view_size=32, text=TEXT)))
-    bad_model = dataclasses.replace(text_config("ab_clip"), model=dataclasses.replace(MICRO_TEXT_MODEL, text_kwargs={"context_length": 8}))
+        build_objective(
+            dataclasses.replace(
+                text_config("slip"), views=ViewsConfig(num_views=2, annotation_views=2, view_size=32, text=TEXT)
+            )
+        )
+    bad_model = dataclasses.replace(
+        text_config("ab_clip"), model=dataclasses.replace(MICRO_TEXT_MODEL, text_kwargs={"context_length": 8})
+    )
     with pytest.raises(ConfigError, match="views.text.context_length"):
         build_objective(bad_model)
 
@@ -293,12 +318,16 @@ def test_method_yaml_fits_its_method_at_ab_simclr_budget(name):
 
     from pipeline.config import load_config
     from pipeline.objectives.registry import objective_class
-    from pipeline.train.loop import Budget
+    from pipeline.train.step import Budget
 
     cfg = load_config(f"jobs/configs/methods/{name}.yaml")
     reference = load_config("jobs/configs/vit_s16.yaml")
     assert cfg.objective.name == name and cfg.model.encoder == reference.model.encoder
-    assert (cfg.train.total_views, cfg.train.batch_size, cfg.views.view_size) == (reference.train.total_views, reference.train.batch_size, reference.views.view_size)
+    assert (cfg.train.total_views, cfg.train.batch_size, cfg.views.view_size) == (
+        reference.train.total_views,
+        reference.train.batch_size,
+        reference.views.view_size,
+    )
     objective_class(name).check_views(SimpleNamespace(cfg=cfg))  # the crop stage cuts what it reads
     views_per_image = {"clip": 1, "slip": 3, "ab_clip": 5}[name]  # CLIP image; + SimCLR pair; M = 4 crops + CLIP image
     assert Budget.from_config(cfg, 8).views_per_step == 8 * 128 * views_per_image
@@ -312,8 +341,22 @@ def digit_batch(digits_folder, name: str, per_class: int = 1) -> dict[str, torch
     paths = [sorted((digits_folder / str(d)).iterdir())[k] for d in range(8) for k in range(per_class)]
     metas = [{"captions": [f"a photo of the digit {p.parent.name}"]} for p in paths]
     m, a = LAYOUT[name]
-    views = ViewsConfig(num_views=m, view_size=32, annotation_views=a, color_jitter=0.0, grayscale_p=0.0, blur_p=0.0, scale=(0.5, 1.0), annotation_scale=(0.5, 1.0), text=TEXT)
-    rows = {"__key__": np.array([str(p) for p in paths]), "jpg": np.array([p.read_bytes() for p in paths], dtype=object), "json": np.array([json.dumps(x) for x in metas], dtype=object)}
+    views = ViewsConfig(
+        num_views=m,
+        view_size=32,
+        annotation_views=a,
+        color_jitter=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        scale=(0.5, 1.0),
+        annotation_scale=(0.5, 1.0),
+        text=TEXT,
+    )
+    rows = {
+        "__key__": np.array([str(p) for p in paths]),
+        "jpg": np.array([p.read_bytes() for p in paths], dtype=object),
+        "json": np.array([json.dumps(x) for x in metas], dtype=object),
+    }
     return {k: torch.from_numpy(v) for k, v in MultiViewCropper(views, stats_name=None)(rows).items()}
 
 
@@ -353,7 +396,13 @@ def caption_shards(ray_cluster, digits_folder, session_tmp):
     items = []
     for digit in range(10):
         for path in sorted((digits_folder / str(digit)).iterdir())[:4]:
-            items.append({"input": str(path), "labels": [str(digit)], "captions": [f"a photo of the digit {digit}", f"the handwritten number {digit}"]})
+            items.append(
+                {
+                    "input": str(path),
+                    "labels": [str(digit)],
+                    "captions": [f"a photo of the digit {digit}", f"the handwritten number {digit}"],
+                }
+            )
     items += [{"input": str(sorted((digits_folder / "0").iterdir())[10 + k])} for k in range(3)]
     out = session_tmp / "caption_shards"
     stats = write_shards(items, str(out), "image_folder", IngestConfig(samples_per_shard=20))
@@ -365,7 +414,9 @@ def test_crop_stage_on_ray_emits_tokens_and_counts_uncaptioned(caption_shards):
     from pipeline.data.crop_stage import build_crop_dataset, crop_stats
     from pipeline.data.shards import read_shards
 
-    views = ViewsConfig(num_views=1, view_size=32, annotation_views=1, batch_size=16, concurrency=1, cpus_per_actor=0.5, text=TEXT)
+    views = ViewsConfig(
+        num_views=1, view_size=32, annotation_views=1, batch_size=16, concurrency=1, cpus_per_actor=0.5, text=TEXT
+    )
     rows = build_crop_dataset(read_shards(str(caption_shards)), views, stats_name="text-ray-stats").take_all()
     assert len(rows) == 40 and all(r["tokens"].shape == (CONTEXT,) and r["tokens"].dtype == np.int64 for r in rows)
     assert crop_stats("text-ray-stats") == {"ok": 40, "no_caption": 3}
@@ -381,7 +432,13 @@ def test_pretrain_smoke_through_ray_train(name, caption_shards, tmp_path):
     m, a = LAYOUT[name]
     base = micro_config(tmp_path, caption_shards, steps=2)
     views = dataclasses.replace(base.views, num_views=m, annotation_views=a, text=TEXT)
-    cfg = dataclasses.replace(base, views=views, model=MICRO_TEXT_MODEL, objective=ObjectiveConfig(name=name), train=dataclasses.replace(base.train, total_views=2 * BATCH * (m + a), run_name=f"text-{name}"))
+    cfg = dataclasses.replace(
+        base,
+        views=views,
+        model=MICRO_TEXT_MODEL,
+        objective=ObjectiveConfig(name=name),
+        train=dataclasses.replace(base.train, total_views=2 * BATCH * (m + a), run_name=f"text-{name}"),
+    )
     result = run_pretrain(cfg)
     meta = read_meta(result["checkpoint"])
     assert meta["step"] == 2 and meta["views_seen"] == 2 * BATCH * (m + a)

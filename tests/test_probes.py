@@ -63,7 +63,11 @@ def grid_split(n: int, rng, side: int = 4, classes: int = 4, boxes_per_image: in
     for i in range(n):
         cells = rng.choice(side * side, boxes_per_image, replace=False)
         r, c = np.divmod(cells, side)
-        boxes.append(np.stack([c / side + 0.02, r / side + 0.02, (c + 1) / side - 0.02, (r + 1) / side - 0.02], 1).astype(np.float32))
+        boxes.append(
+            np.stack([c / side + 0.02, r / side + 0.02, (c + 1) / side - 0.02, (r + 1) / side - 0.02], 1).astype(
+                np.float32
+            )
+        )
         labels.append(cell_class[i, cells])
     return ProbeSplit(pooled=x.mean(1), tokens=x, boxes=boxes, box_labels=labels)
 
@@ -143,7 +147,11 @@ def test_coco_map_edge_cases():
 
     gt, gl = [np.array([[0.1, 0.1, 0.3, 0.3]]), np.zeros((0, 4))], [np.zeros(1, int), np.zeros(0, int)]
     none = [np.zeros((0, 4))] * 2
-    assert coco_map(gt, gl, none, [np.zeros(0, int)] * 2, [np.zeros(0)] * 2, 2) == {"map": 0.0, "map50": 0.0, "map75": 0.0}
+    assert coco_map(gt, gl, none, [np.zeros(0, int)] * 2, [np.zeros(0)] * 2, 2) == {
+        "map": 0.0,
+        "map50": 0.0,
+        "map75": 0.0,
+    }
     with pytest.raises(ValueError, match="no ground-truth boxes"):
         coco_map(none, [np.zeros(0, int)] * 2, gt, gl, [np.ones(1), np.zeros(0)], 2)
     with pytest.raises(ValueError, match="one entry per image"):
@@ -295,7 +303,10 @@ def test_decoder_probe_detection_end_to_end_counts_dropped_objects():
     over = sum(max(len(b) - 1, 0) for b in train.boxes)
     assert over > 0 and got["train_objects_dropped"] == over
     assert got["test_objects_over_max"] == sum(max(len(b) - 1, 0) for b in test.boxes)
-    assert set(got) >= {"map", "map50", "map75", "train_loss", "pred_per_image", "gt_per_image"} and got["pred_per_image"] <= 1
+    assert (
+        set(got) >= {"map", "map50", "map75", "train_loss", "pred_per_image", "gt_per_image"}
+        and got["pred_per_image"] <= 1
+    )
 
 
 def test_rankme_probe_is_label_free_and_sees_collapse():
@@ -315,7 +326,13 @@ def test_rankme_probe_is_label_free_and_sees_collapse():
 def _bad(field: str, value):
     """A valid 4-image detection split with one field replaced."""
     boxes = [np.array([[0.1, 0.1, 0.5, 0.5]], np.float32)] * 4
-    good = ProbeSplit(pooled=np.ones((4, 8), np.float32), tokens=np.ones((4, 3, 8), np.float32), labels=np.arange(4) % 2, boxes=boxes, box_labels=[np.zeros(1, np.int64)] * 4)
+    good = ProbeSplit(
+        pooled=np.ones((4, 8), np.float32),
+        tokens=np.ones((4, 3, 8), np.float32),
+        labels=np.arange(4) % 2,
+        boxes=boxes,
+        box_labels=[np.zeros(1, np.int64)] * 4,
+    )
     return good, dataclasses.replace(good, **{field: value})
 
 
@@ -326,11 +343,41 @@ def _bad(field: str, value):
         ("attentive", CLASSIFICATION, "tokens", np.ones((3, 3, 8), np.float32), r"test\.tokens: expected \(4, T, D\)"),
         ("linear", CLASSIFICATION, "labels", np.array([0, 1, 2, 1]), r"test\.labels\[2\]: class id 2 outside \[0, 2\)"),
         ("knn", CLASSIFICATION, "labels", None, r"test\.labels: a classification task needs"),
-        ("knn", CLASSIFICATION, "labels", np.array(["a", "b", "a", "b"]), r"test\.labels: expected \(4,\) integer class ids"),
-        ("decoder", DETECTION, "boxes", [np.array([[0.1, 0.1, 1.5, 0.5]], np.float32)] * 4, r"test\.boxes\[0\]: coordinates must be finite and in"),
-        ("decoder", BOX_CLASSIFICATION, "boxes", [np.array([[0.5, 0.1, 0.5, 0.5]], np.float32)] * 4, r"test\.boxes\[0\]\[0\]: empty box"),
-        ("decoder", DETECTION, "boxes", [np.zeros((1, 4))] * 3, r"test\.boxes: 3 box arrays and 4 label arrays for 4 images"),
-        ("decoder", DETECTION, "box_labels", [np.array([5])] * 4, r"test\.box_labels\[0\]: class ids must be integers in \[0, 2\)"),
+        (
+            "knn",
+            CLASSIFICATION,
+            "labels",
+            np.array(["a", "b", "a", "b"]),
+            r"test\.labels: expected \(4,\) integer class ids",
+        ),
+        (
+            "decoder",
+            DETECTION,
+            "boxes",
+            [np.array([[0.1, 0.1, 1.5, 0.5]], np.float32)] * 4,
+            r"test\.boxes\[0\]: coordinates must be finite and in",
+        ),
+        (
+            "decoder",
+            BOX_CLASSIFICATION,
+            "boxes",
+            [np.array([[0.5, 0.1, 0.5, 0.5]], np.float32)] * 4,
+            r"test\.boxes\[0\]\[0\]: empty box",
+        ),
+        (
+            "decoder",
+            DETECTION,
+            "boxes",
+            [np.zeros((1, 4))] * 3,
+            r"test\.boxes: 3 box arrays and 4 label arrays for 4 images",
+        ),
+        (
+            "decoder",
+            DETECTION,
+            "box_labels",
+            [np.array([5])] * 4,
+            r"test\.box_labels\[0\]: class ids must be integers in \[0, 2\)",
+        ),
         ("rankme", DETECTION, "pooled", np.full((4, 8), np.nan, np.float32), r"test\.pooled: 4 rows hold NaN/inf"),
         ("knn", CLASSIFICATION, "pooled", np.ones((4, 5), np.float32), r"pooled: train has 8 features, test 5"),
         ("knn", DETECTION, "labels", None, r"this probe handles classification, not detection"),
@@ -346,7 +393,11 @@ def test_bad_inputs_name_the_field(probe, kind, field, value, match):
 
 @pytest.mark.parametrize(
     "override,match",
-    [({"heads": 3}, r"eval\.probe\.width=128 must be divisible by eval\.probe\.heads=3"), ({"steps": 0}, r"eval\.probe\.steps: must be >= 1"), ({"coord_bins": 1}, r"eval\.probe\.coord_bins")],
+    [
+        ({"heads": 3}, r"eval\.probe\.width=128 must be divisible by eval\.probe\.heads=3"),
+        ({"steps": 0}, r"eval\.probe\.steps: must be >= 1"),
+        ({"coord_bins": 1}, r"eval\.probe\.coord_bins"),
+    ],
 )
 def test_bad_probe_settings_name_the_key(override, match):
     split = marked_token_split(8, np.random.default_rng(0))
@@ -356,7 +407,12 @@ def test_bad_probe_settings_name_the_key(override, match):
 
 def test_detection_needs_training_objects():
     empty = [np.zeros((0, 4), np.float32)] * 4
-    split = ProbeSplit(pooled=np.ones((4, 8), np.float32), tokens=np.ones((4, 3, 8), np.float32), boxes=empty, box_labels=[np.zeros(0, np.int64)] * 4)
+    split = ProbeSplit(
+        pooled=np.ones((4, 8), np.float32),
+        tokens=np.ones((4, 3, 8), np.float32),
+        boxes=empty,
+        box_labels=[np.zeros(0, np.int64)] * 4,
+    )
     with pytest.raises(ProbeInputError, match="train.boxes: no objects in the training split"):
         PROBES["decoder"](split, split, TaskInfo("t", DETECTION, ["a", "b"]), EvalConfig())
 
@@ -366,7 +422,11 @@ def test_registry_and_probe_config():
         "knn": ((CLASSIFICATION,), False),
         "decoder": ((CLASSIFICATION, BOX_CLASSIFICATION, DETECTION), True),
     }
-    assert PROBES["attentive"].needs_tokens and set(PROBES["rankme"].kinds) == {CLASSIFICATION, BOX_CLASSIFICATION, DETECTION}
+    assert PROBES["attentive"].needs_tokens and set(PROBES["rankme"].kinds) == {
+        CLASSIFICATION,
+        BOX_CLASSIFICATION,
+        DETECTION,
+    }
     cfg = load_config(overrides=["eval.probe.steps=7", "eval.probe.decoder_depth=4"])
     assert (cfg.eval.probe.steps, cfg.eval.probe.decoder_depth, cfg.eval.knn_k) == (7, 4, 20)
     with pytest.raises(ConfigError, match="eval.probe.nope"):

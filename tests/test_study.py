@@ -24,8 +24,12 @@ def test_summary_table_matches_a_hand_computation():
 
 
 def test_summary_has_the_random_init_floor_when_measured():
-    rows = [{"arm": "base", "seed": s, "linear_top1": v, "random_init/linear_top1": r} for s, (v, r) in enumerate([(0.80, 0.60), (0.84, 0.64)])]
-    rows += [{"arm": "simclr", "seed": 0, "linear_top1": 0.7, "random_init/linear_top1": 0.60}]  # seed 0's encoder again: counted once
+    rows = [
+        {"arm": "base", "seed": s, "linear_top1": v, "random_init/linear_top1": r}
+        for s, (v, r) in enumerate([(0.80, 0.60), (0.84, 0.64)])
+    ]
+    # seed 0's encoder again: counted once
+    rows += [{"arm": "simclr", "seed": 0, "linear_top1": 0.7, "random_init/linear_top1": 0.60}]
     table = {line.split(" | ")[0].lstrip("| "): line for line in summarise(rows, ARMS, "linear_top1")[2:]}
     sd = statistics.stdev([60.0, 64.0])
     assert f"| 62.0 ± {sd:.1f} | 2 | -20.0 |" in table["Random-init encoder (same probe)"]
@@ -39,10 +43,12 @@ def test_every_arm_overrides_a_real_config_key():
 
 def test_step_check_arms_swap_the_step_counts_of_ab_and_simclr():
     """The two check arms hold steps, not views, equal: SimCLR at AB's step count and AB at SimCLR's."""
-    from pipeline.train.loop import Budget
+    from pipeline.train.step import Budget
 
     arms = {a.slug: a for a in ARMS}
-    steps = {slug: Budget.from_config(load_config(DEFAULT_CONFIG, arms[slug].overrides), 1).total_steps for slug in arms}
+    steps = {
+        slug: Budget.from_config(load_config(DEFAULT_CONFIG, arms[slug].overrides), 1).total_steps for slug in arms
+    }
     assert steps["simclr"] == 3 * steps["base"]  # equal views: 2 views per image vs 6
     assert steps["simclr_300_steps"] == steps["base"] == 300
     assert steps["base_900_steps"] == steps["simclr"] == 900

@@ -87,7 +87,9 @@ def test_restarted_logger_skips_steps_an_earlier_attempt_logged(tmp_path):
     assert [m.value for m in client.get_metric_history(run_id, "bad_steps")] == [1, 2]
 
 
-def test_training_finishes_with_a_warning_when_mlflow_is_unreachable(ray_cluster, digit_shards, tmp_path, closed_port_uri, capsys):
+def test_training_finishes_with_a_warning_when_mlflow_is_unreachable(
+    ray_cluster, digit_shards, tmp_path, closed_port_uri, capsys
+):
     from pipeline.train.trainer import run_pretrain
 
     steps = 3

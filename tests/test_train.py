@@ -18,7 +18,9 @@ from pipeline.config import (
     TrainConfig,
     ViewsConfig,
 )
-from pipeline.train.loop import NonFiniteLossError, train_loop_per_worker
+from pipeline.train.loop import train
+from pipeline.train.monitor import NonFiniteLossError
+from pipeline.train.session import LocalSession
 from tests.micro import MICRO_MODEL
 
 BATCH, M, A = 8, 3, 2
@@ -30,7 +32,9 @@ def micro_config(root, shards, steps: int, **train) -> Config:
         paths=PathsConfig(root=str(root)),
         ray=RayConfig(num_cpus=2),
         data=DataConfig(shards=str(shards), shuffle_buffer=16),
-        views=ViewsConfig(num_views=M, view_size=32, annotation_views=A, batch_size=16, concurrency=1, cpus_per_actor=0.5),
+        views=ViewsConfig(
+            num_views=M, view_size=32, annotation_views=A, batch_size=16, concurrency=1, cpus_per_actor=0.5
+        ),
         model=MICRO_MODEL,
         train=TrainConfig(
             **{
@@ -88,7 +92,11 @@ def test_cpu_budget_too_small_is_a_clear_error(ray_cluster, digit_shards, tmp_pa
     from pipeline.train.trainer import run_pretrain
 
     cfg = micro_config(tmp_path, digit_shards, steps=3)
-    cfg = dataclasses.replace(cfg, views=dataclasses.replace(cfg.views, cpus_per_actor=1.0), train=dataclasses.replace(cfg.train, cpus_per_worker=1.0))
+    cfg = dataclasses.replace(
+        cfg,
+        views=dataclasses.replace(cfg.views, cpus_per_actor=1.0),
+        train=dataclasses.replace(cfg.train, cpus_per_worker=1.0),
+    )
     with pytest.raises(ConfigError, match=r"data stage needs 1.25 CPUs .* only 1 of the cluster's 2"):
         run_pretrain(cfg)
 
@@ -119,9 +127,8 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path):
     bad = torch.zeros(BATCH, M, 4)
     good_boxes = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(BATCH, M, 4).clone()
     batches = [_batch(good_boxes)] + [_batch(bad)] * 5
-    loop_config = {"config": cfg.to_dict(), "local_dataset": batches, "local_checkpoint_dir": str(tmp_path / "ck")}
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
-        train_loop_per_worker(loop_config)
+        train(cfg, LocalSession({"train": batches}, tmp_path / "ck"))
 
 
 def _fixed_batch_history(tmp_path, name: str, **objective) -> dict[str, list[float]]:
@@ -135,9 +142,8 @@ def _fixed_batch_history(tmp_path, name: str, **objective) -> dict[str, list[flo
     lo = torch.rand(BATCH, M, 2) * 0.4
     boxes = torch.cat([lo, lo + 0.5], dim=-1)
     ckpt_dir = tmp_path / name / "ck"
-    loop_config = {"config": cfg.to_dict(), "local_dataset": [_batch(boxes)] * 30, "local_checkpoint_dir": str(ckpt_dir), "mlflow_run_id": run_id}
-    train_loop_per_worker(loop_config)
-    assert read_meta(sorted(ckpt_dir.iterdir())[-1])["step"] == 30
+    train(cfg, LocalSession({"train": [_batch(boxes)] * 30}, ckpt_dir), run_id)
+    assert read_meta(sorted((ckpt_dir / "local").iterdir())[-1])["step"] == 30
     client = MlflowClient(cfg.tracking.tracking_uri)
     keys = ("loss_annotation", "loss_propagation", "teacher_entropy")
     return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}

@@ -68,11 +68,17 @@ def test_relative_matches_direct_and_round_trips(s, t):
 
 @given(boxes(), boxes(), boxes())
 def test_composition(a, b, c):
-    np.testing.assert_allclose(compose(relative_box(a, b), relative_box(b, c)), relative_box(a, c), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        compose(relative_box(a, b), relative_box(b, c)), relative_box(a, c), rtol=1e-9, atol=1e-9
+    )
 
 
 @settings(max_examples=30)
-@given(st.lists(st.lists(boxes(), min_size=1, max_size=5), min_size=1, max_size=3).filter(lambda bs: len({len(x) for x in bs}) == 1))
+@given(
+    st.lists(st.lists(boxes(), min_size=1, max_size=5), min_size=1, max_size=3).filter(
+        lambda bs: len({len(x) for x in bs}) == 1
+    )
+)
 def test_all_pairs_broadcast_equals_double_loop_numpy_and_torch(batch):
     arr = np.stack([np.stack(bs) for bs in batch])  # (B, M, 4)
     pairs = relative_box(arr[:, :, None, :], arr[:, None, :, :])  # (B, M, M, 4)
@@ -80,12 +86,16 @@ def test_all_pairs_broadcast_equals_double_loop_numpy_and_torch(batch):
     for b in range(arr.shape[0]):
         for s in range(arr.shape[1]):
             for t in range(arr.shape[1]):
-                np.testing.assert_allclose(pairs[b, s, t], direct_relative(arr[b, s], arr[b, t]), rtol=1e-12, atol=1e-12)
+                np.testing.assert_allclose(
+                    pairs[b, s, t], direct_relative(arr[b, s], arr[b, t]), rtol=1e-12, atol=1e-12
+                )
     tarr = torch.from_numpy(arr)
     t_pairs = relative_box(tarr[:, :, None, :], tarr[:, None, :, :])
     assert isinstance(t_pairs, torch.Tensor)
     np.testing.assert_allclose(t_pairs.numpy(), pairs, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(absolute_box(tarr[:, :, None, :], t_pairs).numpy(), np.broadcast_to(arr[:, None], pairs.shape), atol=1e-9)
+    np.testing.assert_allclose(
+        absolute_box(tarr[:, :, None, :], t_pairs).numpy(), np.broadcast_to(arr[:, None], pairs.shape), atol=1e-9
+    )
 
 
 @given(boxes())
@@ -156,7 +166,9 @@ def test_sample_boxes_distribution_matches_torchvision(height, width, scale):
     for name in o:  # means within ~4 standard errors
         tol = 4 * max(r[name].std(), 1e-3) / np.sqrt(n)
         assert abs(o[name].mean() - r[name].mean()) < tol + 1e-3, name
-    np.testing.assert_allclose(np.quantile(o["area"], [0.1, 0.5, 0.9]), np.quantile(r["area"], [0.1, 0.5, 0.9]), atol=0.03)
+    np.testing.assert_allclose(
+        np.quantile(o["area"], [0.1, 0.5, 0.9]), np.quantile(r["area"], [0.1, 0.5, 0.9]), atol=0.03
+    )
     fallback = _torchvision_boxes(height, width, 1, (1e6, 1e6), ratio)[0]  # no try can fit
     share_o, share_r = (ours == fallback).all(axis=1).mean(), (ref == fallback).all(axis=1).mean()
     assert abs(share_o - share_r) < 0.03  # same share of central fallback crops
@@ -228,7 +240,12 @@ def torchvision_resized_crop(img: np.ndarray, box_px, size: int) -> np.ndarray:
 
     x0, y0, x1, y1 = map(int, box_px)
     chw = torch.from_numpy(img.copy()).permute(2, 0, 1)
-    return TF.resized_crop(chw, y0, x0, y1 - y0, x1 - x0, [size, size], antialias=True).permute(1, 2, 0).numpy().astype(int)
+    return (
+        TF.resized_crop(chw, y0, x0, y1 - y0, x1 - x0, [size, size], antialias=True)
+        .permute(1, 2, 0)
+        .numpy()
+        .astype(int)
+    )
 
 
 def test_cut_views_sub_pixel_box():
@@ -244,7 +261,11 @@ def test_colour_ops_match_torchvision():
 
     img = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
     chw = torch.from_numpy(img).permute(2, 0, 1)
-    pairs = [(adjust_brightness, TF.adjust_brightness), (adjust_contrast, TF.adjust_contrast), (adjust_saturation, TF.adjust_saturation)]
+    pairs = [
+        (adjust_brightness, TF.adjust_brightness),
+        (adjust_contrast, TF.adjust_contrast),
+        (adjust_saturation, TF.adjust_saturation),
+    ]
     for factor in (0.3, 1.7):
         for ours, ref in pairs:
             diff = ours(img, factor).astype(int) - ref(chw, factor).permute(1, 2, 0).numpy()
@@ -263,7 +284,10 @@ def test_blur_matches_torchvision_gaussian_blur():
     chw = torch.from_numpy(img).permute(2, 0, 1)
     for sigma in (0.3, 1.0, 2.0):
         k = 2 * math.ceil(3 * sigma) + 1
-        diff = gaussian_blur(img, sigma).astype(int) - TF.gaussian_blur(chw, [k, k], [sigma, sigma]).permute(1, 2, 0).numpy()
+        diff = (
+            gaussian_blur(img, sigma).astype(int)
+            - TF.gaussian_blur(chw, [k, k], [sigma, sigma]).permute(1, 2, 0).numpy()
+        )
         assert np.abs(diff).max() <= 1 and np.abs(diff).mean() < 0.5
     assert np.abs(gaussian_blur(img, 2.0).astype(int) - img).mean() > 20  # it does blur noise away
 
@@ -308,9 +332,13 @@ def test_make_views_shapes_box_content_and_reproducibility(photo_files):
     # Written into preallocated batch rows (the crop stage's way): the same views, in those arrays.
     rows = {k: np.zeros((2, *v.shape), v.dtype) for k, v in out.items()}
     into = make_views(img, np.random.default_rng(1), cfg, into={k: v[1] for k, v in rows.items()})
-    assert all(np.array_equal(rows[k][1], out[k]) and np.shares_memory(into[k], rows[k]) and not rows[k][0].any() for k in out)
+    assert all(
+        np.array_equal(rows[k][1], out[k]) and np.shares_memory(into[k], rows[k]) and not rows[k][0].any() for k in out
+    )
     # Ablation: same boxes (drawn first from the same stream), but the views are augmented.
-    aug = make_views(img, np.random.default_rng(1), ViewsConfig(num_views=3, view_size=48, annotation_views=2, augment_views=True))
+    aug = make_views(
+        img, np.random.default_rng(1), ViewsConfig(num_views=3, view_size=48, annotation_views=2, augment_views=True)
+    )
     np.testing.assert_array_equal(aug["boxes"], out["boxes"])
     assert not np.array_equal(aug["views"], out["views"])
 
@@ -346,7 +374,11 @@ def test_draft_decode_keeps_smallest_crop_at_view_size(photo_files):
 def test_cropper_direct_epochs_meta_and_key_columns(photo_files):
     cfg = ViewsConfig(num_views=2, view_size=32, annotation_views=1)
     jpgs = [p.read_bytes() for p in photo_files[:2]]
-    batch = {"__key__": np.array(["a", "b"]), "jpg": np.array(jpgs, dtype=object), "json": np.array([json.dumps({"labels": [7]}), b"{}"], dtype=object)}
+    batch = {
+        "__key__": np.array(["a", "b"]),
+        "jpg": np.array(jpgs, dtype=object),
+        "json": np.array([json.dumps({"labels": [7]}), b"{}"], dtype=object),
+    }
     first = MultiViewCropper(cfg, seed=3, stats_name=None, keep_meta=True)(batch)
     assert first["key"].tolist() == ["a", "b"] and first["labels"].tolist() == ["7", ""]
     renamed = {"key": batch["__key__"], "jpg": batch["jpg"], "json": batch["json"]}
@@ -364,7 +396,10 @@ def test_crop_stage_on_ray_skips_counts_and_varies_epochs(ray_cluster, photo_fil
     from pipeline.data.crop_stage import build_crop_dataset, crop_stats
 
     jpeg = photo_files[0].read_bytes()
-    rows = [{"key": f"{i:09d}", "jpg": p.read_bytes(), "json": json.dumps({"labels": [f"c{i}"]})} for i, p in enumerate(photo_files[:4])]
+    rows = [
+        {"key": f"{i:09d}", "jpg": p.read_bytes(), "json": json.dumps({"labels": [f"c{i}"]})}
+        for i, p in enumerate(photo_files[:4])
+    ]
     rows += [
         {"key": "bad-corrupt", "jpg": _corrupt(jpeg), "json": "{}"},
         {"key": "bad-truncated", "jpg": jpeg[: len(jpeg) // 2], "json": "{}"},

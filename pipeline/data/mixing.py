@@ -91,8 +91,13 @@ def stream_dataset(
     from pipeline.data.shards import read_shards
 
     if read_concurrency is not None and read_concurrency < 1:
-        raise ConfigError(f"data.read_concurrency must be >= 1 (or null: one per {ACTORS_PER_READ_TASK} crop actors), got {read_concurrency}")
+        raise ConfigError(
+            f"data.read_concurrency must be >= 1 (or null: one per {ACTORS_PER_READ_TASK} crop actors), got "
+            f"{read_concurrency}"
+        )
     if not mixture:
-        return read_shards(shards, shuffle="files", num_cpus=read_cpus, passes=passes, concurrency=read_concurrency, seed=seed)
+        return read_shards(
+            shards, shuffle="files", num_cpus=read_cpus, passes=passes, concurrency=read_concurrency, seed=seed
+        )
     first, *others = [mixture_dataset(mixture, read_cpus) for _ in range(max(1, passes))]
     return first.union(*others) if others else first

@@ -18,7 +18,9 @@ from pipeline.geometry import box_iou
 MODES = ("iid", "near", "far")
 
 
-def partition_by_iou(pool: np.ndarray, m: int, mode: str, rng: np.random.Generator, passes: int = 3) -> list[np.ndarray]:
+def partition_by_iou(
+    pool: np.ndarray, m: int, mode: str, rng: np.random.Generator, passes: int = 3
+) -> list[np.ndarray]:
     """Split `pool` (k*M, 4) into k index groups of M: a random partition, then pairwise swaps
     between groups that raise ("near") or lower ("far") the total within-group IoU (local search)."""
     n = len(pool)

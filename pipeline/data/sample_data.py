@@ -35,7 +35,6 @@ def write_digits_folder(
     size: int = 32,
     per_class: int | None = None,
     fmt: str = "png",
-
 ) -> Path:
     """Write sklearn's digits as RGB images in `out_dir/<digit>/<index>.<fmt>`; returns out_dir.
 
@@ -86,7 +85,9 @@ def photo_arrays() -> dict[str, np.ndarray]:
     return photos
 
 
-def write_photo_files(out_dir: str | os.PathLike, copies: int = 1, max_side: int | None = None, quality: int = 90) -> list[Path]:
+def write_photo_files(
+    out_dir: str | os.PathLike, copies: int = 1, max_side: int | None = None, quality: int = 90
+) -> list[Path]:
     """Write the shipped photos as JPEGs (optionally `copies` random re-crops of each)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,4 +122,6 @@ def write_photo_shards(out_dir: str | os.PathLike, n: int, samples_per_shard: in
     out = Path(out_dir)
     photos = sorted(write_photo_files(out / "photos", copies=-(-n // len(photo_arrays())), max_side=max_side))[:n]
     items = list_image_files([str(p) for p in photos])
-    return write_shards(items, str(out / "shards"), "files", IngestConfig(max_side=max_side, samples_per_shard=samples_per_shard))
+    return write_shards(
+        items, str(out / "shards"), "files", IngestConfig(max_side=max_side, samples_per_shard=samples_per_shard)
+    )

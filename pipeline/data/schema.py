@@ -31,7 +31,20 @@ DOWNLOAD_FAILED = "download_failed"  # HTTP error status, connection refused, DN
 TIMEOUT = "timeout"  # no complete response within ingest.cc12m.timeout
 OPTED_OUT = "opted_out"  # X-Robots-Tag: noai / noindex / ... for our user agent
 INCOMPLETE = "incomplete"  # its download shard did not finish: re-run the same command to fetch it
-SKIP_REASONS = (MISSING, EMPTY, NOT_IMAGE, CORRUPT, TRUNCATED, TOO_SMALL, TOO_LARGE, BAD_URL, DOWNLOAD_FAILED, TIMEOUT, OPTED_OUT, INCOMPLETE)
+SKIP_REASONS = (
+    MISSING,
+    EMPTY,
+    NOT_IMAGE,
+    CORRUPT,
+    TRUNCATED,
+    TOO_SMALL,
+    TOO_LARGE,
+    BAD_URL,
+    DOWNLOAD_FAILED,
+    TIMEOUT,
+    OPTED_OUT,
+    INCOMPLETE,
+)
 # Annotated sources (COCO, EPIC-KITCHENS): the annotation entry naming this input is unusable.
 BAD_ANNOTATION = "bad_annotation"  # e.g. a COCO image without file_name/width/height, or a duplicate id
 SKIP_REASONS += (BAD_ANNOTATION,)
@@ -40,7 +53,12 @@ STATUSES = (OK,) + SKIP_REASONS
 # on. Counted in the crop stage's stats, never in an ingest manifest (ingest keeps such samples).
 NO_CAPTION = "no_caption"  # views.text.source=captions: no non-empty string in json `captions` nor in `txt`
 NO_BOXES = "no_boxes"  # views.text.source=boxes: json has no `boxes` / `labels`
-CROP_SKIP_REASONS = (NO_CAPTION, NO_BOXES, BAD_ANNOTATION)  # bad_annotation: unreadable json, boxes/labels that do not pair up
+# bad_annotation: unreadable json, boxes/labels that do not pair up
+CROP_SKIP_REASONS = (
+    NO_CAPTION,
+    NO_BOXES,
+    BAD_ANNOTATION,
+)
 
 MANIFEST_COLUMNS = ("key", "shard", "source", "status", "detail", "input")
 

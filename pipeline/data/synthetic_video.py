@@ -22,7 +22,14 @@ CODE_BITS = 12  # frame indices up to 4095
 def frame_pattern(index: int, width: int, height: int) -> np.ndarray:
     """RGB frame `index`: a bit-code band on top, a frame-dependent colour gradient below."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    rgb = np.stack([(xx / width * 200 + index * 7) % 256, (yy / height * 200 + index * 3) % 256, np.full_like(xx, (index * 11) % 256)], axis=-1)
+    rgb = np.stack(
+        [
+            (xx / width * 200 + index * 7) % 256,
+            (yy / height * 200 + index * 3) % 256,
+            np.full_like(xx, (index * 11) % 256),
+        ],
+        axis=-1,
+    )
     frame = rgb.astype(np.uint8)
     band = height // 3
     cell = width / CODE_BITS
@@ -37,7 +44,7 @@ def read_frame_code(rgb: np.ndarray) -> int:
     height, width = rgb.shape[:2]
     band = height // 3
     cell = width / CODE_BITS
-    gray = rgb[: band, :, :].mean(axis=-1)
+    gray = rgb[:band, :, :].mean(axis=-1)
     code = 0
     for bit in range(CODE_BITS):
         x0, x1 = int(round(bit * cell)), int(round((bit + 1) * cell))
@@ -71,7 +78,9 @@ def _jpeg(index: int, width: int, height: int, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def write_rgb_frames_tar(path: str | os.PathLike, n_frames: int, width: int, height: int, quality: int = 90, skip: tuple[int, ...] = ()) -> Path:
+def write_rgb_frames_tar(
+    path: str | os.PathLike, n_frames: int, width: int, height: int, quality: int = 90, skip: tuple[int, ...] = ()
+) -> Path:
     """EPIC's `PXX_YY.tar`: members `./frame_0000000001.jpg`, ... holding frames 0..n_frames-1."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +95,9 @@ def write_rgb_frames_tar(path: str | os.PathLike, n_frames: int, width: int, hei
     return path
 
 
-def write_rgb_frames_dir(folder: str | os.PathLike, n_frames: int, width: int, height: int, quality: int = 90, skip: tuple[int, ...] = ()) -> Path:
+def write_rgb_frames_dir(
+    folder: str | os.PathLike, n_frames: int, width: int, height: int, quality: int = 90, skip: tuple[int, ...] = ()
+) -> Path:
     """EPIC's extracted layout: `PXX_YY/frame_0000000001.jpg`, ... (numbers in `skip` left out)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,11 @@ def _objects(meta: dict[str, Any]) -> list[tuple[str, list[float]]]:
     if not boxes or not labels:
         raise MissingAnnotation(NO_BOXES)
     if not isinstance(boxes, list) or not isinstance(labels, list) or len(boxes) != len(labels):
-        raise MissingAnnotation(BAD_ANNOTATION, f"{len(boxes) if isinstance(boxes, list) else '?'} boxes vs {len(labels) if isinstance(labels, list) else '?'} labels")
+        raise MissingAnnotation(
+            BAD_ANNOTATION,
+            f"{len(boxes) if isinstance(boxes, list) else '?'} boxes vs "
+            f"{len(labels) if isinstance(labels, list) else '?'} labels",
+        )
     objects = []
     for box, label in zip(boxes, labels):
         try:
@@ -97,7 +101,10 @@ def _objects(meta: dict[str, Any]) -> list[tuple[str, list[float]]]:
 def boxes_text(meta: dict[str, Any], cfg: TextViewsConfig) -> str:
     """The sample's boxes + labels as one string, largest boxes first (ties: json order)."""
     objects = _objects(meta)
-    order = sorted(range(len(objects)), key=lambda i: -(objects[i][1][2] - objects[i][1][0]) * (objects[i][1][3] - objects[i][1][1]))
+    order = sorted(
+        range(len(objects)),
+        key=lambda i: -(objects[i][1][2] - objects[i][1][0]) * (objects[i][1][3] - objects[i][1][1]),
+    )
     kept = [objects[i] for i in order[: cfg.max_objects]]
     if cfg.box_format == "names":
         counts = Counter(name for name, _ in kept)
@@ -109,7 +116,10 @@ def boxes_text(meta: dict[str, Any], cfg: TextViewsConfig) -> str:
     bins = cfg.box_bins
     parts = []
     for name, (x0, y0, x1, y1) in kept:
-        q = [min(bins - 1, max(0, int(v / side * bins))) for v, side in ((x0, width), (y0, height), (x1, width), (y1, height))]
+        q = [
+            min(bins - 1, max(0, int(v / side * bins)))
+            for v, side in ((x0, width), (y0, height), (x1, width), (y1, height))
+        ]
         parts.append(f"{name} {q[0]} {q[1]} {q[2]} {q[3]}")
     return ", ".join(parts)
 

@@ -19,7 +19,9 @@ def build_tokenizer(name: str, context_length: int):
     import open_clip
 
     if open_clip.get_model_config(name) is None:
-        raise ConfigError(f"views.text.tokenizer: {name!r} is not an open_clip model config (see open_clip.list_models())")
+        raise ConfigError(
+            f"views.text.tokenizer: {name!r} is not an open_clip model config (see open_clip.list_models())"
+        )
     return open_clip.get_tokenizer(name, context_length=context_length)
 
 

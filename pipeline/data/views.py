@@ -197,7 +197,9 @@ def _flip(rng: np.random.Generator, view: np.ndarray) -> np.ndarray:
     return cv2.flip(view, 1) if rng.random() < 0.5 else view
 
 
-def simclr_augment(rng: np.random.Generator, image: np.ndarray | Image.Image, size: int, cfg: ViewsConfig, scale=None) -> np.ndarray:
+def simclr_augment(
+    rng: np.random.Generator, image: np.ndarray | Image.Image, size: int, cfg: ViewsConfig, scale=None
+) -> np.ndarray:
     """One SimCLR annotation view (size, size, 3) uint8.
 
     RandomResizedCrop(scale or annotation_scale, ratio) -> horizontal flip -> colour jitter (p=0.8)
@@ -216,7 +218,12 @@ def simclr_augment(rng: np.random.Generator, image: np.ndarray | Image.Image, si
     return view
 
 
-def make_views(image: np.ndarray | Image.Image, rng: np.random.Generator, cfg: ViewsConfig, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def make_views(
+    image: np.ndarray | Image.Image,
+    rng: np.random.Generator,
+    cfg: ViewsConfig,
+    into: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """All views of one image (written into `into`'s arrays when given: the crop stage's batch rows).
 
     Returns {"views": (M, S, S, 3) uint8, "boxes": (M, 4) float32 xyxy in the image's [0, 1]

@@ -56,8 +56,19 @@ class CacheKey:
         return digest(self.__dict__)[:32]
 
 
-def make_key(model: str, weights: str, task: str, root: str, split: str, inputs: Sequence[str], image_size: int, resize: str) -> CacheKey:
-    return CacheKey(model, weights, task, os.path.abspath(root) if "://" not in root else root, split, digest(list(map(str, inputs))), int(image_size), resize)
+def make_key(
+    model: str, weights: str, task: str, root: str, split: str, inputs: Sequence[str], image_size: int, resize: str
+) -> CacheKey:
+    return CacheKey(
+        model,
+        weights,
+        task,
+        os.path.abspath(root) if "://" not in root else root,
+        split,
+        digest(list(map(str, inputs))),
+        int(image_size),
+        resize,
+    )
 
 
 @dataclass
@@ -96,7 +107,9 @@ class FeatureCache:
         except Exception as exc:  # a damaged entry costs a re-extraction, never a failed eval
             log.warning("feature cache entry %s unreadable, re-extracting: %s", folder, exc)
             return None
-        if len(arrays["pooled"]) != len(arrays["kept"]) or (need_tokens and len(arrays["tokens"]) != len(arrays["kept"])):
+        if len(arrays["pooled"]) != len(arrays["kept"]) or (
+            need_tokens and len(arrays["tokens"]) != len(arrays["kept"])
+        ):
             log.warning("feature cache entry %s has inconsistent row counts, re-extracting", folder)
             return None
         return CachedFeatures(arrays["pooled"], arrays.get("tokens"), arrays["kept"], dict(meta.get("skipped", {})))
@@ -112,7 +125,13 @@ class FeatureCache:
         self._save(f"{folder}/kept.npy", features.kept)
         if features.tokens is not None:
             self._save(f"{folder}/tokens.npy", features.tokens)
-        meta = {"key": key.__dict__, "has_tokens": features.tokens is not None, "skipped": features.skipped, "rows": len(features.kept), "created": time.time()}
+        meta = {
+            "key": key.__dict__,
+            "has_tokens": features.tokens is not None,
+            "skipped": features.skipped,
+            "rows": len(features.kept),
+            "created": time.time(),
+        }
         with self.fs.open_output_stream(f"{folder}/{_META}") as fh:
             fh.write(json.dumps(meta, indent=1, sort_keys=True).encode())
         return folder

@@ -23,7 +23,9 @@ def write_random_init(model_cfg: Config, directory: str) -> str:
         return directory
     torch.manual_seed(model_cfg.train.seed)
     state = build_encoder(model_cfg.model, model_cfg.views.view_size).state_dict()
-    save_checkpoint(directory, {"encoder_teacher": state, "encoder_student": state}, {"config": model_cfg.to_dict(), "step": 0})
+    save_checkpoint(
+        directory, {"encoder_teacher": state, "encoder_student": state}, {"config": model_cfg.to_dict(), "step": 0}
+    )
     return directory
 
 
@@ -34,5 +36,9 @@ def random_init_fingerprint(model_cfg: Config) -> str:
 
     from pipeline.eval.cache import digest
 
-    recipe = {"model": dataclasses.asdict(model_cfg.model), "size": model_cfg.views.view_size, "seed": model_cfg.train.seed}
+    recipe = {
+        "model": dataclasses.asdict(model_cfg.model),
+        "size": model_cfg.views.view_size,
+        "seed": model_cfg.train.seed,
+    }
     return "random:" + digest({**recipe, "torch": torch.__version__, "timm": timm.__version__})

@@ -25,10 +25,16 @@ def _fmt(value: float | None) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
-def write_eval_results(out_dir: str, rows: Sequence[tuple[str, float, float | None]], info: dict[str, Any]) -> list[str]:
+def write_eval_results(
+    out_dir: str, rows: Sequence[tuple[str, float, float | None]], info: dict[str, Any]
+) -> list[str]:
     """results.md / results.csv of one (checkpoint, task) evaluation; returns the paths."""
     md = [f"# `{info['task']}` eval of `{info['checkpoint']}` (step {info['step']})", ""]
-    md += [f"task root `{info['root']}` ({info['kind']}, {info['n_classes']} classes): {info['n_train']} train / {info['n_test']} test images", ""]
+    md += [
+        f"task root `{info['root']}` ({info['kind']}, {info['n_classes']} classes): {info['n_train']} train / "
+        f"{info['n_test']} test images",
+        "",
+    ]
     md += [f"skipped images: {info['skipped'] or 'none'}; features from cache: {info['cached'] or 'none'}", ""]
     md += ["| metric | pretrained | random init | delta |", "|---|---|---|---|"]
     md += [f"| {k} | {v:.4f} | {_fmt(r)} | {'' if r is None else f'{v - r:+.4f}'} |" for k, v, r in rows]
@@ -75,7 +81,12 @@ def comparison_table(records: Sequence[dict[str, Any]]) -> tuple[list[str], list
         if slot not in latest or rec["step"] > latest[slot]["step"]:
             latest[slot] = rec
     columns = sorted(
-        {f"{rec['task']}/{k}" for rec in latest.values() for k in rec["metrics"] if not k.startswith(RANDOM_PREFIX) and "train_" not in k}
+        {
+            f"{rec['task']}/{k}"
+            for rec in latest.values()
+            for k in rec["metrics"]
+            if not k.startswith(RANDOM_PREFIX) and "train_" not in k
+        }
     )
     rows = []
     for row in sorted({r for r, _ in latest}):

@@ -44,39 +44,121 @@ def _spec(name, kind, description, layout, splits, loader) -> tuple[str, TaskSpe
 
 TASKS: dict[str, TaskSpec] = dict(
     [
-        _spec("folder", CLASSIFICATION, "ImageNet-style class folders (e.g. ImageNet-1k)", folder.LAYOUT,
-              "train/ -> train, val/ -> test; or a seeded 70/30 split per class", folder.load),
-        _spec("food101", CLASSIFICATION, "Food-101, 101 dishes", food101.LAYOUT,
-              "meta/train.txt -> train, meta/test.txt -> test", food101.load),
-        _spec("pets", CLASSIFICATION, "Oxford-IIIT Pets, 37 breeds", pets.LAYOUT,
-              "trainval.txt -> train, test.txt -> test", pets.load),
-        _spec("resisc45", CLASSIFICATION, "NWPU-RESISC45 remote-sensing scenes, 45 classes", resisc45.LAYOUT,
-              "resisc45-train.txt -> train, resisc45-test.txt -> test; without them a seeded 80/20 split per class",
-              resisc45.load),
-        _spec("sun397", CLASSIFICATION, "SUN397 scenes, 397 classes", sun397.LAYOUT,
-              "Partitions/Training_01.txt -> train, Testing_01.txt -> test", sun397.load),
-        _spec("clevr_count", CLASSIFICATION, "CLEVR object count, 3..10 (VTAB count_all)", clevr.LAYOUT,
-              "CLEVR train -> train, CLEVR val -> test", clevr.load_count),
-        _spec("clevr_distance", CLASSIFICATION, "CLEVR closest-object depth, 6 bins (VTAB closest_object_distance)",
-              clevr.LAYOUT, "CLEVR train -> train, CLEVR val -> test", clevr.load_distance),
-        _spec("coco_objects", BOX_CLASSIFICATION, "COCO 2017: class of the object in a given box, 80 classes",
-              coco.LAYOUT, "train2017 -> train, val2017 -> test", coco.load_objects),
-        _spec("coco_detection", DETECTION, "COCO 2017 detection, 80 classes", coco.LAYOUT,
-              "train2017 -> train, val2017 -> test", coco.load_detection),
-        _spec("epic_verbs", CLASSIFICATION, "EPIC-KITCHENS-100 verb of an action from its middle frame, 97 classes",
-              epic.LAYOUT, "EPIC_100_train.csv -> train, EPIC_100_validation.csv -> test", epic.load_verbs),
-        _spec("epic_nouns", CLASSIFICATION, "EPIC-KITCHENS-100 noun of an action from its middle frame, 300 classes",
-              epic.LAYOUT, "EPIC_100_train.csv -> train, EPIC_100_validation.csv -> test", epic.load_nouns),
-        _spec("visor_objects", BOX_CLASSIFICATION, "VISOR: class of the object in a given box (EPIC nouns v2)",
-              visor.LAYOUT, "VISOR train -> train, VISOR val -> test", visor.load_objects),
-        _spec("visor_detection", DETECTION, "VISOR detection (EPIC nouns v2)", visor.LAYOUT,
-              "VISOR train -> train, VISOR val -> test", visor.load_detection),
+        _spec(
+            "folder",
+            CLASSIFICATION,
+            "ImageNet-style class folders (e.g. ImageNet-1k)",
+            folder.LAYOUT,
+            "train/ -> train, val/ -> test; or a seeded 70/30 split per class",
+            folder.load,
+        ),
+        _spec(
+            "food101",
+            CLASSIFICATION,
+            "Food-101, 101 dishes",
+            food101.LAYOUT,
+            "meta/train.txt -> train, meta/test.txt -> test",
+            food101.load,
+        ),
+        _spec(
+            "pets",
+            CLASSIFICATION,
+            "Oxford-IIIT Pets, 37 breeds",
+            pets.LAYOUT,
+            "trainval.txt -> train, test.txt -> test",
+            pets.load,
+        ),
+        _spec(
+            "resisc45",
+            CLASSIFICATION,
+            "NWPU-RESISC45 remote-sensing scenes, 45 classes",
+            resisc45.LAYOUT,
+            "resisc45-train.txt -> train, resisc45-test.txt -> test; without them a seeded 80/20 split per class",
+            resisc45.load,
+        ),
+        _spec(
+            "sun397",
+            CLASSIFICATION,
+            "SUN397 scenes, 397 classes",
+            sun397.LAYOUT,
+            "Partitions/Training_01.txt -> train, Testing_01.txt -> test",
+            sun397.load,
+        ),
+        _spec(
+            "clevr_count",
+            CLASSIFICATION,
+            "CLEVR object count, 3..10 (VTAB count_all)",
+            clevr.LAYOUT,
+            "CLEVR train -> train, CLEVR val -> test",
+            clevr.load_count,
+        ),
+        _spec(
+            "clevr_distance",
+            CLASSIFICATION,
+            "CLEVR closest-object depth, 6 bins (VTAB closest_object_distance)",
+            clevr.LAYOUT,
+            "CLEVR train -> train, CLEVR val -> test",
+            clevr.load_distance,
+        ),
+        _spec(
+            "coco_objects",
+            BOX_CLASSIFICATION,
+            "COCO 2017: class of the object in a given box, 80 classes",
+            coco.LAYOUT,
+            "train2017 -> train, val2017 -> test",
+            coco.load_objects,
+        ),
+        _spec(
+            "coco_detection",
+            DETECTION,
+            "COCO 2017 detection, 80 classes",
+            coco.LAYOUT,
+            "train2017 -> train, val2017 -> test",
+            coco.load_detection,
+        ),
+        _spec(
+            "epic_verbs",
+            CLASSIFICATION,
+            "EPIC-KITCHENS-100 verb of an action from its middle frame, 97 classes",
+            epic.LAYOUT,
+            "EPIC_100_train.csv -> train, EPIC_100_validation.csv -> test",
+            epic.load_verbs,
+        ),
+        _spec(
+            "epic_nouns",
+            CLASSIFICATION,
+            "EPIC-KITCHENS-100 noun of an action from its middle frame, 300 classes",
+            epic.LAYOUT,
+            "EPIC_100_train.csv -> train, EPIC_100_validation.csv -> test",
+            epic.load_nouns,
+        ),
+        _spec(
+            "visor_objects",
+            BOX_CLASSIFICATION,
+            "VISOR: class of the object in a given box (EPIC nouns v2)",
+            visor.LAYOUT,
+            "VISOR train -> train, VISOR val -> test",
+            visor.load_objects,
+        ),
+        _spec(
+            "visor_detection",
+            DETECTION,
+            "VISOR detection (EPIC nouns v2)",
+            visor.LAYOUT,
+            "VISOR train -> train, VISOR val -> test",
+            visor.load_detection,
+        ),
     ]
 )
 
 
 def _skip_counts(train: SplitData, test: SplitData) -> dict[str, int]:
-    return {f"{split}/{reason}": n for split, data in (("train", train), ("test", test)) for reason, n in sorted(data.skipped.items()) if n}
+    return {
+        f"{split}/{reason}": n
+        for split, data in (("train", train), ("test", test))
+        for reason, n in sorted(data.skipped.items())
+        if n
+    }
 
 
 def load_task(name: str, root: str, max_per_split: int | None = None, seed: int = 0) -> TaskData:
@@ -92,7 +174,10 @@ def load_task(name: str, root: str, max_per_split: int | None = None, seed: int 
         if not os.path.isdir(root):
             raise TaskFormatError(f"{root}: not a folder")
         class_names, train, test = spec.loader(root, seed)
-        splits = {"train": subsample(train.examples, max_per_split, seed), "test": subsample(test.examples, max_per_split, seed + 1)}
+        splits = {
+            "train": subsample(train.examples, max_per_split, seed),
+            "test": subsample(test.examples, max_per_split, seed + 1),
+        }
         for split, examples in splits.items():
             if not examples:
                 raise TaskFormatError(f"{root}: the {split} split has no examples")

@@ -6,6 +6,8 @@ annotation loss and the propagation loss share every weight, as in the paper.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,11 +30,20 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.mlp(x), dim=-1)
 
 
+@functools.lru_cache(maxsize=None)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (3, 1, 1) tensors on `device`, made once: uploading them from Python
+    lists at every call would make the host wait for the GPU (a blocking copy) several times a step."""
+    with torch.inference_mode(False), torch.no_grad():
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    return mean, std
+
+
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (..., H, W, 3) as shipped by the CPU workers -> normalised float (..., 3, H, W) on device."""
     x = images.movedim(-1, -3).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    mean, std = _normalisation(x.device)
     return (x - mean) / std
 
 
@@ -42,7 +53,9 @@ class ABModel(nn.Module):
         self.cfg = cfg
         self.encoder = build_encoder(cfg, img_size)
         dim = self.encoder.embed_dim
-        self.decoder = ActionDecoder(dim, cfg.decoder_depth, cfg.decoder_heads, cfg.action_embedding, cfg.fourier_bands, cfg.learned_action_bins)
+        self.decoder = ActionDecoder(
+            dim, cfg.decoder_depth, cfg.decoder_heads, cfg.action_embedding, cfg.fourier_bands, cfg.learned_action_bins
+        )
         self.head = ProjectionHead(dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.register_buffer("identity_action", torch.tensor([[IDENTITY_BOX]]), persistent=False)
 

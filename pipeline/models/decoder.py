@@ -89,7 +89,15 @@ class DecoderLayer(nn.Module):
 class ActionDecoder(nn.Module):
     """(memory tokens of a crop, G actions) -> G readout vectors."""
 
-    def __init__(self, dim: int, depth: int, heads: int, action_embedding: str = "fourier", fourier_bands: int = 16, learned_bins: int = 32):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        action_embedding: str = "fourier",
+        fourier_bands: int = 16,
+        learned_bins: int = 32,
+    ):
         super().__init__()
         if action_embedding == "fourier":
             self.corner_embed: nn.Module = FourierCornerEmbedding(dim, fourier_bands)

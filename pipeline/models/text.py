@@ -23,12 +23,21 @@ def text_tower_config(cfg: ModelConfig, context_length: int) -> dict[str, Any]:
 
     model_cfg = open_clip.get_model_config(cfg.text_model)
     if model_cfg is None or "text_cfg" not in model_cfg:
-        raise ConfigError(f"model.text_model: {cfg.text_model!r} is not an open_clip model config with a text tower (see open_clip.list_models())")
+        raise ConfigError(
+            f"model.text_model: {cfg.text_model!r} is not an open_clip model config with a text tower (see "
+            "open_clip.list_models())"
+        )
     if "context_length" in cfg.text_kwargs:
-        raise ConfigError("model.text_kwargs.context_length: set views.text.context_length instead (the tokenizer and the tower must agree)")
+        raise ConfigError(
+            "model.text_kwargs.context_length: set views.text.context_length instead (the tokenizer and the tower must "
+            "agree)"
+        )
     text_cfg = {**model_cfg["text_cfg"], **cfg.text_kwargs, "context_length": int(context_length)}
     if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
-        raise ConfigError(f"model.text_model: {cfg.text_model!r} uses a Hugging Face text model, which would be downloaded; pick a native open_clip tower")
+        raise ConfigError(
+            f"model.text_model: {cfg.text_model!r} uses a Hugging Face text model, which would be downloaded; pick a "
+            "native open_clip tower"
+        )
     return {"text_cfg": text_cfg, "quick_gelu": bool(model_cfg.get("quick_gelu", False))}
 
 
@@ -46,7 +55,10 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[-1] != self.context_length:
-            raise ValueError(f"tokens have length {tokens.shape[-1]}, the text tower expects views.text.context_length={self.context_length}")
+            raise ValueError(
+                f"tokens have length {tokens.shape[-1]}, the text tower expects "
+                f"views.text.context_length={self.context_length}"
+            )
         return F.normalize(self.transformer(tokens.long()), dim=-1)
 
 

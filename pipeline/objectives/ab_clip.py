@@ -24,7 +24,13 @@ from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.models.text import build_text_encoder
 from pipeline.objectives import base
 from pipeline.objectives.ab_simclr import pair_actions
-from pipeline.objectives.clip import check_text_views, clamp_logit_scale_, clip_loss, logit_scale_parameter, pair_accuracy
+from pipeline.objectives.clip import (
+    check_text_views,
+    clamp_logit_scale_,
+    clip_loss,
+    logit_scale_parameter,
+    pair_accuracy,
+)
 from pipeline.objectives.contrastive import gather_no_grad
 from pipeline.objectives.ema import ema_update, make_teacher
 from pipeline.objectives.propagation import per_pair_error, propagation_loss, teacher_distribution
@@ -122,7 +128,9 @@ class ABCLIP(base.Objective):
     def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
         teacher = self.teacher if self.teacher is not None else self.student
         views, boxes, ann_views, tokens = batch["views"], batch["boxes"], batch["ann_views"], batch["tokens"]
-        return ab_clip_step(self.student, teacher, views, boxes, ann_views, tokens, self.cfg.objective, progress.diagnose)
+        return ab_clip_step(
+            self.student, teacher, views, boxes, ann_views, tokens, self.cfg.objective, progress.diagnose
+        )
 
     @torch.no_grad()
     def after_step(self, progress: base.Progress) -> None:

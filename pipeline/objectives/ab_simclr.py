@@ -87,7 +87,10 @@ class ABSimCLR(base.Objective):
 
     def check_views(self) -> None:
         if self.cfg.views.annotation_views != 2:
-            raise ConfigError(f"views.annotation_views must be 2 for {self.cfg.objective.name} (SimCLR's two views), got {self.cfg.views.annotation_views}")
+            raise ConfigError(
+                f"views.annotation_views must be 2 for {self.cfg.objective.name} (SimCLR's two views), got "
+                f"{self.cfg.views.annotation_views}"
+            )
         if self.cfg.views.num_views < 1:
             raise ConfigError(f"views.num_views must be >= 1 for {self.cfg.objective.name}")
         if self.cfg.views.pair_sampling not in PAIR_MODES:

@@ -24,7 +24,7 @@ class Progress:
 
     step: int
     total_steps: int
-    ema_rate: float = 0.0
+    ema_rate: float | torch.Tensor = 0.0  # after_step gets a 0-d device tensor: 0 on a skipped step
     diagnose: bool = False  # this step is logged: return diagnostics tensors too
 
 

@@ -47,13 +47,19 @@ def check_text_views(cfg: Config, name: str, num_views: int | None, annotation_v
     `num_views` crops (None: any number >= 1); anything else is either missing or wasted budget."""
     v = cfg.views
     if v.text.source not in ("captions", "boxes"):
-        raise ConfigError(f"views.text.source must be 'captions' or 'boxes' for {name} (its annotations are text), got {v.text.source!r}")
+        raise ConfigError(
+            f"views.text.source must be 'captions' or 'boxes' for {name} (its annotations are text), got "
+            f"{v.text.source!r}"
+        )
     if v.annotation_views != annotation_views:
         raise ConfigError(f"views.annotation_views must be {annotation_views} for {name}, got {v.annotation_views}")
     if num_views is None and v.num_views < 1:
         raise ConfigError(f"views.num_views must be >= 1 for {name}")
     if num_views is not None and v.num_views != num_views:
-        raise ConfigError(f"views.num_views must be {num_views} for {name} (other crops would be cut and counted in the budget but never used), got {v.num_views}")
+        raise ConfigError(
+            f"views.num_views must be {num_views} for {name} (other crops would be cut and counted in the budget but "
+            f"never used), got {v.num_views}"
+        )
     if getattr(v, "local_views", 0):
         raise ConfigError(f"views.local_views must be 0 for {name} (DINO's local crops are not used)")
     tokenizer = build_tokenizer(v.text.tokenizer, v.text.context_length)
@@ -62,12 +68,18 @@ def check_text_views(cfg: Config, name: str, num_views: int | None, annotation_v
 
     tower_vocab = text_tower_config(cfg.model, v.text.context_length)["text_cfg"]["vocab_size"]
     if vocab is not None and vocab > tower_vocab:
-        raise ConfigError(f"views.text.tokenizer {v.text.tokenizer!r} has {vocab} ids but model.text_model {cfg.model.text_model!r} embeds {tower_vocab}")
+        raise ConfigError(
+            f"views.text.tokenizer {v.text.tokenizer!r} has {vocab} ids but model.text_model {cfg.model.text_model!r} "
+            f"embeds {tower_vocab}"
+        )
 
 
 def check_coupled(cfg: Config, name: str) -> None:
     if getattr(cfg.data, "decoupled", False):
-        raise ConfigError(f"{name} pairs each image with its own text: data.annotation_shards / annotation_mixture (decoupled streams) are for ab_clip")
+        raise ConfigError(
+            f"{name} pairs each image with its own text: data.annotation_shards / annotation_mixture (decoupled "
+            "streams) are for ab_clip"
+        )
 
 
 class CLIPNet(nn.Module):

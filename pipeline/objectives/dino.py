@@ -80,7 +80,12 @@ def teacher_temperature(step: int, total_steps: int, cfg: DinoConfig) -> float:
 
 
 def dino_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor, student_temp: float, teacher_temp: float, skip_same_view: bool = True
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    skip_same_view: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, teacher probabilities).
 
@@ -113,7 +118,7 @@ class DinoCentre(nn.Module):
         """Fold in this step's mean teacher logit over every view and the *global* batch."""
         flat = teacher_logits.detach().float().flatten(0, -2)
         total = flat.sum(0, keepdim=True)
-        count = torch.tensor(float(flat.shape[0]), device=flat.device)
+        count = torch.full((), float(flat.shape[0]), device=flat.device)  # a fill, not a blocking upload
         _, size = world()
         if size > 1:
             torch.distributed.all_reduce(total)
@@ -204,16 +209,32 @@ def check_dino_views(cfg: Config) -> None:
     v = cfg.views
     name = cfg.objective.name
     if v.annotation_views != 2:
-        raise ConfigError(f"views.annotation_views must be 2 for {name} (DINO's two global views), got {v.annotation_views}")
+        raise ConfigError(
+            f"views.annotation_views must be 2 for {name} (DINO's two global views), got {v.annotation_views}"
+        )
     if v.num_views:
-        raise ConfigError(f"{name} does not read the AB crops: set views.num_views=0 (got {v.num_views}); they would be cut and counted in the view budget but never used")
+        raise ConfigError(
+            f"{name} does not read the AB crops: set views.num_views=0 (got {v.num_views}); they would be cut and "
+            "counted in the view budget but never used"
+        )
     if v.local_views < 0 or (v.local_views and v.local_size < 1):
-        raise ConfigError(f"views.local_views / views.local_size must be >= 0 / >= 1, got {v.local_views} / {v.local_size}")
+        raise ConfigError(
+            f"views.local_views / views.local_size must be >= 0 / >= 1, got {v.local_views} / {v.local_size}"
+        )
 
 
-def dino_step(student: DinoNet, teacher: DinoNet, centre: DinoCentre, batch: dict[str, torch.Tensor], progress: base.Progress, d: DinoConfig) -> dict:
+def dino_step(
+    student: DinoNet,
+    teacher: DinoNet,
+    centre: DinoCentre,
+    batch: dict[str, torch.Tensor],
+    progress: base.Progress,
+    d: DinoConfig,
+) -> dict:
     """Loss, logged scalars and diagnostics of one DINO step; updates the centre."""
-    views = [batch["ann_views"]] + ([batch["local_views"]] if "local_views" in batch and batch["local_views"].shape[1] else [])
+    views = [batch["ann_views"]] + (
+        [batch["local_views"]] if "local_views" in batch and batch["local_views"].shape[1] else []
+    )
     z = student.head.bottleneck(student.features(views))
     student_logits = student.head.last_layer(z)
     with torch.no_grad():

@@ -12,9 +12,9 @@ flip), every view treated as its own image.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
+from torch import nn
 
 from pipeline.config import Config, ConfigError, MaeConfig
 from pipeline.models.ab_model import images_to_float
@@ -29,7 +29,9 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
-def random_masking(batch: int, num_patches: int, mask_ratio: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(
+    batch: int, num_patches: int, mask_ratio: float, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keep indices (B, n_keep), restore order (B, N), mask (B, N) with 1 = dropped), per sample."""
     n_keep = max(1, int(num_patches * (1 - mask_ratio)))
     shuffle = torch.rand(batch, num_patches, device=device).argsort(dim=1)
@@ -59,8 +61,12 @@ class MaeDecoder(nn.Module):
         self.prefix_tokens = prefix_tokens
         self.embed = nn.Linear(enc_dim, cfg.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
-        self.register_buffer("pos_embed", build_sincos2d_pos_embed(list(grid), dim=cfg.decoder_dim)[None], persistent=False)
-        self.blocks = nn.Sequential(*[Block(cfg.decoder_dim, cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(cfg.decoder_depth)])
+        self.register_buffer(
+            "pos_embed", build_sincos2d_pos_embed(list(grid), dim=cfg.decoder_dim)[None], persistent=False
+        )
+        self.blocks = nn.Sequential(
+            *[Block(cfg.decoder_dim, cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(cfg.decoder_depth)]
+        )
         self.norm = nn.LayerNorm(cfg.decoder_dim, eps=1e-6)
         self.pred = nn.Linear(cfg.decoder_dim, patch * patch * 3)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -86,21 +92,29 @@ class MAE(base.Objective):
         self.encoder = build_encoder(cfg.model, cfg.views.view_size)  # first: the eval job's random-init reference
         self.patch = self.encoder.patch_embed.patch_size[0]
         grid = tuple(self.encoder.patch_embed.grid_size)
-        self.decoder = MaeDecoder(self.encoder.embed_dim, grid, self.patch, self.encoder.num_prefix_tokens, cfg.objective.mae)
+        self.decoder = MaeDecoder(
+            self.encoder.embed_dim, grid, self.patch, self.encoder.num_prefix_tokens, cfg.objective.mae
+        )
 
     def check_views(self) -> None:
         v, m = self.cfg.views, self.cfg.objective.mae
         if v.num_views < 1:
-            raise ConfigError(f"views.num_views must be >= 1 for mae (each crop is one masked image), got {v.num_views}")
+            raise ConfigError(
+                f"views.num_views must be >= 1 for mae (each crop is one masked image), got {v.num_views}"
+            )
         if v.annotation_views or v.local_views:
             raise ConfigError(
-                f"mae reads only the `views` crops: set views.annotation_views=0 and views.local_views=0 (got {v.annotation_views}, {v.local_views}); "
+                "mae reads only the `views` crops: set views.annotation_views=0 and views.local_views=0 (got "
+                f"{v.annotation_views}, {v.local_views}); "
                 "they would be cut and counted in the view budget but never used"
             )
         if not 0.0 <= m.mask_ratio < 1.0:
             raise ConfigError(f"objective.mae.mask_ratio must be in [0, 1), got {m.mask_ratio}")
         if self.encoder.patch_embed.patch_size[0] != self.encoder.patch_embed.patch_size[1] or v.view_size % self.patch:
-            raise ConfigError(f"mae needs square patches dividing views.view_size={v.view_size}, got patch {self.encoder.patch_embed.patch_size}")
+            raise ConfigError(
+                f"mae needs square patches dividing views.view_size={v.view_size}, got patch "
+                f"{self.encoder.patch_embed.patch_size}"
+            )
 
     @property
     def student_encoder(self) -> nn.Module:
@@ -121,5 +135,6 @@ class MAE(base.Objective):
         latent = self.encode_visible(x, keep)
         pred = self.decoder(latent, restore)
         loss = mae_loss(pred, patchify(x, self.patch), mask, self.cfg.objective.mae.norm_pix_loss)
-        diagnostics = {"latent": latent[:, 0].detach().float()} if progress.diagnose else {}  # class token of the visible set
+        # class token of the visible set
+        diagnostics = {"latent": latent[:, 0].detach().float()} if progress.diagnose else {}
         return base.StepOutput(loss, {"reconstruction": loss.detach()}, {"mask_fraction": mask.mean()}, diagnostics)

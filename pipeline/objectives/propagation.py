@@ -12,7 +12,9 @@ def teacher_distribution(z_targets: torch.Tensor, z_annotations: torch.Tensor, t
         return torch.softmax(z_targets @ z_annotations.T / temperature, dim=-1)
 
 
-def propagation_loss(pred: torch.Tensor, teacher_probs: torch.Tensor, z_annotations: torch.Tensor, temperature: float) -> torch.Tensor:
+def propagation_loss(
+    pred: torch.Tensor, teacher_probs: torch.Tensor, z_annotations: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Mean over all (b, s, t) of  -sum_i p_teacher(l_i | x_t) log p_student(l_i | x_s, a_{s->t}).
 
     pred (B, M, M, P) indexed [b, source, target]; teacher_probs (B, M, N) indexed [b, target];
@@ -22,7 +24,9 @@ def propagation_loss(pred: torch.Tensor, teacher_probs: torch.Tensor, z_annotati
     return -(teacher_probs[:, None, :, :] * log_student).sum(-1).mean()
 
 
-def per_pair_error(pred: torch.Tensor, teacher_probs: torch.Tensor, z_annotations: torch.Tensor, temperature: float) -> torch.Tensor:
+def per_pair_error(
+    pred: torch.Tensor, teacher_probs: torch.Tensor, z_annotations: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Per-pair soft cross-entropy (B, M, M), for diagnostics such as error binned by IoU."""
     with torch.no_grad():
         log_student = torch.log_softmax(pred @ z_annotations.T / temperature, dim=-1)

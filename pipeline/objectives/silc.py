@@ -18,7 +18,14 @@ from torch import nn
 
 from pipeline.config import Config, ConfigError
 from pipeline.objectives import base
-from pipeline.objectives.clip import CLIPNet, check_coupled, check_text_views, clamp_logit_scale_, clip_loss, pair_accuracy
+from pipeline.objectives.clip import (
+    CLIPNet,
+    check_coupled,
+    check_text_views,
+    clamp_logit_scale_,
+    clip_loss,
+    pair_accuracy,
+)
 from pipeline.objectives.dino import (
     DinoCentre,
     DinoHead,
@@ -50,8 +57,15 @@ class SiLC(base.Objective):
     def check_views(self) -> None:
         v = self.cfg.views
         if v.local_views < 1:
-            raise ConfigError(f"views.local_views must be >= 1 for silc (the student's local crops), got {v.local_views}")
-        check_text_views(dataclasses.replace(self.cfg, views=dataclasses.replace(v, local_views=0)), "silc", num_views=0, annotation_views=2)
+            raise ConfigError(
+                f"views.local_views must be >= 1 for silc (the student's local crops), got {v.local_views}"
+            )
+        check_text_views(
+            dataclasses.replace(self.cfg, views=dataclasses.replace(v, local_views=0)),
+            "silc",
+            num_views=0,
+            annotation_views=2,
+        )
         check_coupled(self.cfg, "silc")
 
     @property
@@ -75,7 +89,9 @@ class SiLC(base.Objective):
         with torch.no_grad():
             teacher_logits = self.teacher([batch["ann_views"]])  # (2, B, K)
         temp = teacher_temperature(progress.step, progress.total_steps, d)
-        distill, probs = dino_loss(student_logits, teacher_logits, self.centre.center, d.student_temp, temp, skip_same_view=False)
+        distill, probs = dino_loss(
+            student_logits, teacher_logits, self.centre.center, d.student_temp, temp, skip_same_view=False
+        )
         self.centre.update(teacher_logits)
         loss = clip + cfg.clip.ssl_weight * distill
         with torch.no_grad():

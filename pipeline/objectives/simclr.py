@@ -35,7 +35,8 @@ class SimCLR(base.Objective):
             raise ConfigError(f"views.annotation_views must be 2 for simclr (its two views), got {v.annotation_views}")
         if v.num_views or v.local_views:
             raise ConfigError(
-                f"simclr reads only ann_views: set views.num_views=0 and views.local_views=0 (got {v.num_views}, {v.local_views}); "
+                f"simclr reads only ann_views: set views.num_views=0 and views.local_views=0 (got {v.num_views}, "
+                f"{v.local_views}); "
                 "other views would be cut and counted in the view budget but never used"
             )
 

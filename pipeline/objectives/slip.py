@@ -47,5 +47,7 @@ class SLIP(CLIP):
         simclr = symmetric_info_nce(z_ssl[:b], z_ssl[b:], self.cfg.objective.temperature)
         loss = clip + self.cfg.objective.clip.ssl_weight * simclr
         metrics = {"logit_scale": self.net.log_scale.detach().exp(), "pair_accuracy": pair_accuracy(z_img, z_txt)}
-        diagnostics = {"image": z_img.detach(), "text": z_txt.detach(), "head": z_ssl[:b].detach()} if progress.diagnose else {}
+        diagnostics = (
+            {"image": z_img.detach(), "text": z_txt.detach(), "head": z_ssl[:b].detach()} if progress.diagnose else {}
+        )
         return base.StepOutput(loss, {"clip": clip.detach(), "simclr": simclr.detach()}, metrics, diagnostics)

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.checkpoints import STATE_FILE, CheckpointError, encoder_state, file_sha256, load_state, read_meta, resolve_checkpoint
+from pipeline.checkpoints import (
+    STATE_FILE,
+    CheckpointError,
+    encoder_state,
+    file_sha256,
+    load_state,
+    read_meta,
+    resolve_checkpoint,
+)
 from pipeline.config import Config, ConfigError
 
 
@@ -59,7 +67,13 @@ def resolve_init_source(reference: str, tracking_uri: str, download_dir: str) ->
         raise ConfigError(f"train.init_from: checkpoint has no {STATE_FILE}: {directory}")
     step = meta.get("step")
     objective = str(meta.get("config", {}).get("objective", {}).get("name", ""))
-    return InitSource(directory, meta.get("mlflow_run_id") or source_run, file_sha256(state_path), None if step is None else int(step), objective)
+    return InitSource(
+        directory,
+        meta.get("mlflow_run_id") or source_run,
+        file_sha256(state_path),
+        None if step is None else int(step),
+        objective,
+    )
 
 
 def _grid(tokens: int, what: str) -> int:
@@ -69,7 +83,9 @@ def _grid(tokens: int, what: str) -> int:
     return side
 
 
-def adapt_position_embedding(weights: dict[str, torch.Tensor], encoder: nn.Module, source: str) -> dict[str, torch.Tensor]:
+def adapt_position_embedding(
+    weights: dict[str, torch.Tensor], encoder: nn.Module, source: str
+) -> dict[str, torch.Tensor]:
     """Resample the checkpoint's `pos_embed` to the target ViT's patch grid (prefix tokens kept)."""
     from timm.layers import resample_abs_pos_embed
 
@@ -78,10 +94,14 @@ def adapt_position_embedding(weights: dict[str, torch.Tensor], encoder: nn.Modul
         return weights
     prefix = 0 if getattr(encoder, "no_embed_class", False) else encoder.num_prefix_tokens
     if old.shape[-1] != new.shape[-1]:
-        raise ConfigError(f"train.init_from: {source} has embed_dim {old.shape[-1]}, this run's encoder {new.shape[-1]}")
+        raise ConfigError(
+            f"train.init_from: {source} has embed_dim {old.shape[-1]}, this run's encoder {new.shape[-1]}"
+        )
     old_grid = _grid(old.shape[1] - prefix, source)
     new_grid = list(encoder.patch_embed.grid_size)
-    resampled = resample_abs_pos_embed(old.float(), new_size=new_grid, old_size=[old_grid, old_grid], num_prefix_tokens=prefix)
+    resampled = resample_abs_pos_embed(
+        old.float(), new_size=new_grid, old_size=[old_grid, old_grid], num_prefix_tokens=prefix
+    )
     return {**weights, "pos_embed": resampled.to(old.dtype)}
 
 
@@ -104,7 +124,10 @@ def initialise_encoders(objective, source: InitSource, which: str = "teacher") -
         try:
             encoder.load_state_dict(adapted)
         except RuntimeError as exc:
-            raise ConfigError(f"train.init_from: the encoder in {source.directory} does not fit this run's model.encoder / model.encoder_kwargs: {exc}") from None
+            raise ConfigError(
+                f"train.init_from: the encoder in {source.directory} does not fit this run's model.encoder / "
+                f"model.encoder_kwargs: {exc}"
+            ) from None
     return len(targets)
 
 

@@ -1,8 +1,9 @@
 """Driver side of pretraining: wire shards -> crop stage -> TorchTrainer, MLflow run, resume.
 
 Resuming is Ray Train V2's way: re-run with the same `train.storage_path` and `train.run_name`;
-the loop then starts from the latest checkpoint, and the MLflow run id stored in that checkpoint
-makes the resumed job log into the same MLflow run.
+the loop then starts from the latest checkpoint. The MLflow run is chosen once: the driver that
+creates it writes its id into the run's record (`<storage>/<run name>/abpipe_run.json`), and a
+re-submitted job reads it from there, so a resumed run logs into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import time
 from typing import Any
 
 from pipeline import tracking
-from pipeline.checkpoints import latest_checkpoint_dir, read_meta
+from pipeline.checkpoints import latest_checkpoint_dir, read_run_record, write_run_record
 from pipeline.config import Config, ConfigError
 from pipeline.runtime import init_ray
-from pipeline.train.loop import Budget, train_loop_per_worker
+from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.step import Budget
 
 
 def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
@@ -29,7 +31,8 @@ def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
     need = streams * (cfg.views.cpus_per_actor + cfg.data.read_cpus)
     if budget + 1e-9 < need:
         message = (
-            f"the data stage needs {need:g} CPUs ({streams} stream(s) x (views.cpus_per_actor={cfg.views.cpus_per_actor:g} + "
+            f"the data stage needs {need:g} CPUs ({streams} stream(s) x "
+            f"(views.cpus_per_actor={cfg.views.cpus_per_actor:g} + "
             f"data.read_cpus={cfg.data.read_cpus:g})) but only {budget:g} of the cluster's {cluster_cpus:g} are left "
             f"after {cfg.train.num_workers} training worker(s) x train.cpus_per_worker={cfg.train.cpus_per_worker:g}; "
             "lower those settings or add CPUs"
@@ -53,11 +56,17 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     # The one-line-per-interval training log is the progress display here; Ray Data's bars from
     # the split coordinator would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    images_needed = Budget.from_config(cfg, cfg.train.num_workers).total_steps * cfg.train.batch_size * cfg.train.num_workers
+    images_needed = (
+        Budget.from_config(cfg, cfg.train.num_workers).total_steps * cfg.train.batch_size * cfg.train.num_workers
+    )
 
     def stream(shards: str, mixture: dict[str, float], views, seed: int):
         passes = passes_needed(images_needed, stream_size(shards, mixture), cfg.data.max_passes_per_execution)
-        readers = default_read_concurrency(crop_pool_size(views)) if cfg.data.read_concurrency is None else cfg.data.read_concurrency
+        readers = (
+            default_read_concurrency(crop_pool_size(views))
+            if cfg.data.read_concurrency is None
+            else cfg.data.read_concurrency
+        )
         return stream_dataset(shards, mixture, cfg.data.read_cpus, passes, readers, seed)
 
     name = f"crop-stats-{cfg.train.run_name}"
@@ -67,7 +76,9 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     # Two actor pools share what training leaves; each gets a fixed half so neither can take all
     # CPUs and starve the other (the trainer needs a batch from both every step).
     free = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker - 2 * cfg.data.read_cpus
-    per_stream = max(1, int(free / 2 / cfg.views.cpus_per_actor)) if cfg.views.concurrency is None else cfg.views.concurrency
+    per_stream = (
+        max(1, int(free / 2 / cfg.views.cpus_per_actor)) if cfg.views.concurrency is None else cfg.views.concurrency
+    )
     crop_views = dataclasses.replace(cfg.views, annotation_views=0, concurrency=per_stream)
     ann_views = dataclasses.replace(cfg.views, num_views=0, concurrency=per_stream)
     crops = stream(cfg.data.shards, cfg.data.mixture, crop_views, cfg.train.seed)
@@ -91,21 +102,31 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     os.makedirs(storage, exist_ok=True) if "://" not in storage else None
 
     previous = latest_checkpoint_dir(storage, cfg.train.run_name) if "://" not in storage else None
-    run_id = None
     if previous:
-        run_id = read_meta(previous).get("mlflow_run_id")
         print(f"[abpipe] resuming run '{cfg.train.run_name}' from {previous}", flush=True)
+    record = read_run_record(storage, cfg.train.run_name)
+    run_id = record.get("mlflow_run_id") if record else None
     init = None  # MAWS stage: resolve train.init_from once here (a resumed run has its own weights)
     if cfg.train.init_from and not previous:
         from pipeline.train.init_from import resolve_init_source
 
-        init = resolve_init_source(cfg.train.init_from, cfg.tracking.tracking_uri, cfg.paths.under("init_from", cfg.train.run_name))
+        init = resolve_init_source(
+            cfg.train.init_from, cfg.tracking.tracking_uri, cfg.paths.under("init_from", cfg.train.run_name)
+        )
     if not run_id:
         run_id = _start_mlflow_run(cfg, init.tags(cfg.train.init_from) if init else None)
+        if run_id:  # written once: every later submission of this run logs into the same MLflow run
+            write_run_record(
+                storage, cfg.train.run_name, {"mlflow_run_id": run_id, "tracking_uri": cfg.tracking.tracking_uri}
+            )
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from_dir": init.directory if init else None},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": run_id,
+            "init_from_dir": init.directory if init else None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -144,7 +165,9 @@ def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> 
                 "abpipe.kind": "pretrain",
                 "abpipe.objective": cfg.objective.name,
                 "abpipe.shards": ",".join(cfg.data.mixture) or cfg.data.shards,
-                "abpipe.annotation_shards": ",".join(cfg.data.annotation_mixture) or cfg.data.annotation_shards or "(same as shards)",
+                "abpipe.annotation_shards": ",".join(cfg.data.annotation_mixture)
+                or cfg.data.annotation_shards
+                or "(same as shards)",
                 **(extra_tags or {}),  # lineage of a staged (MAWS) run: parent run, checkpoint sha256
             },
         )

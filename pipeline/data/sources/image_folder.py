@@ -35,7 +35,11 @@ def list_image_folder(root: str | os.PathLike) -> list[dict]:
     items = []
     for folder, dirs, files in os.walk(base, followlinks=True):
         here = os.path.realpath(folder)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not _loops_back(here, os.path.realpath(os.path.join(folder, d)))]
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".") and not _loops_back(here, os.path.realpath(os.path.join(folder, d)))
+        ]
         for name in files:
             path = Path(folder, name)
             if name.startswith(".") or not _is_input(path):

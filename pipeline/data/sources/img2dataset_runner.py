@@ -20,6 +20,7 @@ from img2dataset.resizer import Resizer
 from pipeline.config import IngestConfig
 from pipeline.data.schema import BadImage, decode_rgb
 from pipeline.data.sources.img2dataset_shards import GUARD_PREFIX
+
 ADDITIONAL_COLUMNS = ["abpipe_key"]  # carried through img2dataset into its per-shard parquet
 
 

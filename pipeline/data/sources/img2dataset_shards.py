@@ -66,7 +66,11 @@ def finished_raw_shards(raw_dir: str) -> set[int]:
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
         return set()
     names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(base))]
-    return {int(n[: -len(RAW_STATS_SUFFIX)]) for n in names if n.endswith(RAW_STATS_SUFFIX) and n[: -len(RAW_STATS_SUFFIX)].isdigit()}
+    return {
+        int(n[: -len(RAW_STATS_SUFFIX)])
+        for n in names
+        if n.endswith(RAW_STATS_SUFFIX) and n[: -len(RAW_STATS_SUFFIX)].isdigit()
+    }
 
 
 def part_path(out_dir: str, shard_id: int) -> str:
@@ -86,7 +90,9 @@ def normalised_shards(out_dir: str) -> set[int]:
     if fs.get_file_info(parts).type == pafs.FileType.NotFound:
         return set()
     names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(parts))]
-    return {int(n[len("shard-") : -len(".parquet")]) for n in names if n.startswith("shard-") and n.endswith(".parquet")}
+    return {
+        int(n[len("shard-") : -len(".parquet")]) for n in names if n.startswith("shard-") and n.endswith(".parquet")
+    }
 
 
 def _read_raw_images(fs, tar_path: str) -> dict[str, bytes]:
@@ -99,7 +105,9 @@ def _read_raw_images(fs, tar_path: str) -> dict[str, bytes]:
     return images
 
 
-def normalise_shard(shard_id: int, raw_dir: str, out_dir: str, source: str, ing: IngestConfig, digits: int) -> list[dict[str, Any]]:
+def normalise_shard(
+    shard_id: int, raw_dir: str, out_dir: str, source: str, ing: IngestConfig, digits: int
+) -> list[dict[str, Any]]:
     """Write our shard + manifest part for img2dataset shard `shard_id`; returns its manifest rows."""
     import pandas as pd
     import pyarrow as pa
@@ -111,7 +119,9 @@ def normalise_shard(shard_id: int, raw_dir: str, out_dir: str, source: str, ing:
     raw_fs, raw_base = filesystem(raw_dir)
     raw_name = f"{shard_id:0{digits}d}"
     with raw_fs.open_input_file(posixpath.join(raw_base, raw_name + ".parquet")) as fh:
-        statuses = pq.read_table(fh, columns=["abpipe_key", "url", "caption", "key", "status", "error_message"]).to_pylist()
+        statuses = pq.read_table(
+            fh, columns=["abpipe_key", "url", "caption", "key", "status", "error_message"]
+        ).to_pylist()
     raw_tar = posixpath.join(raw_base, raw_name + ".tar")
     images = _read_raw_images(raw_fs, raw_tar)
 
@@ -123,9 +133,18 @@ def normalise_shard(shard_id: int, raw_dir: str, out_dir: str, source: str, ing:
     with fs.open_output_stream(tmp_tar) as stream:
         writer = wds.TarWriter(stream)
         for raw in sorted(statuses, key=lambda r: r["abpipe_key"]):
-            entry = {"key": raw["abpipe_key"], "shard": "", "source": source, "status": OK, "detail": "", "input": raw["url"]}
+            entry = {
+                "key": raw["abpipe_key"],
+                "shard": "",
+                "source": source,
+                "status": OK,
+                "detail": "",
+                "input": raw["url"],
+            }
             if raw["status"] != "success":
-                entry.update(status=skip_reason(raw["status"], raw["error_message"]), detail=(raw["error_message"] or "")[:500])
+                entry.update(
+                    status=skip_reason(raw["status"], raw["error_message"]), detail=(raw["error_message"] or "")[:500]
+                )
             elif raw["key"] not in images:
                 entry.update(status=CORRUPT, detail="img2dataset reported success but its tar has no image")
             else:

@@ -40,7 +40,10 @@ def detect_format(path: str) -> str:
     if ext == "json":
         ext = "jsonl"
     if ext not in FORMATS:
-        raise ConfigError(f"ingest.input: cannot tell the format of {path}; set ingest.cc12m.input_format to one of {', '.join(FORMATS)}")
+        raise ConfigError(
+            f"ingest.input: cannot tell the format of {path}; set ingest.cc12m.input_format to one of "
+            f"{', '.join(FORMATS)}"
+        )
     return ext
 
 
@@ -81,7 +84,12 @@ def _read_table(path: str, fmt: str, cfg: UrlIngestConfig, malformed: list[tuple
             return pajson.read_json(stream)
 
         def keep_invalid(row) -> str:
-            malformed.append((row.text[:500], f"malformed row {row.number}: expected {row.expected_columns} columns, got {row.actual_columns}"))
+            malformed.append(
+                (
+                    row.text[:500],
+                    f"malformed row {row.number}: expected {row.expected_columns} columns, got {row.actual_columns}",
+                )
+            )
             return "skip"
 
         text_cols = {c: pa.string() for c in (cfg.url_col, cfg.caption_col) if c}
@@ -89,7 +97,11 @@ def _read_table(path: str, fmt: str, cfg: UrlIngestConfig, malformed: list[tuple
             stream,
             read_options=pacsv.ReadOptions(column_names=list(cfg.columns) or None, use_threads=False),
             # TSV has no quoting convention: CC12M captions contain bare quotes.
-            parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", quote_char=False if fmt == "tsv" else '"', invalid_row_handler=keep_invalid),
+            parse_options=pacsv.ParseOptions(
+                delimiter="\t" if fmt == "tsv" else ",",
+                quote_char=False if fmt == "tsv" else '"',
+                invalid_row_handler=keep_invalid,
+            ),
             convert_options=pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True),
         )
 
@@ -108,13 +120,24 @@ def read_url_list(path: str, cfg: UrlIngestConfig) -> UrlList:
         raise ConfigError(f"ingest.cc12m.input_format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     malformed: list[tuple[str, str]] = []
     table = _read_table(path, fmt, cfg, malformed)
-    hint = " (a headerless TSV such as cc12m.tsv needs ingest.cc12m.columns=[url,caption])" if fmt in ("tsv", "csv") and not cfg.columns else ""
+    hint = (
+        " (a headerless TSV such as cc12m.tsv needs ingest.cc12m.columns=[url,caption])"
+        if fmt in ("tsv", "csv") and not cfg.columns
+        else ""
+    )
     if cfg.url_col not in table.column_names:
-        raise ConfigError(f"ingest.cc12m.url_col: no column {cfg.url_col!r} in {path}; columns: {table.column_names}{hint}")
+        raise ConfigError(
+            f"ingest.cc12m.url_col: no column {cfg.url_col!r} in {path}; columns: {table.column_names}{hint}"
+        )
     if fmt != "txt" and cfg.caption_col and cfg.caption_col not in table.column_names:
-        raise ConfigError(f"ingest.cc12m.caption_col: no column {cfg.caption_col!r} in {path}; columns: {table.column_names} (set it to '' for a list without captions){hint}")
+        raise ConfigError(
+            f"ingest.cc12m.caption_col: no column {cfg.caption_col!r} in {path}; columns: {table.column_names} (set it "
+            f"to '' for a list without captions){hint}"
+        )
     urls = table.column(cfg.url_col).to_pylist()
-    captions = table.column(cfg.caption_col).to_pylist() if cfg.caption_col in table.column_names else [None] * len(urls)
+    captions = (
+        table.column(cfg.caption_col).to_pylist() if cfg.caption_col in table.column_names else [None] * len(urls)
+    )
 
     out = UrlList()
     for index, (url, caption) in enumerate(zip(urls, captions)):

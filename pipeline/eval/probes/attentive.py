@@ -51,13 +51,18 @@ def attentive_probe(train: ProbeSplit, test: ProbeSplit, task: TaskInfo, cfg: Ev
     train_probe(model, loss_fn, len(train), pc, cfg.seed)
     test_logits = predict_logits(model, test.tokens, pc.eval_batch_size, device)
     metrics = classification_metrics(test_logits, np.asarray(test.labels), task.num_classes)
-    metrics["train_top1"] = float((predict_logits(model, train.tokens, pc.eval_batch_size, device).argmax(1) == np.asarray(train.labels)).mean())
+    metrics["train_top1"] = float(
+        (predict_logits(model, train.tokens, pc.eval_batch_size, device).argmax(1) == np.asarray(train.labels)).mean()
+    )
     return metrics
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, tokens: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    out = [model(as_float_tensor(tokens, np.arange(s, min(s + batch_size, len(tokens))), device)).cpu() for s in range(0, len(tokens), batch_size)]
+    out = [
+        model(as_float_tensor(tokens, np.arange(s, min(s + batch_size, len(tokens))), device)).cpu()
+        for s in range(0, len(tokens), batch_size)
+    ]
     return torch.cat(out).numpy()
 
 

@@ -48,7 +48,9 @@ def check_probe_config(pc: ProbeConfig) -> None:
     if pc.coord_bins < 2:
         raise ConfigError(f"eval.probe.coord_bins: need at least 2 location bins, got {pc.coord_bins}")
     if pc.lr <= 0 or not 0 <= pc.warmup_fraction < 1:
-        raise ConfigError(f"eval.probe.lr must be > 0 and eval.probe.warmup_fraction in [0, 1), got {pc.lr}, {pc.warmup_fraction}")
+        raise ConfigError(
+            f"eval.probe.lr must be > 0 and eval.probe.warmup_fraction in [0, 1), got {pc.lr}, {pc.warmup_fraction}"
+        )
 
 
 def _fail(probe: str, task: TaskInfo, where: str, msg: str) -> None:
@@ -64,12 +66,22 @@ def _check_features(probe: Probe, task: TaskInfo, split: ProbeSplit, name: str) 
     if not probe.needs_tokens:
         return
     if split.tokens is None:
-        _fail(probe.name, task, f"{name}.tokens", "this probe cross-attends to the encoder's tokens; extract them (tokens=None)")
+        _fail(
+            probe.name,
+            task,
+            f"{name}.tokens",
+            "this probe cross-attends to the encoder's tokens; extract them (tokens=None)",
+        )
     tokens = split.tokens
     if tokens.ndim != 3 or tokens.shape[0] != len(split):
         _fail(probe.name, task, f"{name}.tokens", f"expected ({len(split)}, T, D), got shape {tokens.shape}")
     if not np.isfinite(tokens).all():
-        _fail(probe.name, task, f"{name}.tokens", f"{int((~np.isfinite(tokens)).any(axis=(1, 2)).sum())} images hold NaN/inf")
+        _fail(
+            probe.name,
+            task,
+            f"{name}.tokens",
+            f"{int((~np.isfinite(tokens)).any(axis=(1, 2)).sum())} images hold NaN/inf",
+        )
 
 
 def _check_labels(probe: Probe, task: TaskInfo, split: ProbeSplit, name: str) -> None:
@@ -77,30 +89,65 @@ def _check_labels(probe: Probe, task: TaskInfo, split: ProbeSplit, name: str) ->
         _fail(probe.name, task, f"{name}.labels", "a classification task needs one class id per image (labels=None)")
     labels = np.asarray(split.labels)
     if labels.shape != (len(split),) or not np.issubdtype(labels.dtype, np.integer):
-        _fail(probe.name, task, f"{name}.labels", f"expected ({len(split)},) integer class ids, got {labels.dtype} {labels.shape}")
+        _fail(
+            probe.name,
+            task,
+            f"{name}.labels",
+            f"expected ({len(split)},) integer class ids, got {labels.dtype} {labels.shape}",
+        )
     bad = np.flatnonzero((labels < 0) | (labels >= task.num_classes))
     if len(bad):
-        _fail(probe.name, task, f"{name}.labels[{bad[0]}]", f"class id {labels[bad[0]]} outside [0, {task.num_classes}) ({len(bad)} such images)")
+        _fail(
+            probe.name,
+            task,
+            f"{name}.labels[{bad[0]}]",
+            f"class id {labels[bad[0]]} outside [0, {task.num_classes}) ({len(bad)} such images)",
+        )
 
 
 def _check_boxes(probe: Probe, task: TaskInfo, split: ProbeSplit, name: str) -> None:
     if split.boxes is None or split.box_labels is None:
         _fail(probe.name, task, f"{name}.boxes", f"a {task.kind} task needs boxes and box_labels per image")
     if len(split.boxes) != len(split) or len(split.box_labels) != len(split):
-        _fail(probe.name, task, f"{name}.boxes", f"{len(split.boxes)} box arrays and {len(split.box_labels)} label arrays for {len(split)} images")
+        _fail(
+            probe.name,
+            task,
+            f"{name}.boxes",
+            f"{len(split.boxes)} box arrays and {len(split.box_labels)} label arrays for {len(split)} images",
+        )
     for i, (boxes, labels) in enumerate(zip(split.boxes, split.box_labels)):
         boxes, labels = np.asarray(boxes), np.asarray(labels)
         if boxes.size == 0 and labels.size == 0:
             continue
         if boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != (boxes.shape[0],):
-            _fail(probe.name, task, f"{name}.boxes[{i}]", f"expected (K, 4) boxes and (K,) labels, got {boxes.shape} and {labels.shape}")
+            _fail(
+                probe.name,
+                task,
+                f"{name}.boxes[{i}]",
+                f"expected (K, 4) boxes and (K,) labels, got {boxes.shape} and {labels.shape}",
+            )
         if not np.isfinite(boxes).all() or (boxes < 0).any() or (boxes > 1).any():
-            _fail(probe.name, task, f"{name}.boxes[{i}]", "coordinates must be finite and in the image's [0, 1] frame (xyxy)")
+            _fail(
+                probe.name,
+                task,
+                f"{name}.boxes[{i}]",
+                "coordinates must be finite and in the image's [0, 1] frame (xyxy)",
+            )
         flat = np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
         if len(flat):
-            _fail(probe.name, task, f"{name}.boxes[{i}][{flat[0]}]", f"empty box {boxes[flat[0]].tolist()} (need x1 > x0 and y1 > y0)")
+            _fail(
+                probe.name,
+                task,
+                f"{name}.boxes[{i}][{flat[0]}]",
+                f"empty box {boxes[flat[0]].tolist()} (need x1 > x0 and y1 > y0)",
+            )
         if not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any() or (labels >= task.num_classes).any():
-            _fail(probe.name, task, f"{name}.box_labels[{i}]", f"class ids must be integers in [0, {task.num_classes}), got {labels.tolist()}")
+            _fail(
+                probe.name,
+                task,
+                f"{name}.box_labels[{i}]",
+                f"class ids must be integers in [0, {task.num_classes}), got {labels.tolist()}",
+            )
 
 
 def check_inputs(probe: Probe, train: ProbeSplit, test: ProbeSplit, task: TaskInfo) -> None:

@@ -17,7 +17,15 @@ from torch import nn
 from pipeline.config import EvalConfig
 from pipeline.eval.probe_data import BOX_CLASSIFICATION, CLASSIFICATION, DETECTION, ProbeSplit, TaskInfo
 from pipeline.eval.probes.base import Probe
-from pipeline.eval.probes.sequences import IGNORE, TOKENS_PER_OBJECT, Vocab, box_inputs, box_rows, dequantize, training_rows
+from pipeline.eval.probes.sequences import (
+    IGNORE,
+    TOKENS_PER_OBJECT,
+    Vocab,
+    box_inputs,
+    box_rows,
+    dequantize,
+    training_rows,
+)
 from pipeline.eval.probes.training import as_float_tensor, probe_device, train_probe
 from pipeline.metrics import classification_metrics, coco_map
 from pipeline.models.decoder import DecoderLayer
@@ -26,7 +34,9 @@ from pipeline.models.decoder import DecoderLayer
 class SequenceDecoder(nn.Module):
     """(frozen tokens (B, T, D), token ids (B, L)) -> next-token logits (B, L, vocab.out_size)."""
 
-    def __init__(self, token_dim: int, vocab: Vocab, max_len: int, width: int, depth: int, heads: int, mlp_ratio: float):
+    def __init__(
+        self, token_dim: int, vocab: Vocab, max_len: int, width: int, depth: int, heads: int, mlp_ratio: float
+    ):
         super().__init__()
         if width % heads:
             raise ValueError(f"eval.probe.width={width} must be divisible by eval.probe.heads={heads}")
@@ -52,7 +62,10 @@ class SequenceDecoder(nn.Module):
 
 def _allowed(vocab: Vocab, device: torch.device) -> dict[str, torch.Tensor]:
     """Boolean masks over the output vocabulary, one per grammar position."""
-    masks = {name: torch.zeros(vocab.out_size, dtype=torch.bool, device=device) for name in ("cls", "loc", "loc_or_eos", "eos")}
+    masks = {
+        name: torch.zeros(vocab.out_size, dtype=torch.bool, device=device)
+        for name in ("cls", "loc", "loc_or_eos", "eos")
+    }
     masks["cls"][: vocab.num_classes] = True
     masks["loc"][vocab.loc0 : vocab.eos] = True
     masks["loc_or_eos"][vocab.loc0 : vocab.eos + 1] = True
@@ -103,13 +116,23 @@ def decode_detections(model: SequenceDecoder, tokens: torch.Tensor, vocab: Vocab
         if bool(done.all()):
             break
     coords = dequantize(bins.cpu().numpy(), vocab.bins)
-    boxes = np.concatenate([np.minimum(coords[..., :2], coords[..., 2:]), np.maximum(coords[..., :2], coords[..., 2:])], axis=-1)
+    boxes = np.concatenate(
+        [np.minimum(coords[..., :2], coords[..., 2:]), np.maximum(coords[..., :2], coords[..., 2:])], axis=-1
+    )
     valid_np, labels_np, scores_np = valid.cpu().numpy(), labels.cpu().numpy(), scores.cpu().numpy()
     return [(boxes[i][valid_np[i]], labels_np[i][valid_np[i]], scores_np[i][valid_np[i]]) for i in range(b)]
 
 
 @torch.no_grad()
-def class_logits(model: SequenceDecoder, tokens: np.ndarray, image: np.ndarray, prompts: np.ndarray, vocab: Vocab, batch_size: int, device: torch.device) -> np.ndarray:
+def class_logits(
+    model: SequenceDecoder,
+    tokens: np.ndarray,
+    image: np.ndarray,
+    prompts: np.ndarray,
+    vocab: Vocab,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
     """Class-token logits at the last prompt position, (R, C): classification and box classification."""
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -138,13 +161,20 @@ def fit_decoder(train: ProbeSplit, task: TaskInfo, cfg: EvalConfig) -> tuple[Seq
         length = int(rows.lengths[idx].max())
         sel = torch.as_tensor(idx, device=device)
         logits = model(model.memory(as_float_tensor(train.tokens, rows.image[idx], device)), inputs[sel, :length])
-        return F.cross_entropy(logits.flatten(0, 1), targets[sel, :length].flatten(), ignore_index=IGNORE, label_smoothing=pc.label_smoothing)
+        return F.cross_entropy(
+            logits.flatten(0, 1),
+            targets[sel, :length].flatten(),
+            ignore_index=IGNORE,
+            label_smoothing=pc.label_smoothing,
+        )
 
     losses = train_probe(model, loss_fn, len(rows.inputs), pc, cfg.seed)
     return model, vocab, rows.dropped_objects, losses
 
 
-def evaluate_decoder(model: SequenceDecoder, vocab: Vocab, test: ProbeSplit, task: TaskInfo, cfg: EvalConfig) -> dict[str, float]:
+def evaluate_decoder(
+    model: SequenceDecoder, vocab: Vocab, test: ProbeSplit, task: TaskInfo, cfg: EvalConfig
+) -> dict[str, float]:
     """classification / box_classification: top1 (top5 above 5 classes); detection: COCO map, map50, map75."""
     pc, device = cfg.probe, probe_device(cfg)
     if task.kind == CLASSIFICATION:
@@ -159,8 +189,20 @@ def evaluate_decoder(model: SequenceDecoder, vocab: Vocab, test: ProbeSplit, tas
         return {**classification_metrics(logits, labels, task.num_classes), "n_boxes": float(len(labels))}
     preds = []
     for s in range(0, len(test), pc.eval_batch_size):
-        preds += decode_detections(model, as_float_tensor(test.tokens, np.arange(s, min(s + pc.eval_batch_size, len(test))), device), vocab, pc.max_objects)
-    result = coco_map(test.boxes, test.box_labels, [p[0] for p in preds], [p[1] for p in preds], [p[2] for p in preds], task.num_classes)
+        preds += decode_detections(
+            model,
+            as_float_tensor(test.tokens, np.arange(s, min(s + pc.eval_batch_size, len(test))), device),
+            vocab,
+            pc.max_objects,
+        )
+    result = coco_map(
+        test.boxes,
+        test.box_labels,
+        [p[0] for p in preds],
+        [p[1] for p in preds],
+        [p[2] for p in preds],
+        task.num_classes,
+    )
     n_gt = np.array([len(np.asarray(b).reshape(-1, 4)) for b in test.boxes])
     return {
         **result,

@@ -19,7 +19,9 @@ from pipeline.metrics import classification_metrics
 _MAX_BATCH = 65536  # rows per step; below this the probe is full-batch
 
 
-def train_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, epochs: int, lr: float, weight_decay: float, seed: int) -> torch.nn.Linear:
+def train_linear(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, epochs: int, lr: float, weight_decay: float, seed: int
+) -> torch.nn.Linear:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
     layer = torch.nn.Linear(x.shape[1], n_classes)
@@ -47,7 +49,9 @@ def linear_probe(train: ProbeSplit, test: ProbeSplit, task: TaskInfo, cfg: EvalC
     mean, std = xtr.mean(0), xtr.std(0).nan_to_num(1.0).clamp_min(1e-6)  # std of 1 row is NaN
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     with torch.enable_grad():
-        layer = train_linear(xtr, ytr, task.num_classes, cfg.linear_epochs, cfg.linear_lr, cfg.linear_weight_decay, cfg.seed)
+        layer = train_linear(
+            xtr, ytr, task.num_classes, cfg.linear_epochs, cfg.linear_lr, cfg.linear_weight_decay, cfg.seed
+        )
     with torch.no_grad():
         metrics = classification_metrics(layer(xte).numpy(), np.asarray(test.labels), task.num_classes)
         metrics["train_top1"] = float((layer(xtr).argmax(1) == ytr).float().mean())

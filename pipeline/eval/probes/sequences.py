@@ -89,7 +89,10 @@ class Rows:
 
 def box_rows(split: ProbeSplit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flatten per-image boxes: (image index (R,), boxes (R, 4), labels (R,))."""
-    image = np.concatenate([np.full(len(np.asarray(b).reshape(-1, 4)), i, np.int64) for i, b in enumerate(split.boxes)] or [np.zeros(0, np.int64)])
+    image = np.concatenate(
+        [np.full(len(np.asarray(b).reshape(-1, 4)), i, np.int64) for i, b in enumerate(split.boxes)]
+        or [np.zeros(0, np.int64)]
+    )
     boxes = np.concatenate([np.asarray(b, np.float64).reshape(-1, 4) for b in split.boxes] or [np.zeros((0, 4))])
     labels = np.concatenate([np.asarray(b, np.int64).reshape(-1) for b in split.box_labels] or [np.zeros(0, np.int64)])
     return image, boxes, labels

@@ -31,12 +31,16 @@ def batches(n: int, batch_size: int, steps: int, seed: int):
         pos += batch_size
 
 
-def train_probe(model: torch.nn.Module, loss_fn: Callable[[np.ndarray], torch.Tensor], n: int, pc: ProbeConfig, seed: int) -> list[float]:
+def train_probe(
+    model: torch.nn.Module, loss_fn: Callable[[np.ndarray], torch.Tensor], n: int, pc: ProbeConfig, seed: int
+) -> list[float]:
     """Run `pc.steps` steps of `loss_fn(batch row indices)`; returns the loss of every step."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]  # no weight decay on norms, biases, embeddings' scale
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": pc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=pc.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": pc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=pc.lr
+    )
     warmup = int(pc.warmup_fraction * pc.steps)
     losses = []
     model.train()

@@ -109,7 +109,11 @@ def box_example(path: str, boxes: list, labels: list, skipped: Counter, keep_emp
     if not boxes and not keep_empty:
         skipped["no_boxes"] += 1
         return None
-    return Example(input=path, boxes=np.clip(np.asarray(boxes, np.float32).reshape(-1, 4), 0.0, 1.0), box_labels=np.asarray(labels, np.int64))
+    return Example(
+        input=path,
+        boxes=np.clip(np.asarray(boxes, np.float32).reshape(-1, 4), 0.0, 1.0),
+        box_labels=np.asarray(labels, np.int64),
+    )
 
 
 def is_image_name(name: str) -> bool:
@@ -142,7 +146,9 @@ def check_inputs_exist(examples: list[Example], split: str) -> None:
     if missing:
         shown = ", ".join(missing[:MISSING_SHOWN])
         more = f" (and {len(missing) - MISSING_SHOWN} more)" if len(missing) > MISSING_SHOWN else ""
-        raise TaskFormatError(f"{len(missing)} image(s) of the {split} split listed by the annotations are missing: {shown}{more}")
+        raise TaskFormatError(
+            f"{len(missing)} image(s) of the {split} split listed by the annotations are missing: {shown}{more}"
+        )
 
 
 def subsample(examples: list[Example], max_count: int | None, seed: int) -> list[Example]:

@@ -12,7 +12,15 @@ import os
 
 import numpy as np
 
-from pipeline.eval.task_formats.base import Example, SplitData, TaskFormatError, check_label, find_base, need_dir, read_json
+from pipeline.eval.task_formats.base import (
+    Example,
+    SplitData,
+    TaskFormatError,
+    check_label,
+    find_base,
+    need_dir,
+    read_json,
+)
 
 MIN_OBJECTS, MAX_OBJECTS = 3, 10
 DISTANCE_THRESHOLDS = np.array([0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0])
@@ -47,7 +55,9 @@ def _read_split(base: str, split: str, labeller, num_classes: int) -> SplitData:
             name, objects = scene["image_filename"], scene["objects"]
             label = labeller(objects) if objects else -1
         except (KeyError, TypeError, IndexError, ValueError) as exc:
-            raise TaskFormatError(f"{path}: scene {i} lacks image_filename / objects[].pixel_coords[2] ({exc!r})") from None
+            raise TaskFormatError(
+                f"{path}: scene {i} lacks image_filename / objects[].pixel_coords[2] ({exc!r})"
+            ) from None
         check_label(label, num_classes, f"{path}: scene {i} ({name}, {len(objects)} objects)")
         examples.append(Example(input=os.path.join(images, name), label=label))
     return SplitData(examples)

@@ -55,7 +55,10 @@ def _read_split(coco, path: str, images: str, cat_index: dict[int, int], keep_em
                 skipped["crowd_box"] += 1
                 continue
             if ann.get("category_id") not in cat_index:
-                raise TaskFormatError(f"{path}: annotation {ann.get('id')} has category_id {ann.get('category_id')}, not among the {len(cat_index)} categories")
+                raise TaskFormatError(
+                    f"{path}: annotation {ann.get('id')} has category_id {ann.get('category_id')}, not among the "
+                    f"{len(cat_index)} categories"
+                )
             try:
                 x, y, w, h = (float(v) for v in ann["bbox"])
             except (KeyError, TypeError, ValueError):
@@ -80,7 +83,9 @@ def _load(root: str, keep_empty: bool):
         if classes is None:
             classes, cat_index = names, {c: i for i, c in enumerate(cat_ids)}
         elif names != classes:
-            raise TaskFormatError(f"{path}: {len(names)} categories differ from the {len(classes)} of instances_train2017.json")
+            raise TaskFormatError(
+                f"{path}: {len(names)} categories differ from the {len(classes)} of instances_train2017.json"
+            )
         images = need_dir(os.path.join(root, folder), f"COCO {folder} images")
         splits.append(_read_split(coco, path, images, cat_index, keep_empty))
     return classes, splits[0], splits[1]

@@ -23,7 +23,7 @@ ACTION_COLUMNS = ("narration_id", "participant_id", "video_id", "start_frame", "
 LAYOUT = """\
 root/EPIC_100_train.csv, EPIC_100_validation.csv, EPIC_100_verb_classes.csv, EPIC_100_noun_classes.csv
     (from github.com/epic-kitchens/epic-kitchens-100-annotations; may also sit in root/epic-kitchens-100-annotations/)
-root/PXX/rgb_frames/PXX_YY/frame_0000000001.jpg   (each PXX/rgb_frames/PXX_YY.tar extracted into a folder of that name)"""
+root/PXX/rgb_frames/PXX_YY/frame_0000000001.jpg  (each PXX/rgb_frames/PXX_YY.tar extracted into a folder of its name)"""
 
 
 def frame_path(root: str, participant: str, video: str, frame: int) -> str:
@@ -76,7 +76,9 @@ def _read_split(root: str, path: str, column: str, num_classes: int) -> SplitDat
         except ValueError:
             raise TaskFormatError(f"{where}: start_frame / stop_frame / {column} are not integers") from None
         if not 0 <= start <= stop:
-            raise TaskFormatError(f"{where}: start_frame {start} / stop_frame {stop} (need 0 <= start_frame <= stop_frame)")
+            raise TaskFormatError(
+                f"{where}: start_frame {start} / stop_frame {stop} (need 0 <= start_frame <= stop_frame)"
+            )
         check_label(label, num_classes, f"{where} {column}")
         participant, video = row["participant_id"], row["video_id"]
         video_dir = os.path.join(root, participant, "rgb_frames", video)
@@ -97,7 +99,8 @@ def _load(root: str, kind: str):
         if not data.examples:
             tars = os.path.join(root, "PXX", "rgb_frames", "PXX_YY.tar")
             raise TaskFormatError(
-                f"{_annotation_file(root, CSVS[split])}: none of its {data.skipped['video_not_extracted']} actions has an "
+                f"{_annotation_file(root, CSVS[split])}: none of its {data.skipped['video_not_extracted']} actions has "
+                "an "
                 f"extracted frame folder under {root} (extract {tars} into {tars[:-4]}/)"
             )
     return classes, splits[0], splits[1]

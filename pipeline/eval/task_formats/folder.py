@@ -38,7 +38,9 @@ def _read_split(base: str, class_names: list[str]) -> SplitData:
     examples, skipped = [], Counter()
     for name in list_class_folders(base):
         if name not in index:
-            raise TaskFormatError(f"{os.path.join(base, name)}: class folder not among the {len(class_names)} train classes")
+            raise TaskFormatError(
+                f"{os.path.join(base, name)}: class folder not among the {len(class_names)} train classes"
+            )
         images, others = list_folder_images(os.path.join(base, name))
         skipped["not_image"] += others
         examples += [Example(input=path, label=index[name]) for path in images]

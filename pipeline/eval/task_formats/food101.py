@@ -33,7 +33,9 @@ def load(root: str, seed: int) -> tuple[list[str], SplitData, SplitData]:
             if not sep or not image_id:
                 raise TaskFormatError(f"{path}:{line_no}: '{entry}' is not <class>/<id>")
             if cls not in index:
-                raise TaskFormatError(f"{path}:{line_no}: class '{cls}' is not in {classes_file} ({len(classes)} classes)")
+                raise TaskFormatError(
+                    f"{path}:{line_no}: class '{cls}' is not in {classes_file} ({len(classes)} classes)"
+                )
             examples.append(Example(input=os.path.join(images, cls, f"{image_id}.jpg"), label=index[cls]))
         splits.append(SplitData(examples))
     return classes, splits[0], splits[1]

@@ -40,11 +40,16 @@ def load(root: str, seed: int) -> tuple[list[str], SplitData, SplitData]:
             if label < 0:
                 raise TaskFormatError(f"{paths[split]}:{line_no}: class id {label + 1} (ids start at 1)")
             if names.setdefault(label, breed) != breed:
-                raise TaskFormatError(f"{paths[split]}:{line_no}: class id {label + 1} is '{breed}' here but '{names[label]}' elsewhere")
+                raise TaskFormatError(
+                    f"{paths[split]}:{line_no}: class id {label + 1} is '{breed}' here but '{names[label]}' elsewhere"
+                )
     trained = {label for _, label, _, _ in rows["trainval"]}
     absent = sorted(set(range(max(names) + 1)) - trained)
     if absent:
-        raise TaskFormatError(f"{paths['trainval']}: class id(s) {[a + 1 for a in absent]} have no trainval image (class ids must run 1..{max(names) + 1})")
+        raise TaskFormatError(
+            f"{paths['trainval']}: class id(s) {[a + 1 for a in absent]} have no trainval image (class ids must run "
+            f"1..{max(names) + 1})"
+        )
     classes = [names[i] for i in range(len(names))]
     splits = [SplitData([Example(input=p, label=label) for p, label, _, _ in rows[s]]) for s in ("trainval", "test")]
     return classes, splits[0], splits[1]

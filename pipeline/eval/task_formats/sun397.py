@@ -35,7 +35,9 @@ def load(root: str, seed: int) -> tuple[list[str], SplitData, SplitData]:
         for line_no, entry in read_lines(path, f"SUN397 {split} partition"):
             key = _class_key(os.path.dirname(entry))
             if key not in index:
-                raise TaskFormatError(f"{path}:{line_no}: class '{key}' of {entry} is not in {names_file} ({len(keys)} classes)")
+                raise TaskFormatError(
+                    f"{path}:{line_no}: class '{key}' of {entry} is not in {names_file} ({len(keys)} classes)"
+                )
             examples.append(Example(input=os.path.join(base, entry.lstrip("/")), label=index[key]))
         splits.append(SplitData(examples))
     classes = [key.split("/", 2)[2] if key.count("/") >= 2 else key.strip("/") for key in keys]

@@ -16,7 +16,17 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.eval.task_formats.base import Example, SplitData, TaskFormatError, box_example, check_label, find_base, need_dir, need_file, read_json
+from pipeline.eval.task_formats.base import (
+    Example,
+    SplitData,
+    TaskFormatError,
+    box_example,
+    check_label,
+    find_base,
+    need_dir,
+    need_file,
+    read_json,
+)
 from pipeline.eval.task_formats.epic import read_class_csv
 
 ANNOTATION_SIZE = (1920.0, 1080.0)  # (width, height) of the frame VISOR's polygons are drawn in
@@ -62,7 +72,9 @@ def _read_video(path: str, frames: str, num_classes: int, keep_empty: bool, skip
             try:
                 box, label = polygon_box(obj["segments"]), int(obj["class_id"])
             except (KeyError, TypeError, ValueError):
-                raise TaskFormatError(f"{where}: needs 'segments' ([[x, y], ...] polygons) and an integer 'class_id'") from None
+                raise TaskFormatError(
+                    f"{where}: needs 'segments' ([[x, y], ...] polygons) and an integer 'class_id'"
+                ) from None
             check_label(label, num_classes, where)
             if box is None:
                 skipped["empty_segments"] += 1
@@ -85,7 +97,9 @@ def _classes_file(base: str) -> str:
 
 
 def _load(root: str, keep_empty: bool):
-    base = need_dir(find_base(root, "GroundTruth-SparseAnnotations", "annotations"), "VISOR GroundTruth-SparseAnnotations")
+    base = need_dir(
+        find_base(root, "GroundTruth-SparseAnnotations", "annotations"), "VISOR GroundTruth-SparseAnnotations"
+    )
     classes = read_class_csv(_classes_file(base))
     splits = []
     for split in SPLITS.values():
@@ -98,7 +112,10 @@ def _load(root: str, keep_empty: bool):
         for path in files:
             examples += _read_video(path, frames, len(classes), keep_empty, skipped)
         if not examples:
-            raise TaskFormatError(f"{frames}: no frames extracted for any of the {len(files)} annotated videos (unzip PXX/PXX_YY.zip into PXX/PXX_YY/)")
+            raise TaskFormatError(
+                f"{frames}: no frames extracted for any of the {len(files)} annotated videos (unzip PXX/PXX_YY.zip "
+                "into PXX/PXX_YY/)"
+            )
         splits.append(SplitData(examples, skipped))
     return classes, splits[0], splits[1]
 

@@ -1,0 +1,73 @@
+"""Everything the loop does differently on several workers, in one place: the Ray Train session and
+the cross-worker agreement on a flag.
+
+`RaySession` implements pipeline/train/session.py's interface on a Ray Train worker: its rank, its
+device, its dataset shards (`iter_torch_batches`), the checkpoint Ray Train restores after a restart
+or a re-submission with the same storage path and run name, `ray.train.report` (a barrier: every
+worker calls it the same number of times) and DDP wrapping through `prepare_model`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+
+def any_worker(flag: torch.Tensor) -> torch.Tensor:
+    """The max of a device flag over all workers, on the device (no host sync): one skips, all skip."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag
+
+
+class RaySession:
+    """The session of a Ray Train worker (TorchTrainer's `train_loop_per_worker`)."""
+
+    def __init__(self):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+
+    def device(self, use_gpu: bool) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def batches(self, name: str, batch_size: int, shuffle_buffer: int, device: torch.device) -> Iterator[dict]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(name)
+        return iter(
+            shard.iter_torch_batches(
+                batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=shuffle_buffer or None, device=device
+            )
+        )
+
+    @contextmanager
+    def restored_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def prepare_model(self, model: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:
+        if self.world_size == 1:
+            return model
+        import ray.train.torch
+
+        kwargs = {"find_unused_parameters": find_unused_parameters}
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=kwargs)

@@ -1,0 +1,218 @@
+"""The training loop's parts, in this process (LocalSession): no host sync on non-logging steps, a
+non-finite step skipped on the device, resuming from the latest checkpoint, the run's record."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pipeline.checkpoints import CheckpointError, latest_checkpoint_dir, read_meta, read_run_record, write_run_record
+from pipeline.objectives.registry import build_objective
+from pipeline.train.loop import train
+from pipeline.train.session import LocalSession
+from pipeline.train.step import Budget, TrainStep, make_optimizer, param_groups, peak_lr
+from tests.test_train import BATCH, M, _batch, micro_config
+
+GOOD_BOXES = (
+    torch.tensor([[0.0, 0.0, 0.6, 0.6], [0.2, 0.3, 1.0, 0.9], [0.1, 0.1, 0.7, 1.0]]).expand(BATCH, M, 4).clone()
+)
+BAD_BOXES = torch.zeros(BATCH, M, 4)  # zero-width boxes: NaN actions, a non-finite loss
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts what would make the host wait for a GPU, as it happens on the CPU.
+
+    On CUDA these block the host until the device has caught up: reading a value (`item`, `bool`,
+    `float`, `int`: aten._local_scalar_dense), ops whose output size depends on the data (nonzero,
+    masked_select, unique, boolean-mask indexing), whole-tensor reads (`tolist`, `numpy`, `cpu`) and
+    uploads from Python data (`torch.tensor(..., device=...)`, a blocking copy). The dispatch mode
+    sees every aten op, including those inside torch (e.g. a `_foreach_lerp_` with a tensor weight
+    reads it as a scalar); the rest are patched where Python calls them.
+    """
+
+    DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.seen: list[str] = []
+        self._patched = []
+
+    def _hit(self, what: str) -> None:
+        self.count += 1
+        self.seen.append(what)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense" or name in self.DATA_DEPENDENT:
+            self._hit(name)
+        elif name == "index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
+        ):
+            self._hit("index[bool]")
+        return func(*args, **(kwargs or {}))
+
+    def _patch(self, owner, attr, counted):
+        original = getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            if counted(*args, **kwargs):
+                self._hit(attr)
+            return original(*args, **kwargs)
+
+        setattr(owner, attr, wrapper)
+        self._patched.append((owner, attr, original))
+
+    def __enter__(self):
+        for attr in ("tolist", "numpy", "cpu"):
+            self._patch(torch.Tensor, attr, lambda *a, **k: True)
+        self._patch(torch, "tensor", lambda *a, **k: k.get("device") is not None)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for owner, attr, original in reversed(self._patched):
+            setattr(owner, attr, original)
+        self._patched.clear()
+        return super().__exit__(*exc)
+
+
+class CountedBatches:
+    """A dataset whose iteration records the sync count each time the loop asks for the next batch."""
+
+    def __init__(self, batches: list[dict], syncs: HostSyncs):
+        self.batches, self.syncs, self.marks = batches, syncs, []
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.marks.append(self.syncs.count)
+            yield batch
+
+
+def test_non_logging_steps_do_not_sync_with_the_host(tmp_path):
+    steps, log_every = 7, 3
+    cfg = micro_config(tmp_path, tmp_path, steps=steps, log_every_steps=log_every, checkpoint_every_steps=1000)
+    syncs = HostSyncs()
+    data = CountedBatches([_batch(GOOD_BOXES)] * steps, syncs)
+    with syncs:
+        train(cfg, LocalSession({"train": data}))
+    # marks[i]: the count when step i's batch was taken, so step i's own syncs are seen[marks[i]:marks[i + 1]]
+    per_step = [syncs.seen[a:b] for a, b in zip(data.marks, data.marks[1:])]
+    logging = [(i + 1) % log_every == 0 for i in range(len(per_step))]
+    assert logging == [False, False, True, False, False, True]
+    # The first step uploads the image normalisation constants, once per device (models.ab_model).
+    assert per_step[0] == ["tensor", "tensor"], per_step
+    assert [len(seen) for seen, is_logged in zip(per_step[1:], logging[1:]) if not is_logged] == [0, 0, 0], per_step
+    assert all(seen for seen, is_logged in zip(per_step, logging) if is_logged), (
+        "the counter must see the logging steps' reads"
+    )
+
+
+def test_the_sync_counter_sees_what_blocks_a_gpu():
+    x = torch.ones(3)
+    with HostSyncs() as syncs:
+        float(x.sum()), bool(x[0] > 0), x.tolist(), x[x > 0], torch.tensor([1.0], device="cpu")
+        torch._foreach_lerp_([torch.ones(2)], [torch.zeros(2)], torch.tensor(0.5))  # reads the weight on the host
+        quiet = syncs.count
+        torch._foreach_mul_([torch.ones(2)], torch.tensor(0.5))
+        x.add_(1), torch.isfinite(x).all(), torch.zeros((), device="cpu")
+    assert quiet == 6 and syncs.count == 6, syncs.seen
+
+
+def _step(tmp_path, steps: int = 10):
+    cfg = micro_config(tmp_path, tmp_path, steps=steps)
+    torch.manual_seed(0)
+    objective = build_objective(cfg)
+    optimizer = make_optimizer(objective, peak_lr(cfg, 1), cfg.train.weight_decay)
+    return (
+        objective,
+        optimizer,
+        TrainStep(cfg, objective, objective, optimizer, Budget.from_config(cfg, 1), torch.device("cpu")),
+    )
+
+
+def _snapshot(objective, optimizer):
+    return [t.clone() for t in objective.state_dict().values()], [
+        t.clone() for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+    ]
+
+
+def _same(a, b) -> bool:
+    return all(len(x) == len(y) and all(torch.equal(p, q) for p, q in zip(x, y)) for x, y in zip(a, b))
+
+
+def test_a_non_finite_step_is_skipped_on_the_device(tmp_path):
+    """Student, teacher and AdamW state (moments and step counts) are exactly unchanged by a bad step."""
+    objective, optimizer, step = _step(tmp_path)
+    first = step(_batch(GOOD_BOXES), 0, logging=False, diagnose=False)
+    assert first.found_inf.item() == 0
+    before = _snapshot(objective, optimizer)
+    bad = step(_batch(BAD_BOXES), 1, logging=False, diagnose=False)
+    assert bad.found_inf.item() == 1 and not torch.isfinite(bad.out.loss)
+    assert _same(_snapshot(objective, optimizer), before), "a skipped step must change nothing"
+    good = step(_batch(GOOD_BOXES), 2, logging=False, diagnose=False)
+    assert good.found_inf.item() == 0 and not _same(_snapshot(objective, optimizer), before)
+    assert objective.teacher is not None and all(torch.isfinite(p).all() for p in objective.parameters())
+
+
+def test_a_foreach_optimiser_checkpoint_resumes_into_the_fused_skip(tmp_path):
+    """Checkpoints written before the fused AdamW (foreach state, `fused` None) still resume and skip."""
+    from pipeline.checkpoints import save_checkpoint
+    from pipeline.train.checkpointing import restore
+
+    objective, optimizer, step = _step(tmp_path)
+    step(_batch(GOOD_BOXES), 0, logging=False, diagnose=False)
+    foreach = torch.optim.AdamW(param_groups(objective, 0.05), lr=1e-3)  # what the loop used before
+    for p in objective.parameters():
+        p.grad = torch.zeros_like(p)
+    foreach.step()
+    save_checkpoint(
+        tmp_path / "old",
+        {"objective": objective.state_dict(), "optimizer": foreach.state_dict()},
+        {"step": 1, "views_seen": 0},
+    )
+    objective2, optimizer2, step2 = _step(tmp_path)
+    restore(str(tmp_path / "old"), objective2, optimizer2, torch.device("cpu"))
+    before = _snapshot(objective2, optimizer2)
+    assert step2(_batch(BAD_BOXES), 1, logging=False, diagnose=False).found_inf.item() == 1
+    assert _same(_snapshot(objective2, optimizer2), before)
+
+
+def test_skipped_steps_are_counted_and_the_run_goes_on(tmp_path, capsys):
+    """Two isolated bad batches among good ones (max_bad_steps 3): counted, reported at the next logging
+    step, and the run finishes its budget with finite weights."""
+    cfg = micro_config(tmp_path, tmp_path, steps=8, log_every_steps=4, checkpoint_every_steps=1000, max_bad_steps=3)
+    boxes = [GOOD_BOXES, BAD_BOXES, GOOD_BOXES, GOOD_BOXES, GOOD_BOXES, BAD_BOXES, GOOD_BOXES, GOOD_BOXES]
+    session = LocalSession({"train": [_batch(b) for b in boxes]}, tmp_path / "ck")
+    train(cfg, session)
+    meta = read_meta(latest_checkpoint_dir(str(tmp_path / "ck"), "local"))
+    assert meta["step"] == 8 and meta["bad_steps"] == 2
+    out = capsys.readouterr().out
+    assert "step 4: 1 non-finite step(s) skipped (0 in a row, 1 in all)" in out
+    assert "step 8: 1 non-finite step(s) skipped (0 in a row, 2 in all)" in out
+    assert all(r["loss"] == r["loss"] for r in session.reported)  # the logged losses are of good steps
+
+
+def test_a_local_session_resumes_from_its_latest_checkpoint(tmp_path, capsys):
+    cfg = micro_config(tmp_path, tmp_path, steps=4, checkpoint_every_steps=2)
+    batches = [_batch(GOOD_BOXES)] * 4
+    train(cfg, LocalSession({"train": batches}, tmp_path / "ck"))
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_views=cfg.train.total_views * 3 // 2))
+    train(longer, LocalSession({"train": batches}, tmp_path / "ck"))
+    assert "resumed from step 4" in capsys.readouterr().out
+    meta = read_meta(latest_checkpoint_dir(str(tmp_path / "ck"), "local"))
+    assert meta["step"] == 6 and meta["views_seen"] == 6 * Budget.from_config(cfg, 1).views_per_step
+
+
+def test_the_run_record_is_written_once(tmp_path):
+    assert read_run_record(str(tmp_path), "run") is None
+    write_run_record(str(tmp_path), "run", {"mlflow_run_id": "a" * 32})
+    assert read_run_record(str(tmp_path), "run") == {"mlflow_run_id": "a" * 32}
+    with pytest.raises(CheckpointError, match="written once"):
+        write_run_record(str(tmp_path), "run", {"mlflow_run_id": "b" * 32})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "abpipe_run.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt run record"):
+        read_run_record(str(tmp_path), "other")
