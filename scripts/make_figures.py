@@ -234,7 +234,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def summarise_study(rows: list[dict], metrics: list[str]) -> dict:
-    """{"arms": [arm, ...] in file order, "cells": {(arm, metric): (mean, sd, n, values)}, "floor": {metric: (mean, sd, n)}}.
+    """Return {"arms": [arm, ...] in file order, "cells": {(arm, metric): (mean, sd, n, values)},
+    "floor": {metric: (mean, sd, n)}}.
 
     The floor of a metric is one value per seed (every arm of a seed starts from the same random
     encoder), averaged over seeds.
