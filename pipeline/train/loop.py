@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import Config, config_from_dict
+from pipeline.console import StepReporter
 from pipeline.models.ab_model import images_to_float
 from pipeline.models.checkpoint import load_state, read_meta, save_checkpoint
 from pipeline.objectives.base import Objective, Progress
@@ -146,6 +147,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     budget = Budget.from_config(cfg, world_size)
+    reporter = StepReporter(loop_config.get("progress"), rank, budget.total_steps)  # the driver's bar + notes
     global_batch = cfg.train.batch_size * world_size
     peak_lr = cfg.train.lr * global_batch / 256
 
@@ -171,7 +173,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         bad_total = int(meta.get("bad_steps", 0))
         mlflow_run_id = meta.get("mlflow_run_id") or mlflow_run_id
         if rank == 0:
-            print(f"[abpipe] resumed from step {step} ({views_seen:,} views seen)", flush=True)
+            reporter.note(f"resumed from step {step} ({views_seen:,} views seen)")
 
     model = objective
     if in_ray and world_size > 1:
@@ -244,7 +246,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 bad_streak += 1
                 bad_total += 1
                 logger.metrics({"bad_steps": bad_total}, step)
-                print(f"[abpipe] step {step}: non-finite loss, step skipped ({bad_streak} in a row)", flush=True)
+                reporter.note(f"step {step}: non-finite loss, step skipped ({bad_streak} in a row)", warning=True)
                 if bad_streak >= cfg.train.max_bad_steps:
                     logger.finish("FAILED")
                     raise NonFiniteLossError(
@@ -280,15 +282,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if rank == 0:
                     last_metrics.update(step_diagnostics({**out.diagnostics, **_encoder_diagnostics(objective, batch)}))
                 logger.metrics(last_metrics, step)
-                if rank == 0:
-                    parts = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-                    print(
-                        f"[abpipe] step {step}/{budget.total_steps} views {views_seen:,} "
-                        f"loss {last_metrics['loss']:.4f} ({parts}) "
-                        f"lr {lr:.2e} ema {tau:.5f} {last_metrics['views_per_s']:.0f} views/s",
-                        flush=True,
-                    )
                 window_start, window_views = time.perf_counter(), 0
+            # -- console: rank 0's step to the driver's bar (the loss only on logging steps: no host sync) --
+            reporter.step(step, views_seen, last_metrics if logging_step else None)
             if step % cfg.train.checkpoint_every_steps == 0 and step < budget.total_steps:
                 save(step, last_metrics)
             if step >= budget.total_steps:

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+from pipeline import console
 from pipeline.config import Config, ConfigError
 from pipeline.models.checkpoint import META_FILE, CheckpointError, read_meta
 from pipeline.runtime import init_ray
@@ -49,9 +50,18 @@ def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
             "lower those settings or add CPUs"
         )
         if cfg.ray.address:  # an autoscaling cluster may still grow: warn instead of refusing
-            print(f"[abpipe] WARNING: {message}", flush=True)
+            console.warn(message)
         else:
             raise ConfigError(message)
+
+
+def check_shards(cfg: Config) -> None:
+    """Every shard set the run reads has its `_stats.json`: a wrong path fails before Ray starts."""
+    from pipeline.data.mixing import stream_size
+
+    stream_size(cfg.data.shards, cfg.data.mixture)
+    if cfg.data.decoupled:
+        stream_size(cfg.data.annotation_shards, cfg.data.annotation_mixture)
 
 
 def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
@@ -98,6 +108,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     cfg = cfg.resolved()
+    check_shards(cfg)
     init_ray(cfg.ray)
     cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
     check_cpu_budget(cfg, cluster_cpus)
@@ -105,10 +116,11 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     os.makedirs(storage, exist_ok=True) if "://" not in storage else None
 
     previous = latest_checkpoint_dir(storage, cfg.train.run_name) if "://" not in storage else None
-    run_id = None
+    run_id, start_step = None, 0
     if previous:
-        run_id = read_meta(previous).get("mlflow_run_id")
-        print(f"[abpipe] resuming run '{cfg.train.run_name}' from {previous}", flush=True)
+        meta = read_meta(previous)
+        run_id, start_step = meta.get("mlflow_run_id"), int(meta.get("step", 0))
+        console.note(f"resuming run '{cfg.train.run_name}' from {previous}")
     init = None  # MAWS stage: resolve train.init_from once here (a resumed run has its own weights)
     if cfg.train.init_from and not previous:
         from pipeline.train.init_from import resolve_init_source
@@ -117,9 +129,15 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     if not run_id:
         run_id = _start_mlflow_run(cfg, init.tags(cfg.train.init_from) if init else None)
 
+    board = console.board_name()  # rank 0 reports its progress to this actor; the driver draws the bar
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from_dir": init.directory if init else None},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": run_id,
+            "init_from_dir": init.directory if init else None,
+            "progress": board,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -135,16 +153,34 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     )
     started = time.perf_counter()
     logger = tracking.RunLogger(cfg.tracking.tracking_uri, run_id)
+    total_steps = Budget.from_config(cfg, cfg.train.num_workers).total_steps
     try:
-        result = trainer.fit()
-    except Exception:
+        with console.remote_progress(board, "train", total_steps, unit="step", initial=min(start_step, total_steps)):
+            result = trainer.fit()
+    except BaseException:
         logger.finish("FAILED")
         raise
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     logger.tags({"abpipe.checkpoint_path": checkpoint_path or "", "abpipe.storage_path": storage})
     logger.metrics({"wall_time_s": time.perf_counter() - started}, int(result.metrics.get("step", 0)))
     logger.finish()
-    return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": dict(result.metrics)}
+    wall_s = time.perf_counter() - started
+    metrics, name = dict(result.metrics), cfg.train.run_name
+    return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": metrics, "run_name": name, "wall_s": wall_s}
+
+
+def summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The pretraining summary table: which run, how far, the last logged loss and rate, where the weights are."""
+    metrics = result.get("metrics", {})
+    rows: list[tuple[str, Any]] = [("run", result.get("run_name", ""))]
+    rows.append(("MLflow run", result.get("run_id") or "(not tracked)"))
+    if "step" in metrics:
+        rows.append(("steps", int(metrics["step"])))
+    labels = {"loss": "loss", "views_per_s": "views/s", "views_seen": "views seen"}
+    rows += [(label, metrics[key]) for key, label in labels.items() if key in metrics]
+    rows += [("wall time", f"{result['wall_s']:.0f} s")] if "wall_s" in result else []
+    rows.append(("checkpoint", result.get("checkpoint") or "(none)"))
+    return rows
 
 
 def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> str | None:
@@ -163,5 +199,5 @@ def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> 
             },
         )
     except Exception as exc:  # tracking is best-effort; checkpoints are the source of truth
-        print(f"[abpipe] WARNING: MLflow unavailable ({exc}); training without tracking", flush=True)
+        console.warn(f"MLflow unavailable ({exc}); training without tracking")
         return None
