@@ -136,6 +136,9 @@ def _postfix(fields: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+_live_bars: list["Progress"] = []  # open TTY bars, outermost first
+
+
 class Progress:
     """A progress display: a tqdm bar on a TTY, plain periodic lines elsewhere.
 
@@ -161,8 +164,9 @@ class Progress:
                 file=stream(),
                 dynamic_ncols=True,
                 mininterval=0.5,
-                leave=True,
+                leave=not _live_bars,  # a bar inside another (eval's inside a sweep's) clears when done
             )
+            _live_bars.append(self)
         self._start = time.monotonic()
         self._clock = (self._start, initial)  # (time, n) the rate is measured from
         self._last_line = self._start
@@ -223,6 +227,7 @@ class Progress:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
+            _live_bars.remove(self)
         else:
             self._print_line(time.monotonic())
 
