@@ -46,13 +46,23 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> d
     timings["pretrain_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint=train["run_id"] or train["checkpoint"], dataset=str(digits_dir)))
+    cfg = dataclasses.replace(
+        cfg,
+        eval=dataclasses.replace(cfg.eval, checkpoint=train["run_id"] or train["checkpoint"], dataset=str(digits_dir)),
+    )
     evaluation = run_eval(cfg)
     timings["eval_s"] = time.perf_counter() - t0
 
     db = cfg.tracking.tracking_uri
     _print_summary(stats, train, evaluation, timings, shards_dir, db)
-    return {"ingest": stats.get("counts"), "pretrain": train, "eval": evaluation, "timings": timings, "tracking_uri": db, "root": os.fspath(cfg.paths.root)}
+    return {
+        "ingest": stats.get("counts"),
+        "pretrain": train,
+        "eval": evaluation,
+        "timings": timings,
+        "tracking_uri": db,
+        "root": os.fspath(cfg.paths.root),
+    }
 
 
 def _print_summary(stats: dict, train: dict, evaluation: dict, timings: dict, shards_dir: str, db: str) -> None:

@@ -74,7 +74,9 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
     if ing.source not in SOURCES:
         raise ConfigError(f"ingest.source must be one of {sorted(SOURCES)}, got {ing.source!r}")
     if not ing.input:
-        raise ConfigError(f"ingest.input is required for source {ing.source!r} (--input/--urls PATH, or ingest.input=PATH)")
+        raise ConfigError(
+            f"ingest.input is required for source {ing.source!r} (--input/--urls PATH, or ingest.input=PATH)"
+        )
     stats = SOURCES[ing.source](cfg)
     stats["output"] = ing.output
     _log_to_mlflow(cfg, stats)
@@ -101,7 +103,13 @@ def _log_to_mlflow(cfg: Config, stats: dict[str, Any]) -> None:
 
     try:
         params = {k: v for k, v in cfg.flat().items() if k.startswith("ingest.")}
-        run_id = start_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, "ingest", params, {"abpipe.kind": "ingest", "abpipe.output": cfg.ingest.output})
+        run_id = start_run(
+            cfg.tracking.tracking_uri,
+            cfg.tracking.experiment,
+            "ingest",
+            params,
+            {"abpipe.kind": "ingest", "abpipe.output": cfg.ingest.output},
+        )
     except Exception as exc:
         console.warn(f"MLflow unavailable, ingest counts not tracked: {exc}")
         return

@@ -88,7 +88,11 @@ def init_ray(cfg: RayConfig | None = None):
                 **kwargs,
             )
     except Exception as exc:  # ConnectionError (no cluster), a bare Exception (start-up timed out), ...
-        what = f"could not connect to {address}" if address else f"did not start (its logs: {temp_dir}/session_latest/logs)"
+        what = (
+            f"could not connect to {address}"
+            if address
+            else f"did not start (its logs: {temp_dir}/session_latest/logs)"
+        )
         raise RayStartError(f"Ray {what}: {type(exc).__name__}: {exc}") from exc
     quiet_ray_data(loud)
     where = ray_logs_dir()

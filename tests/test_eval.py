@@ -45,7 +45,11 @@ def knn_reference(train_x, train_y, test_x, k, t):
 
 def _splits(train_x, train_y, test_x, test_y, n_classes):
     info = TaskInfo("synthetic", CLASSIFICATION, [f"class_{i}" for i in range(n_classes)])
-    return ProbeSplit(np.asarray(train_x, np.float32), labels=np.asarray(train_y)), ProbeSplit(np.asarray(test_x, np.float32), labels=np.asarray(test_y)), info
+    return (
+        ProbeSplit(np.asarray(train_x, np.float32), labels=np.asarray(train_y)),
+        ProbeSplit(np.asarray(test_x, np.float32), labels=np.asarray(test_y)),
+        info,
+    )
 
 
 def test_knn_matches_reference():
@@ -83,10 +87,27 @@ def test_linear_probe_separable_vs_random_labels():
 def test_feature_cache_keys_roundtrip_and_incomplete_entries(tmp_path):
     from pipeline.eval.cache import CachedFeatures, FeatureCache, make_key
 
-    base = dict(model="sha256:abc", weights="teacher", task="folder", root=str(tmp_path), split="train", inputs=["a.png", "b.png"], image_size=32, resize="crop")
+    base = dict(
+        model="sha256:abc",
+        weights="teacher",
+        task="folder",
+        root=str(tmp_path),
+        split="train",
+        inputs=["a.png", "b.png"],
+        image_size=32,
+        resize="crop",
+    )
     key = make_key(**base)
     assert make_key(**base) == key and make_key(**base).id == key.id
-    for field, other in (("model", "sha256:abd"), ("weights", "student"), ("split", "test"), ("inputs", ["b.png", "a.png"]), ("image_size", 64), ("resize", "stretch"), ("task", "pets")):
+    for field, other in (
+        ("model", "sha256:abd"),
+        ("weights", "student"),
+        ("split", "test"),
+        ("inputs", ["b.png", "a.png"]),
+        ("image_size", 64),
+        ("resize", "stretch"),
+        ("task", "pets"),
+    ):
         assert make_key(**{**base, field: other}).id != key.id, field
 
     cache = FeatureCache(str(tmp_path / "cache"))
@@ -165,7 +186,9 @@ def pretrain_setup(tmp_path, trained_state, store_cfg):
 
     cfg = dataclasses.replace(store_cfg, paths=PathsConfig(root=str(tmp_path)))  # feature_cache/ under tmp_path
     uri = cfg.tracking.tracking_uri
-    parent = start_run(uri, cfg.tracking.experiment, "pretrain", {"x": 1}, {"abpipe.kind": "pretrain", "abpipe.objective": "ab_simclr"})
+    parent = start_run(
+        uri, cfg.tracking.experiment, "pretrain", {"x": 1}, {"abpipe.kind": "pretrain", "abpipe.objective": "ab_simclr"}
+    )
     meta = {"config": cfg.to_dict(), "step": 7, "mlflow_run_id": parent}
     ckpt = save_checkpoint(tmp_path / "ckpt", {"student": trained_state, "teacher": trained_state}, meta)
     return cfg, ckpt, parent
@@ -201,7 +224,9 @@ def test_eval_end_to_end_then_cached(ray_cluster, digits_folder, pretrain_setup)
     run = client.get_run(res["run_id"])
     assert run.info.run_name == "eval/folder" and run.info.status == "FINISHED"
     assert run.data.tags["abpipe.parent_run_id"] == parent == run.data.tags["mlflow.parentRunId"]
-    assert run.info.experiment_id == client.get_run(parent).info.experiment_id, "nested: same experiment as its pretraining run"
+    assert run.info.experiment_id == client.get_run(parent).info.experiment_id, (
+        "nested: same experiment as its pretraining run"
+    )
     assert run.data.tags["abpipe.checkpoint_step"] == "7" and run.data.tags["abpipe.checkpoint_key"] == f"{parent}@7"
     assert run.data.tags["abpipe.task"] == "folder" and run.data.tags["abpipe.objective"] == "ab_simclr"
     assert run.data.metrics["knn_top1"] == pytest.approx(m["knn_top1"]) and run.data.metrics["features_cached"] == 0.0
@@ -281,19 +306,30 @@ def test_bad_task_data_fails_that_task_only(ray_cluster, digits_folder, pretrain
         image.unlink()  # a class that only the val split has
     roots = {"folder": str(digits_folder), "resisc45": str(wrong), "sun397": str(tmp_path / "absent")}
     with pytest.raises(EvalError) as err:
-        run_eval(_eval_cfg(cfg, ckpt, tasks=["resisc45", "folder", "sun397"], task_roots=roots, probes=["knn"], random_init=False))
+        run_eval(
+            _eval_cfg(
+                cfg, ckpt, tasks=["resisc45", "folder", "sun397"], task_roots=roots, probes=["knn"], random_init=False
+            )
+        )
     failures = err.value.failures
     assert set(failures) == {"resisc45", "sun397"}
     assert str(wrong / "NWPU-RESISC45") in failures["resisc45"] and "TaskFormatError" in failures["resisc45"]
     assert str(tmp_path / "absent") in failures["sun397"]
     client = MlflowClient(cfg.tracking.tracking_uri)
     mine = f"tags.`abpipe.kind` = 'eval' and tags.`abpipe.parent_run_id` = '{parent}'"
-    runs = {r.data.tags["abpipe.task"]: r for r in client.search_runs([client.get_experiment_by_name("eval-test").experiment_id], mine)}
+    runs = {
+        r.data.tags["abpipe.task"]: r
+        for r in client.search_runs([client.get_experiment_by_name("eval-test").experiment_id], mine)
+    }
     assert runs["folder"].info.status == "FINISHED" and runs["resisc45"].info.status == "FAILED"
     assert str(wrong / "NWPU-RESISC45") in runs["resisc45"].data.tags["abpipe.error"]
 
     with pytest.raises(EvalError, match=re.escape(str(mismatch)) + ".*class-count mismatch.*n01484850"):
-        run_eval(_eval_cfg(cfg, ckpt, tasks=["folder"], task_roots={"folder": str(mismatch)}, probes=["knn"], random_init=False))
+        run_eval(
+            _eval_cfg(
+                cfg, ckpt, tasks=["folder"], task_roots={"folder": str(mismatch)}, probes=["knn"], random_init=False
+            )
+        )
 
 
 def test_box_task_uses_tokens_and_stretch_resize(ray_cluster, pretrain_setup, tmp_path):
@@ -304,7 +340,17 @@ def test_box_task_uses_tokens_and_stretch_resize(ray_cluster, pretrain_setup, tm
     cfg, ckpt, _ = pretrain_setup
     root = make_coco(str(tmp_path / "coco"))
     probe = ProbeConfig(decoder_depth=1, width=32, heads=2, steps=30, batch_size=8)
-    result = run_eval(_eval_cfg(cfg, ckpt, tasks=["coco_objects"], task_roots={"coco_objects": root}, probes=["knn", "decoder"], probe=probe, random_init=False))
+    result = run_eval(
+        _eval_cfg(
+            cfg,
+            ckpt,
+            tasks=["coco_objects"],
+            task_roots={"coco_objects": root},
+            probes=["knn", "decoder"],
+            probe=probe,
+            random_init=False,
+        )
+    )
     res = result["tasks"]["coco_objects"]
     assert res["kind"] == "box_classification"
     assert set(res["metrics"]) and all(k.startswith("decoder_") for k in res["metrics"]), res["metrics"]
@@ -333,7 +379,11 @@ def test_ray_features_match_in_process(ray_cluster, digits_folder, pretrain_setu
     inputs.insert(5, str(wide))
     got = extract_features(str(ckpt), inputs, image_size=32, batch_size=8, max_actors=1, tokens=True, resize="stretch")
     good = [p for p in inputs if "missing" not in p]
-    assert got.skipped == {"missing": 1} and got.dropped == {3: "missing"} and got.kept.tolist() == [i for i in range(len(inputs)) if i != 3]
+    assert (
+        got.skipped == {"missing": 1}
+        and got.dropped == {3: "missing"}
+        and got.kept.tolist() == [i for i in range(len(inputs)) if i != 3]
+    )
     model, _ = load_frozen_model(ckpt)
     images = np.stack([load_and_resize(p, 32, "stretch") for p in good])
     ref_pooled, ref_tokens = features_in_process(model, images, tokens=True)
@@ -364,5 +414,7 @@ def test_resolve_checkpoint_by_run_id_prefers_local_path(pretrain_setup, tmp_pat
     client.set_tag(parent, "abpipe.checkpoint_path", str(tmp_path / "gone"))
     with pytest.raises(CheckpointError, match=f"run {parent}.*no abpipe.checkpoint_artifact"):
         resolve_checkpoint(parent, uri, str(tmp_path / "dl"))
-    with pytest.raises(CheckpointError, match=f"run {parent}: cannot download checkpoint artifact 'checkpoints/step_9'"):
+    with pytest.raises(
+        CheckpointError, match=f"run {parent}: cannot download checkpoint artifact 'checkpoints/step_9'"
+    ):
         resolve_checkpoint(f"runs:/{parent}/checkpoints/step_9", uri, str(tmp_path / "dl"))

@@ -11,7 +11,17 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import Config, EvalConfig, ObjectiveConfig, PathsConfig, RayConfig, SweepConfig, TrackingConfig, TrainConfig, ViewsConfig
+from pipeline.config import (
+    Config,
+    EvalConfig,
+    ObjectiveConfig,
+    PathsConfig,
+    RayConfig,
+    SweepConfig,
+    TrackingConfig,
+    TrainConfig,
+    ViewsConfig,
+)
 from pipeline.models.checkpoint import save_checkpoint
 from tests.micro import MICRO_MODEL
 
@@ -24,15 +34,23 @@ def _checkpoint(directory, cfg: Config, step: int, run_id: str | None, seed: int
 
     torch.manual_seed(seed)
     state = build_encoder(cfg.model, cfg.views.view_size).state_dict()
-    return save_checkpoint(directory, {"encoder_teacher": state, "encoder_student": state}, {"config": cfg.to_dict(), "step": step, "mlflow_run_id": run_id})
+    return save_checkpoint(
+        directory,
+        {"encoder_teacher": state, "encoder_student": state},
+        {"config": cfg.to_dict(), "step": step, "mlflow_run_id": run_id},
+    )
 
 
 def _pretraining_run(cfg: Config, name: str, objective: str) -> tuple[str, Config]:
     from pipeline.train.tracking import start_run
 
-    run_cfg = dataclasses.replace(cfg, objective=ObjectiveConfig(name=objective), train=dataclasses.replace(cfg.train, run_name=name))
+    run_cfg = dataclasses.replace(
+        cfg, objective=ObjectiveConfig(name=objective), train=dataclasses.replace(cfg.train, run_name=name)
+    )
     params = {k: v for k, v in run_cfg.flat().items() if k.startswith(("train.", "objective."))}
-    run_id = start_run(cfg.tracking.tracking_uri, EXPERIMENT, name, params, {"abpipe.kind": "pretrain", "abpipe.objective": objective})
+    run_id = start_run(
+        cfg.tracking.tracking_uri, EXPERIMENT, name, params, {"abpipe.kind": "pretrain", "abpipe.objective": objective}
+    )
     return run_id, run_cfg
 
 
@@ -108,26 +126,47 @@ def test_sweep_resumes_skips_done_pairs_and_records_failures(ray_cluster, two_ru
     # An earlier sweep was killed: (A@5, folder) finished; (A@5, resisc45) was left RUNNING.
     pre = evaluate_checkpoint(cfg, a5, {"folder": cfg.eval.task_roots["folder"]}, key=f"{run_a}@5")
     pre_run = pre["tasks"]["folder"]["run_id"]
-    start_run(cfg.tracking.tracking_uri, EXPERIMENT, "eval/resisc45", {}, {"abpipe.kind": "eval", "abpipe.checkpoint_key": f"{run_a}@5", "abpipe.task": "resisc45"})
+    start_run(
+        cfg.tracking.tracking_uri,
+        EXPERIMENT,
+        "eval/resisc45",
+        {},
+        {"abpipe.kind": "eval", "abpipe.checkpoint_key": f"{run_a}@5", "abpipe.task": "resisc45"},
+    )
 
     first = run_sweep(cfg)
     assert first["pairs"] == 8  # (A@5, A@10, B@4, B@10) x (folder, resisc45)
     assert first["skipped"] == [(f"{run_a}@5", "folder")]
     assert sorted(first["evaluated"]) == sorted(
-        [(f"{run_a}@5", "resisc45"), (f"{run_a}@10", "folder"), (f"{run_a}@10", "resisc45"), (f"{run_b}@4", "folder"), (f"{run_b}@4", "resisc45")]
+        [
+            (f"{run_a}@5", "resisc45"),
+            (f"{run_a}@10", "folder"),
+            (f"{run_a}@10", "resisc45"),
+            (f"{run_b}@4", "folder"),
+            (f"{run_b}@4", "resisc45"),
+        ]
     )
     crashed, *broken = sorted(first["failures"], key=lambda f: f["task"])
-    assert crashed["task"] == "*" and "no checkpoint in" in crashed["error"] and "crashed-run/checkpoint_*" in crashed["error"], crashed
+    assert (
+        crashed["task"] == "*"
+        and "no checkpoint in" in crashed["error"]
+        and "crashed-run/checkpoint_*" in crashed["error"]
+    ), crashed
     assert sorted(f["task"] for f in broken) == ["folder", "resisc45"]
     assert all(f["key"] == f"{run_b}@10" and str(corrupt) in f["error"] for f in broken), broken
-    assert [r.info.run_id for r in _finished(client, f"{run_a}@5", "folder")] == [pre_run], "the finished pair was not redone"
+    assert [r.info.run_id for r in _finished(client, f"{run_a}@5", "folder")] == [pre_run], (
+        "the finished pair was not redone"
+    )
 
     # The comparison table: one row per pretraining run, its newest evaluated checkpoint, per task.
     header, rows = first["table"]["header"], first["table"]["rows"]
     assert header == ["run", "step", "folder/knn_top1", "folder/knn_top5", "resisc45/knn_top1"]
     by_row = {r[0]: r for r in rows}
     assert set(by_row) == {f"ab_simclr: ab-run ({run_a[:8]})", f"simclr: simclr-run ({run_b[:8]})"}
-    for run_id, label, key in ((run_a, "ab_simclr: ab-run", f"{run_a}@10"), (run_b, "simclr: simclr-run", f"{run_b}@4")):
+    for run_id, label, key in (
+        (run_a, "ab_simclr: ab-run", f"{run_a}@10"),
+        (run_b, "simclr: simclr-run", f"{run_b}@4"),
+    ):
         row = by_row[f"{label} ({run_id[:8]})"]
         assert row[1] == key.split("@")[1]
         for col, task, metric in ((2, "folder", "knn_top1"), (4, "resisc45", "knn_top1")):
@@ -136,15 +175,31 @@ def test_sweep_resumes_skips_done_pairs_and_records_failures(ray_cluster, two_ru
     md = open(os.path.join(first["output"], "comparison.md")).read()
     assert "| run | step | folder/knn_top1 |" in md and "Failed pairs" in md and str(corrupt) in md
     sweep_run = client.get_run(first["run_id"])
-    assert sweep_run.data.metrics["failed"] == 3 and sweep_run.data.metrics["evaluated"] == 5 and sweep_run.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(first["run_id"])} >= {"comparison.md", "comparison.csv", "failures.csv", "all_checkpoints.csv", "metrics_vs_step.png"}
+    assert (
+        sweep_run.data.metrics["failed"] == 3
+        and sweep_run.data.metrics["evaluated"] == 5
+        and sweep_run.info.status == "FINISHED"
+    )
+    assert {a.path for a in client.list_artifacts(first["run_id"])} >= {
+        "comparison.md",
+        "comparison.csv",
+        "failures.csv",
+        "all_checkpoints.csv",
+        "metrics_vs_step.png",
+    }
 
     # Re-run through the CLI: nothing is evaluated twice, failures are retried (and fail again).
     capsys.readouterr()
     tasks = cfg.eval.task_roots
     argv = ["sweep", "--json", "--experiments", EXPERIMENT]
     argv += ["--tasks", "folder,resisc45", f"paths.root={cfg.paths.root}", f"tracking.experiment={EXPERIMENT}"]
-    argv += [f"eval.task_roots={json.dumps(tasks)}", "eval.probes=[knn]", "eval.max_per_split=40", "eval.batch_size=64", f"train.storage_path={cfg.train.storage_path}"]
+    argv += [
+        f"eval.task_roots={json.dumps(tasks)}",
+        "eval.probes=[knn]",
+        "eval.max_per_split=40",
+        "eval.batch_size=64",
+        f"train.storage_path={cfg.train.storage_path}",
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     second = json.loads(captured.out)  # --json: stdout is the result document alone

@@ -83,11 +83,15 @@ def features_in_process(model, images: np.ndarray, batch_size: int = 256, device
                 pooled.append(model.encoder.forward_head(t, pre_logits=True).float().cpu().numpy())
             else:
                 pooled.append(model.encoder_features(x).float().cpu().numpy())
-    out = np.concatenate(pooled).astype(np.float32, copy=False) if pooled else np.zeros((0, model.embed_dim), np.float32)
+    out = (
+        np.concatenate(pooled).astype(np.float32, copy=False) if pooled else np.zeros((0, model.embed_dim), np.float32)
+    )
     if not tokens:
         return out
     if not toks:  # no rows: run one dummy image for the token count
-        n_tokens = int(getattr(model.encoder.patch_embed, "num_patches", 0)) + int(getattr(model.encoder, "num_prefix_tokens", 0))
+        n_tokens = int(getattr(model.encoder.patch_embed, "num_patches", 0)) + int(
+            getattr(model.encoder, "num_prefix_tokens", 0)
+        )
         return out, np.zeros((0, n_tokens, model.embed_dim), np.float16)
     return out, np.concatenate(toks)
 
@@ -102,7 +106,9 @@ class _Encoders:
 
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.tokens = tokens
-        self.models = {name: load_frozen_model(path, which=which, device=self.device)[0] for name, path in checkpoints.items()}
+        self.models = {
+            name: load_frozen_model(path, which=which, device=self.device)[0] for name, path in checkpoints.items()
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["status"] == OK
@@ -178,11 +184,15 @@ def extract_features_multi(
         raise ValueError("no images to extract features from")
     modes = [resize] * len(inputs) if isinstance(resize, str) else list(resize)
     if len(modes) != len(inputs) or set(modes) - set(RESIZE_MODES):
-        raise ValueError(f"resize: one of {RESIZE_MODES}, or one per input ({len(inputs)}), got {sorted(set(modes))} x {len(modes)}")
+        raise ValueError(
+            f"resize: one of {RESIZE_MODES}, or one per input ({len(inputs)}), got {sorted(set(modes))} x {len(modes)}"
+        )
     rows = [{"idx": i, "input": str(path), "resize": mode} for i, (path, mode) in enumerate(zip(inputs, modes))]
     actors = max_actors or _pool_size(use_gpu)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size, batch_format="numpy")
+    ds = ds.map_batches(
+        _decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size, batch_format="numpy"
+    )
     ds = ds.map_batches(
         _Encoders,
         fn_constructor_kwargs={"checkpoints": dict(checkpoints), "which": which, "use_gpu": use_gpu, "tokens": tokens},
@@ -222,4 +232,6 @@ def extract_features(
     resize: str | Sequence[str] = "crop",
 ) -> Extracted:
     """`extract_features_multi` for one checkpoint; its features are under the name `model`."""
-    return extract_features_multi({"model": str(checkpoint_dir)}, inputs, image_size, batch_size, which, use_gpu, max_actors, tokens, resize)
+    return extract_features_multi(
+        {"model": str(checkpoint_dir)}, inputs, image_size, batch_size, which, use_gpu, max_actors, tokens, resize
+    )

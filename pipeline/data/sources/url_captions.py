@@ -26,7 +26,14 @@ from typing import Any
 from pipeline import console
 from pipeline.config import ConfigError, IngestConfig, RayConfig
 from pipeline.data.schema import INCOMPLETE, MANIFEST_COLUMNS, OK, STATUSES
-from pipeline.data.sources.img2dataset_shards import PARTS_DIR, RAW_STATS_SUFFIX, finished_raw_shards, normalise_shard, normalised_shards, part_path
+from pipeline.data.sources.img2dataset_shards import (
+    PARTS_DIR,
+    RAW_STATS_SUFFIX,
+    finished_raw_shards,
+    normalise_shard,
+    normalised_shards,
+    part_path,
+)
 from pipeline.data.sources.url_list import UrlList, read_url_list
 
 STATE_FILE = "_url_ingest.json"
@@ -45,7 +52,12 @@ def _validate(ing: IngestConfig) -> None:
     cc = ing.cc12m
     if cc.distributor not in DISTRIBUTORS:
         raise ConfigError(f"ingest.cc12m.distributor must be one of {DISTRIBUTORS}, got {cc.distributor!r}")
-    for key, value, low in (("processes", cc.processes, 1), ("threads", cc.threads, 1), ("retries", cc.retries, 0), ("max_shard_retry", cc.max_shard_retry, 0)):
+    for key, value, low in (
+        ("processes", cc.processes, 1),
+        ("threads", cc.threads, 1),
+        ("retries", cc.retries, 0),
+        ("max_shard_retry", cc.max_shard_retry, 0),
+    ):
         if value < low:
             raise ConfigError(f"ingest.cc12m.{key} must be >= {low}, got {value}")
     if cc.timeout <= 0:
@@ -58,7 +70,9 @@ def _validate(ing: IngestConfig) -> None:
         try:
             fsspec.get_filesystem_class(ing.output.split("://", 1)[0])
         except (ImportError, ValueError) as exc:
-            raise ConfigError(f"ingest.output {ing.output}: img2dataset cannot write there through fsspec ({exc})") from None
+            raise ConfigError(
+                f"ingest.output {ing.output}: img2dataset cannot write there through fsspec ({exc})"
+            ) from None
 
 
 def _fingerprint(listing: UrlList, ing: IngestConfig, source: str) -> dict[str, Any]:
@@ -101,7 +115,10 @@ def _prepare(listing: UrlList, ing: IngestConfig, source: str) -> None:
                 fs.delete_dir(info.path)
     input_path = posixpath.join(base, INPUT_FILE)
     if fs.get_file_info(input_path).type != pafs.FileType.File:
-        table = pa.table({"abpipe_key": listing.keys, "url": listing.urls, "caption": listing.captions}, schema=pa.schema([("abpipe_key", pa.string()), ("url", pa.string()), ("caption", pa.string())]))
+        table = pa.table(
+            {"abpipe_key": listing.keys, "url": listing.urls, "caption": listing.captions},
+            schema=pa.schema([("abpipe_key", pa.string()), ("url", pa.string()), ("caption", pa.string())]),
+        )
         with fs.open_output_stream(input_path + ".tmp") as stream:
             pq.write_table(table, stream)
         fs.move(input_path + ".tmp", input_path)
@@ -158,7 +175,11 @@ class _Normaliser:
             try:
                 future.result()
             except Exception as exc:  # an unreadable raw shard: forget it so the next run fetches it again
-                failures[shard_id] = f"img2dataset shard {shard_id} unreadable ({type(exc).__name__}: {exc}); re-run to fetch it again"[:500]
+                failures[shard_id] = (
+                    f"img2dataset shard {shard_id} unreadable ({type(exc).__name__}: {exc}); re-run to fetch it again"[
+                        :500
+                    ]
+                )
                 fs, raw_base = filesystem(self.raw_dir)
                 fs.delete_file(posixpath.join(raw_base, f"{shard_id:0{self.digits}d}{RAW_STATS_SUFFIX}"))
                 console.warn(failures[shard_id])
@@ -184,8 +205,12 @@ def _collect_manifest(listing: UrlList, ing: IngestConfig, source: str, num_shar
     for index, (key, url) in enumerate(zip(listing.keys, listing.urls)):
         if key not in covered:
             shard_id = index // per_shard
-            detail = failures.get(shard_id, f"img2dataset did not finish download shard {shard_id}; re-run the same command to fetch it")
-            missing.append({"key": key, "shard": "", "source": source, "status": INCOMPLETE, "detail": detail, "input": url})
+            detail = failures.get(
+                shard_id, f"img2dataset did not finish download shard {shard_id}; re-run the same command to fetch it"
+            )
+            missing.append(
+                {"key": key, "shard": "", "source": source, "status": INCOMPLETE, "detail": detail, "input": url}
+            )
     extra = [{**row, "shard": "", "source": source} for row in listing.refused] + missing
     frames.append(pd.DataFrame(extra, columns=list(MANIFEST_COLUMNS)))
     manifest = pd.concat(frames, ignore_index=True)[list(MANIFEST_COLUMNS)]
