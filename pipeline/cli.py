@@ -1,6 +1,8 @@
 """`abpipe ingest|train|eval|sweep|demo`: thin calls into the modules, all sharing one config system.
 
-Every command takes `--config FILE.yaml` and any number of dotted overrides (`train.lr=3e-4`).
+Every command takes `--config FILE.yaml` and any number of dotted overrides (`train.lr=3e-4`),
+`--verbose` (Ray's own logs on the console, tracebacks on errors) and `--json` (the result as one
+JSON document on stdout; the human output then goes to stderr). Each ends with a summary table.
 """
 
 from __future__ import annotations
@@ -8,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
-from pipeline.config import ConfigError, load_config
-from pipeline.runtime import quiet_environment
+from pipeline import console
+from pipeline.config import ConfigError, InputError, load_config
+from pipeline.runtime import RayStartError, quiet_environment
 
 # Flags some commands take as shorthand for a dotted override (the value is kept a plain string).
 SHORTCUTS = {
@@ -48,32 +52,35 @@ def ingest_config(args):
     return cfg.resolved()
 
 
+# Each command reads its config before importing its module (torch, Ray): a bad config fails at once.
+
+
 def cmd_ingest(args) -> dict:
+    cfg = ingest_config(args)
     from pipeline.ingest import run_ingest
 
-    return run_ingest(ingest_config(args))
+    return run_ingest(cfg)
 
 
 def cmd_train(args) -> dict:
+    cfg = _load(args)
     from pipeline.train.trainer import run_pretrain
 
-    return run_pretrain(_load(args))
+    return run_pretrain(cfg)
 
 
 def cmd_eval(args) -> dict:
-    from pipeline.eval.job import EvalError, run_eval
+    cfg = _load(args)
+    from pipeline.eval.job import run_eval
 
-    try:
-        return run_eval(_load(args))
-    except EvalError as exc:
-        print(f"abpipe: eval failed: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    return run_eval(cfg)
 
 
 def cmd_sweep(args) -> dict:
+    cfg = _load(args)
     from pipeline.eval.sweep import run_sweep
 
-    return run_sweep(_load(args))
+    return run_sweep(cfg)
 
 
 def cmd_demo(args) -> dict:
@@ -82,28 +89,80 @@ def cmd_demo(args) -> dict:
     return run_demo(args.config, args.overrides)
 
 
+# -- the summary table each command ends with -------------------------------------------------------
+
+
+def summarize_ingest(result: dict) -> None:
+    from pipeline.ingest import summary_rows
+
+    console.summary("ingest", summary_rows(result))
+
+
+def summarize_train(result: dict) -> None:
+    from pipeline.train.trainer import summary_rows
+
+    console.summary("pretraining", summary_rows(result))
+
+
+def summarize_eval(result: dict) -> None:
+    from pipeline.eval.job import summary_rows
+
+    header, rows = summary_rows(result)
+    console.summary(f"eval of {result.get('checkpoint')} (step {result.get('step')})", rows, header)
+
+
+def summarize_sweep(result: dict) -> None:
+    from pipeline.eval.sweep import summary_line, summary_rows
+
+    header, rows = summary_rows(result)
+    console.summary(summary_line(result), rows, header)
+
+
 COMMANDS = {
     "ingest": (
         cmd_ingest,
+        summarize_ingest,
         "a source (image_folder, files, cc12m/urls, coco, epic_kitchens) -> WebDataset shards + manifest + _stats.json",
     ),
     "train": (
         cmd_train,
-        "pretrain (objective.name: ab_simclr, ab_clip or a baseline) on shards with Ray Train; resumes from the latest "
-        "checkpoint",
+        summarize_train,
+        "pretrain (objective.name: ab_simclr, ab_clip or a baseline) on shards with Ray Train;"
+        " resumes from the latest checkpoint",
     ),
-    "eval": (cmd_eval, "frozen-feature probes of a checkpoint (dir or MLflow run) on eval tasks"),
-    "sweep": (cmd_sweep, "evaluate every checkpoint x task of pretraining runs, skipping pairs already done"),
-    "demo": (cmd_demo, "the whole pipeline on shipped data: ingest -> pretrain -> eval"),
+    "eval": (cmd_eval, summarize_eval, "frozen-feature probes of a checkpoint (dir or MLflow run) on eval tasks"),
+    "sweep": (
+        cmd_sweep,
+        summarize_sweep,
+        "evaluate every checkpoint x task of pretraining runs, skipping pairs already done",
+    ),
+    "demo": (
+        cmd_demo,
+        None,
+        "the whole pipeline on shipped data: ingest -> pretrain -> eval",
+    ),  # prints its own summary
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (and `--help` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"abpipe: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="abpipe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in COMMANDS.items():
+    parser = _Parser(prog="abpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", default=None, help="YAML config (see jobs/configs/)")
+        p.add_argument("--verbose", "-v", action="store_true", help="show Ray's own logs and the traceback of an error")
+        p.add_argument(
+            "--json",
+            action="store_true",
+            help="print the result as one JSON document on stdout (the rest goes to stderr)",
+        )
         for flag, key in SHORTCUTS.get(name, {}).items():
             p.add_argument(flag, default=None, help=f"same as {key}=VALUE (lists comma-separated)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 views.num_views=4")
@@ -124,6 +183,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- failures: one clear line, the traceback only with --verbose ---------------------------------------
+
+
+_INPUT_ERRORS = {
+    "pipeline.eval.job": "EvalError",
+    "pipeline.eval.tasks": "TaskFormatError",
+    "pipeline.checkpoints": "CheckpointError",
+}
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises (a config, a path, a file's content), as opposed to a bug in abpipe.
+
+    Error types of modules not imported yet cannot have been raised, so they are not imported here
+    (that would cost torch's import on the way to a one-line message)."""
+    loaded = [getattr(sys.modules[m], name) for m, name in _INPUT_ERRORS.items() if m in sys.modules]
+    return (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, *loaded)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exception a worker actually raised, under Ray Train's and Ray's wrappers."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+    for _ in range(10):
+        inner = getattr(exc, "cause", None) or getattr(exc, "controller_failure", None) or exc.__cause__
+        if not isinstance(inner, BaseException) or inner is exc:
+            return exc
+        exc = inner
+    return exc
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip()) or "(no message)"
+
+
+def failure_line(exc: BaseException) -> tuple[str, int] | None:
+    """(the one line to print, exit code) for an expected failure; None for a bug (keep its traceback)."""
+    if isinstance(exc, ConfigError):
+        return f"config error: {_one_line(exc)}", 2
+    if isinstance(exc, _input_errors()):
+        return f"error: {_one_line(exc)}", 1
+    if isinstance(exc, RayStartError):
+        return _one_line(exc), 1
+    train = sys.modules.get("ray.train")
+    if train is not None and isinstance(exc, train.TrainingFailedError):
+        from pipeline.runtime import ray_logs_dir
+
+        cause = _root_cause(exc)
+        where = ray_logs_dir()
+        return f"training failed: {type(cause).__name__}: {_one_line(exc if cause is exc else cause)}" + (
+            f" (Ray's logs: {where})" if where else ""
+        ), 1
+    return None
+
+
+def _fail(exc: BaseException) -> int:
+    line = failure_line(exc)
+    if line is None:
+        raise exc
+    partial = getattr(exc, "result", None)  # an eval whose other tasks finished: their table still prints
+    if partial:
+        summarize_eval(partial)
+    if console.verbose():
+        traceback.print_exception(exc)
+    console.error(line[0])
+    return line[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_environment()
     parser = build_parser()
@@ -131,15 +259,25 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     unknown = [r for r in rest if r.startswith("-")]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.exit(2, f"abpipe: unrecognized arguments: {' '.join(unknown)} (see `abpipe {args.command} --help`)\n")
     args.overrides += rest
+    with console.configured(verbose=args.verbose, json_output=args.json):
+        return _run(args)
+
+
+def _run(args) -> int:
+    run, summarize, _ = COMMANDS[args.command]
     try:
-        result = COMMANDS[args.command][0](args)
-    except ConfigError as exc:
-        print(f"abpipe: config error: {exc}", file=sys.stderr)
-        return 2
-    if result is not None:
-        print(json.dumps(result, indent=1, default=str))
+        result = run(args)
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        return 130
+    except Exception as exc:
+        return _fail(exc)
+    if summarize is not None and result is not None:
+        summarize(result)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str), flush=True)
     return 0
 
 

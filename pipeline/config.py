@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the offending key."""
 
 
+class InputError(ValueError):
+    """An input (file, folder, dataset) that cannot be used as given; the message names it."""
+
+
 @dataclass
 class PathsConfig:
     """Where a run keeps its files. Everything defaults under one local folder."""
@@ -476,11 +480,18 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(exc)})") from None
         node = nested
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}' must look like section.key=value")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' was already given a value, not a section")
         node[parts[-1]] = value
     return nested
 
@@ -519,8 +530,17 @@ def _config_text(path) -> str:
             return fh.read()
     packaged = packaged_config(path)
     if packaged is None:
-        raise ConfigError(f"config file not found: {path} (packaged configs: {', '.join(packaged_config_names())})")
+        raise ConfigError(
+            f"--config {path}: config file not found (packaged configs: {', '.join(packaged_config_names())})"
+        )
     return packaged.read_text()
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's error on one line: what is wrong and where."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -530,7 +550,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     """
     cfg = Config()
     if path:
-        data = yaml.safe_load(_config_text(path)) or {}
+        try:
+            data = yaml.safe_load(_config_text(path)) or {}
+        except OSError as exc:
+            raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({_yaml_problem(exc)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         cfg = _apply(cfg, data, "")

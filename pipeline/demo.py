@@ -53,12 +53,7 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> d
     timings["eval_s"] = time.perf_counter() - t0
 
     db = cfg.tracking.tracking_uri
-    print("\n=== abpipe demo finished ===")
-    print(f"ingest:    {stats.get('counts')} -> {shards_dir}")
-    print(f"pretrain:  MLflow run {train['run_id']}, checkpoint {train['checkpoint']}")
-    print(f"eval:      {_metrics_line(evaluation)}")
-    print("timings:   " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    print(f"results:   mlflow ui --backend-store-uri {db}   (then open http://127.0.0.1:5000)")
+    _print_summary(stats, train, evaluation, timings, shards_dir, db)
     return {
         "ingest": stats.get("counts"),
         "pretrain": train,
@@ -69,6 +64,27 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> d
     }
 
 
-def _metrics_line(evaluation: dict) -> str:
-    metrics = evaluation.get("metrics", evaluation)
-    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if isinstance(v, float))
+def _print_summary(stats: dict, train: dict, evaluation: dict, timings: dict, shards_dir: str, db: str) -> None:
+    """Two compact tables: what each stage did, and the probes of pretrained vs random-init features."""
+    from pipeline import console
+    from pipeline.eval.job import summary_rows
+
+    header, rows = summary_rows(evaluation)
+    title = f"eval: pretrained vs a random init of the same ViT (checkpoint step {evaluation.get('step')})"
+    console.summary(title, rows, header)
+    counts = dict(stats.get("counts") or {})
+    kept = counts.pop("ok", 0)
+    metrics = train.get("metrics", {})
+    steps = (
+        f"{int(metrics.get('step', 0))} steps, loss {metrics.get('loss', float('nan')):.4f}, "
+        f"{metrics.get('views_per_s', 0):.0f} views/s"
+    )
+    tasks = len(evaluation.get("tasks", {}))
+    stages = [
+        ("ingest", f"{kept} kept, {sum(counts.values())} skipped -> {shards_dir}", round(timings["ingest_s"])),
+        ("pretrain", f"{steps}; MLflow run {train.get('run_id')}", round(timings["pretrain_s"])),
+        ("checkpoint", train.get("checkpoint"), None),
+        ("eval", f"{tasks} task(s), MLflow runs under the pretraining run", round(timings["eval_s"])),
+        ("results", f"mlflow ui --backend-store-uri {db}  (then open http://127.0.0.1:5000)", None),
+    ]
+    console.summary("abpipe demo", stages, ["stage", "result", "seconds"])

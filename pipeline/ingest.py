@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
+from pipeline import console
 from pipeline.config import Config, ConfigError, IngestConfig
 
 ListItems = Callable[[IngestConfig], list[dict]]
@@ -78,14 +79,22 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
         )
     stats = SOURCES[ing.source](cfg)
     stats["output"] = ing.output
-    counts = ", ".join(f"{k}={v}" for k, v in stats["counts"].items())
-    print(
-        f"[abpipe] ingest {ing.source}: {stats['total']} inputs -> {counts}; {len(stats['shards'])} shards in "
-        f"{ing.output}",
-        flush=True,
-    )
     _log_to_mlflow(cfg, stats)
     return stats
+
+
+def summary_rows(stats: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The ingest's summary table: what went in, what was kept, why the rest was skipped, where it went."""
+    counts = dict(stats.get("counts", {}))
+    kept = counts.pop("ok", 0)
+    rows: list[tuple[str, Any]] = [("source", stats.get("source", "")), ("inputs", stats.get("total", 0))]
+    rows.append(("kept", kept))
+    rows += [(f"skipped: {reason}", n) for reason, n in counts.items()] or [("skipped", 0)]
+    rows += [(name.replace("_", " "), n) for name, n in stats.get("annotations", {}).items()]
+    rows.append(("shards", f"{len(stats.get('shards', []))} in {stats.get('output', '')}"))
+    if stats.get("run_id"):
+        rows.append(("MLflow run", stats["run_id"]))
+    return rows
 
 
 def _log_to_mlflow(cfg: Config, stats: dict[str, Any]) -> None:
@@ -102,7 +111,7 @@ def _log_to_mlflow(cfg: Config, stats: dict[str, Any]) -> None:
             {"abpipe.kind": "ingest", "abpipe.output": cfg.ingest.output},
         )
     except Exception as exc:
-        print(f"[abpipe] WARNING: MLflow unavailable, ingest counts not tracked: {exc}", flush=True)
+        console.warn(f"MLflow unavailable, ingest counts not tracked: {exc}")
         return
     logger = RunLogger(cfg.tracking.tracking_uri, run_id)
     extra = {"seconds": stats["seconds"]} if "seconds" in stats else {}

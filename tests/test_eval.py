@@ -204,9 +204,9 @@ def _cache_files(root) -> dict[str, int]:
     return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
 
 
-def test_eval_end_to_end_then_cached(ray_cluster, digits_folder, pretrain_setup, capsys):
+def test_eval_end_to_end_then_cached(ray_cluster, digits_folder, pretrain_setup):
     """`eval.dataset` = the folder task; a second eval of the same checkpoint/task reads the feature cache."""
-    from pipeline.eval.job import run_eval
+    from pipeline.eval.job import run_eval, summary_rows
 
     cfg, ckpt, parent = pretrain_setup
     result = run_eval(_eval_cfg(cfg, ckpt, digits_folder))
@@ -232,7 +232,9 @@ def test_eval_end_to_end_then_cached(ray_cluster, digits_folder, pretrain_setup,
     assert run.data.metrics["knn_top1"] == pytest.approx(m["knn_top1"]) and run.data.metrics["features_cached"] == 0.0
     assert run.data.params["eval.knn_k"] == "20"
     assert {a.path for a in client.list_artifacts(res["run_id"])} >= {"results.md", "results.csv", "results.png"}
-    assert "knn_top1" in capsys.readouterr().out
+    header, rows = summary_rows(result)  # the table `abpipe eval` ends with
+    assert header == ["task / metric", "pretrained", "random init"] and rows[0][0].startswith("folder (")
+    assert ("  knn_top1", m["knn_top1"], m["random_init/knn_top1"]) in rows
 
     cache_root = os.path.join(cfg.paths.root, "feature_cache")
     assert cfg.paths.root == str(ckpt.parent)

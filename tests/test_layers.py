@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("package", ("pipeline",)),  # pipeline/__init__.py: the version string only
     ("config", ("pipeline.config",)),
+    ("console", ("pipeline.console",)),  # what a person sees: notes, bars, tables (no pipeline imports)
     (
         "services",
         (

@@ -94,6 +94,6 @@ def test_a_missing_config_names_the_packaged_ones(tmp_path, monkeypatch):
     from pipeline.config import ConfigError, load_config
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"config file not found: nope.yaml \(packaged configs: .*tiny.yaml"):
+    with pytest.raises(ConfigError, match=r"--config nope.yaml: config file not found \(packaged configs: .*tiny.yaml"):
         load_config("nope.yaml")
     assert load_config("tiny") == load_config(REPO / "jobs" / "configs" / "tiny.yaml")  # the checkout's link

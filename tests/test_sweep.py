@@ -194,15 +194,8 @@ def test_sweep_resumes_skips_done_pairs_and_records_failures(ray_cluster, two_ru
     # Re-run through the CLI: nothing is evaluated twice, failures are retried (and fail again).
     capsys.readouterr()
     tasks = cfg.eval.task_roots
-    argv = [
-        "sweep",
-        "--experiments",
-        EXPERIMENT,
-        "--tasks",
-        "folder,resisc45",
-        f"paths.root={cfg.paths.root}",
-        f"tracking.experiment={EXPERIMENT}",
-    ]
+    argv = ["sweep", "--json", "--experiments", EXPERIMENT]
+    argv += ["--tasks", "folder,resisc45", f"paths.root={cfg.paths.root}", f"tracking.experiment={EXPERIMENT}"]
     argv += [
         f"eval.task_roots={json.dumps(tasks)}",
         "eval.probes=[knn]",
@@ -211,8 +204,10 @@ def test_sweep_resumes_skips_done_pairs_and_records_failures(ray_cluster, two_ru
         f"train.storage_path={cfg.train.storage_path}",
     ]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    second = json.loads(out[out.index("{\n") :])
+    captured = capsys.readouterr()
+    second = json.loads(captured.out)  # --json: stdout is the result document alone
+    assert "| run | step |" not in captured.out
+    assert "sweep: 8 pairs: 0 evaluated, 6 already done, 3 failed" in captured.err
     assert second["evaluated"] == [] and len(second["skipped"]) == 6 and len(second["failures"]) == 3
     assert second["table"] == json.loads(json.dumps(first["table"]))
     for key in (f"{run_a}@5", f"{run_a}@10", f"{run_b}@4"):

@@ -54,7 +54,7 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
-def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_path):
+def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_path, capsys):
     from pipeline.train.trainer import run_pretrain
 
     cfg = micro_config(tmp_path, digit_shards, steps=6)
@@ -82,6 +82,9 @@ def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_pa
     meta2 = read_meta(second["checkpoint"])
     assert meta2["step"] == 9 and meta2["views_seen"] == 9 * BATCH * (M + A)
     assert metric_steps(client, first["run_id"], "loss") == list(range(1, 10)), "no lost or repeated steps"
+    # the worker's note and rank 0's progress reach this console, with Ray's worker output off
+    out = capsys.readouterr().out
+    assert "[abpipe] resumed from step 6 (240 views seen)" in out and "[abpipe] train: 9/9" in out, out
     state = torch.load(os.path.join(second["checkpoint"], "state.pt"), weights_only=True)
     assert set(state) == {"objective", "optimizer", "encoder_student", "encoder_teacher"}
 

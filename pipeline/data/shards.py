@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline import console
 from pipeline.config import IngestConfig, section_from_dict
 from pipeline.data.schema import MANIFEST_COLUMNS, MISSING, OK, STATUSES, TOO_SMALL, BadImage, SampleMeta, decode_rgb
 from pipeline.data.storage import filesystem, read_bytes, write_atomic
@@ -257,7 +258,7 @@ def _fingerprint(groups_json: list[str], source: str, cfg: IngestConfig) -> str:
 
 
 def _log(message: str) -> None:
-    print(f"[abpipe] ingest: {message}", flush=True)
+    console.note(f"ingest: {message}")
 
 
 def _ours(name: str) -> bool:
@@ -331,6 +332,17 @@ def _annotation_counts(keyed: list[dict], kept: set[str]) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
+def _stream_with_progress(ds, source: str, total: int, already: int) -> None:
+    """Run the shard writers, counting their manifest rows (kept / skipped) into a progress bar as
+    each shard finishes; the rows also sit in the parts, so nothing here needs to keep them."""
+    kept = skipped = 0
+    with console.progress(f"ingest {source}", total=total, unit="img", initial=already) as bar:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ok = sum(1 for status in block.column("status").to_pylist() if status == OK)
+            kept, skipped = kept + ok, skipped + block.num_rows - ok
+            bar.update(block.num_rows, kept=kept, skipped=skipped)
+
+
 def write_shards(items: list[dict[str, Any]], out_dir: str, source: str, cfg: IngestConfig) -> dict[str, Any]:
     """Ingest `items` into `out_dir`; returns the stats dict (also written to `_stats.json`).
 
@@ -356,7 +368,7 @@ def write_shards(items: list[dict[str, Any]], out_dir: str, source: str, cfg: In
         ds = ds.flat_map(
             _write_one_shard, fn_kwargs={"out_dir": out_dir, "source": source, "cfg_dict": dataclasses.asdict(cfg)}
         )
-        ds.materialize()  # the rows also sit in the parts; only completion matters here
+        _stream_with_progress(ds, source, len(keyed), sum(min(per_shard, len(keyed) - s * per_shard) for s in done))
     manifest = _read_parts(fs, base, len(groups)).sort_values("key").reset_index(drop=True)
     with fs.open_output_stream(posixpath.join(base, MANIFEST_FILE)) as stream:
         pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False), stream)

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline import console
 from pipeline.data.schema import MISSING, OK, BadImage, decode_rgb
 
 RESIZE_MODES = ("crop", "stretch")
@@ -203,9 +204,11 @@ def extract_features_multi(
         num_cpus=0 if use_gpu else 1,
     )
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for key, value in batch.items():
-            parts.setdefault(key, []).append(value)
+    with console.progress("eval features", total=len(rows), unit="img") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for key, value in batch.items():
+                parts.setdefault(key, []).append(value)
+            bar.update(len(batch["idx"]))
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.argsort(cols["idx"], kind="stable")
     cols = {k: v[order] for k, v in cols.items()}

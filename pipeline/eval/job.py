@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import console
 from pipeline.checkpoints import CheckpointError, checkpoint_key, read_meta, resolve_checkpoint, weights_fingerprint
 from pipeline.config import Config, ConfigError, EvalConfig
 from pipeline.eval.random_init import random_init_fingerprint, write_random_init
@@ -54,9 +55,10 @@ __all__ = [
 class EvalError(RuntimeError):
     """Some tasks of an evaluation failed; `failures` maps task -> message (naming the file)."""
 
-    def __init__(self, failures: dict[str, str]):
+    def __init__(self, failures: dict[str, str], result: dict[str, Any] | None = None):
         super().__init__("; ".join(f"task '{t}': {m}" for t, m in failures.items()))
         self.failures = failures
+        self.result = result  # what the tasks that did finish gave (the CLI still prints their table)
 
 
 # ------------------------------------------------------------------------------------------- tasks
@@ -325,13 +327,16 @@ def _run_probe(name: str, train, test, task_info, cfg: EvalConfig) -> dict[str, 
 _probe_task = None  # the Ray remote of _run_probe, made on first use (ray is imported lazily)
 
 
-def _finish_task(tr: _TaskRun, info_base: dict[str, Any], step: int, tmp: str) -> dict[str, Any]:
+def _finish_task(tr: _TaskRun, info_base: dict[str, Any], step: int, tmp: str, bar=None) -> dict[str, Any]:
     """Phase 4: collect the probes' metrics, log them with the results table and plot, close the run."""
     import ray
 
     metrics: dict[str, float] = {}
     errors = []
     for prefix, probe, ref in tr.pending:
+        if bar is not None:
+            ray.wait([ref], fetch_local=False)
+            bar.update(1, task=tr.task)
         try:
             for key, value in ray.get(ref).items():
                 name = key if key.startswith(probe) else f"{probe}_{key}"  # rankme's `rankme` stays `rankme`
@@ -427,16 +432,16 @@ def evaluate_checkpoint(
         raise ConfigError(f"eval.weights: teacher or student, got {ev.weights!r}")
     check_probe_names(ev)
     uri = cfg.tracking.tracking_uri
-    init_ray(cfg.ray)
-    _probe_task = _probe_task or ray.remote(max_retries=0)(_run_probe)
-    use_gpu = _use_gpu(ev)
-    probe_ev = dataclasses.replace(ev, use_gpu=use_gpu)
     cache = FeatureCache(ev.cache_dir or cfg.paths.under("feature_cache"))
 
     with tempfile.TemporaryDirectory(prefix="abpipe-eval-") as tmp:
         ckpt_dir, source_run, recorded_path = resolve_checkpoint(ref, uri, os.path.join(tmp, "download"))
         # validates the weights on the driver: clear errors
         _, model_cfg = load_frozen_model(ckpt_dir, which=ev.weights)
+        init_ray(cfg.ray)  # after the checkpoint checks: a bad path fails in a second, not after Ray's start-up
+        _probe_task = _probe_task or ray.remote(max_retries=0)(_run_probe)
+        use_gpu = _use_gpu(ev)
+        probe_ev = dataclasses.replace(ev, use_gpu=use_gpu)
         meta = read_meta(ckpt_dir)
         fingerprint = weights_fingerprint(ckpt_dir)
         key = key or checkpoint_key(meta, source_run, fingerprint)
@@ -504,19 +509,20 @@ def evaluate_checkpoint(
                     except Exception as exc:
                         tr.fail(exc)
             info_base = {"checkpoint": recorded_path, "step": meta.get("step", "?")}
-            for tr in runs:
-                if not tr.error:
-                    try:
-                        results[tr.task] = _finish_task(tr, info_base, int(meta.get("step") or 0), tmp)
-                    except Exception as exc:
-                        tr.fail(exc)
+            n_probes = sum(len(tr.pending) for tr in runs if not tr.error)
+            with console.progress("eval probes", total=n_probes, unit="probe") as bar:
+                for tr in runs:
+                    if not tr.error:
+                        try:
+                            results[tr.task] = _finish_task(tr, info_base, int(meta.get("step") or 0), tmp, bar)
+                        except Exception as exc:
+                            tr.fail(exc)
         except BaseException as exc:  # a checkpoint error or an interrupt: no run stays RUNNING
             for tr in runs:
                 if not tr.error and tr.task not in results:
                     tr.fail(exc)
             raise
     failures = {tr.task: tr.error for tr in runs if tr.error}
-    _print_summary(recorded_path, results, failures)
     return {
         "checkpoint": recorded_path,
         "checkpoint_key": key,
@@ -536,18 +542,16 @@ def _flat_metrics(results: dict[str, dict], n_tasks: int) -> dict[str, float]:
     return {f"{t}/{k}": v for t, r in results.items() for k, v in r["metrics"].items()}
 
 
-def _print_summary(checkpoint: str, results: dict[str, dict], failures: dict[str, str]) -> None:
-    print(f"[abpipe] eval of {checkpoint}")
-    for task, res in results.items():
-        cached = f", features from cache: {', '.join(res['cached'])}" if res["cached"] else ""
-        print(
-            f"  task {task}: {res['n_train']} train / {res['n_test']} test, skipped {res['skipped'] or 'none'}{cached}"
-        )
-        print(f"    {'metric':<22}{'pretrained':>11}{'random init':>13}")
-        for key, value, ref in res["rows"]:
-            print(f"    {key:<22}{value:>11.4f}{'' if ref is None else f'{ref:>13.4f}'}")
-    for task, message in failures.items():
-        print(f"  task {task}: FAILED: {message}")
+def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[tuple]]:
+    """The eval summary table: per task its split sizes, then each metric, pretrained next to random init."""
+    rows: list[tuple] = []
+    for task, res in result.get("tasks", {}).items():
+        cached = f", features cached: {', '.join(res['cached'])}" if res.get("cached") else ""
+        skipped = ", skipped " + ", ".join(f"{k} {v}" for k, v in res["skipped"].items()) if res.get("skipped") else ""
+        rows.append((f"{task} ({res['n_train']} train / {res['n_test']} test{skipped}{cached})", None, None))
+        rows += [(f"  {key}", value, ref) for key, value, ref in res["rows"]]
+    rows += [(f"{task}: FAILED", None, None) for task in result.get("failures", {})]
+    return ["task / metric", "pretrained", "random init"], rows
 
 
 def run_eval(cfg: Config) -> dict[str, Any]:
@@ -560,5 +564,5 @@ def run_eval(cfg: Config) -> dict[str, Any]:
     tasks = task_roots(cfg.eval)
     result = evaluate_checkpoint(cfg, cfg.eval.checkpoint, tasks)
     if result["failures"]:
-        raise EvalError(result["failures"])
+        raise EvalError(result["failures"], result)
     return result

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import console
 from pipeline.checkpoints import CheckpointError, checkpoint_key, read_meta, weights_fingerprint
 from pipeline.config import Config, ConfigError
 from pipeline.eval.job import RANDOM_PREFIX, check_probe_names, eval_signature, evaluate_checkpoint, task_roots
@@ -212,20 +213,24 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     )
     logger = RunLogger(uri, sweep_run)
     evaluated, skipped = [], []
+    bar = console.progress("sweep", total=len(refs) * len(tasks), unit="pair")
     try:
         for ref in refs:
             pending = {t: root for t, root in tasks.items() if (ref.key, t, signatures[t]) not in done}
             skipped += [(ref.key, t) for t in tasks if t not in pending]
+            bar.update(len(tasks) - len(pending), done=len(evaluated), skipped=len(skipped), failed=len(failures))
             if not pending:
                 continue
-            print(f"[abpipe] sweep: {ref.ref} (step {ref.step}) x {', '.join(pending)}", flush=True)
+            console.note(f"sweep: {ref.ref} (step {ref.step}) x {', '.join(pending)}")
             try:
                 result = evaluate_checkpoint(cfg, ref.ref, pending, key=ref.key)
             except (CheckpointError, OSError) as exc:
                 failures += [_failure(ref, t, f"{type(exc).__name__}: {exc}") for t in pending]
-                continue
-            evaluated += [(ref.key, t) for t in result["tasks"]]
-            failures += [_failure(ref, t, msg) for t, msg in result["failures"].items()]
+            else:
+                evaluated += [(ref.key, t) for t in result["tasks"]]
+                failures += [_failure(ref, t, msg) for t, msg in result["failures"].items()]
+            bar.update(len(pending), done=len(evaluated), skipped=len(skipped), failed=len(failures))
+        bar.close()
         experiments = _experiment_ids(client, cfg, runs)  # the first eval may have created cfg's experiment
         done = _finished_evals(client, experiments)
         records = []
@@ -289,15 +294,10 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
             step=0,
         )
     except BaseException:
+        bar.close()
         logger.finish("FAILED")
         raise
     logger.finish()
-    print(
-        f"[abpipe] sweep: {total} pairs: {len(evaluated)} evaluated, {len(skipped)} already done, {len(failures)} "
-        "failed"
-    )
-    with open(paths[0]) as fh:
-        print(fh.read())
     return {
         "run_id": sweep_run,
         "pairs": total,
@@ -307,6 +307,18 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         "table": {"header": header, "rows": rows},
         "output": out_dir,
     }
+
+
+def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[list]]:
+    """The sweep's comparison table (a row per pretraining run, its newest evaluated checkpoint)."""
+    return list(result["table"]["header"]), [list(r) for r in result["table"]["rows"]]
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    return (
+        f"sweep: {result['pairs']} pairs: {len(result['evaluated'])} evaluated, {len(result['skipped'])} already done, "
+        f"{len(result['failures'])} failed; tables and failures in {result['output']}"
+    )
 
 
 def _failure(ref: CheckpointRef, task: str, message: str) -> dict[str, str]:

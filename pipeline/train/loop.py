@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from pipeline.config import Config, config_from_dict
+from pipeline.console import StepReporter
 from pipeline.objectives.registry import build_objective
 from pipeline.tracking import RunLogger
 from pipeline.train.checkpointing import Checkpointer, Counters, restore
@@ -36,7 +37,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from pipeline.train.distributed import RaySession
 
     cfg = config_from_dict(loop_config["config"])
-    train(cfg, RaySession(), loop_config.get("mlflow_run_id"), loop_config.get("init_from_dir"))
+    train(
+        cfg,
+        RaySession(),
+        loop_config.get("mlflow_run_id"),
+        loop_config.get("init_from_dir"),
+        progress=loop_config.get("progress"),
+    )
 
 
 def batches(session: Session, cfg: Config, device: torch.device) -> Iterator[dict]:
@@ -71,7 +78,7 @@ def _endless(session: Session, name: str, cfg: Config, device: torch.device) -> 
             )
 
 
-def start(cfg: Config, session: Session, device: torch.device, init_from_dir: str | None):
+def start(cfg: Config, session: Session, device: torch.device, init_from_dir: str | None, reporter: StepReporter):
     """(objective, optimiser, counters): restored from the session's checkpoint, else fresh (MAWS: from
     `train.init_from`). Seeded per rank, as before; DDP then starts every worker from rank 0's weights."""
     torch.manual_seed(cfg.train.seed + session.rank)
@@ -87,27 +94,34 @@ def start(cfg: Config, session: Session, device: torch.device, init_from_dir: st
         if checkpoint_dir is None:
             return objective, optimizer, Counters()
         counters = restore(checkpoint_dir, objective, optimizer, device)
-    if session.rank == 0:
-        print(f"[abpipe] resumed from step {counters.step} ({counters.views_seen:,} views seen)", flush=True)
+    reporter.note(f"resumed from step {counters.step} ({counters.views_seen:,} views seen)")
     return objective, optimizer, counters
 
 
-def train(cfg: Config, session: Session, mlflow_run_id: str | None = None, init_from_dir: str | None = None) -> dict:
+def train(
+    cfg: Config,
+    session: Session,
+    mlflow_run_id: str | None = None,
+    init_from_dir: str | None = None,
+    progress: str | None = None,
+) -> dict:
     """Run the loop on `session` until `train.total_views` are seen; returns the last logged metrics.
 
     `mlflow_run_id` is the run the driver created (or found in the run's record) for this training run;
-    `init_from_dir` is the driver's local copy of `train.init_from` (MAWS staging).
+    `init_from_dir` is the driver's local copy of `train.init_from` (MAWS staging); `progress` names the
+    driver's progress board (pipeline.console), which rank 0 feeds; without one, the lines are notes.
     """
     rank, device = session.rank, session.device(cfg.train.use_gpu)
     if device.type == "cpu" and cfg.train.cpus_per_worker >= 1:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     budget = Budget.from_config(cfg, session.world_size)
-    objective, optimizer, counters = start(cfg, session, device, init_from_dir)
+    reporter = StepReporter(progress, rank, budget.total_steps)  # the driver's bar + notes
+    objective, optimizer, counters = start(cfg, session, device, init_from_dir, reporter)
     step = TrainStep(
         cfg, objective, session.prepare_model(objective, objective.find_unused_parameters), optimizer, budget, device
     )
     logger = RunLogger(cfg.tracking.tracking_uri, mlflow_run_id, enabled=rank == 0)
-    monitor = Monitor(cfg, budget.total_steps, rank, logger, device)
+    monitor = Monitor(cfg, budget.total_steps, rank, logger, device, reporter)
     checkpointer = Checkpointer(cfg, session, objective, optimizer, logger, mlflow_run_id, budget.total_steps)
 
     objective.train()
@@ -123,6 +137,8 @@ def train(cfg: Config, session: Session, mlflow_run_id: str | None = None, init_
             monitor.check(counters)  # skipped steps: reported, and too many in a row stop the run
         if logging:
             monitor.log(counters, result, objective, batch)
+        # rank 0's step to the driver's bar (the loss only on logging steps: no host sync)
+        reporter.step(counters.step, counters.views_seen, monitor.last_metrics if logging else None)
         if checkpoint:
             checkpointer.save(counters, monitor.last_metrics)
         if counters.step >= budget.total_steps:

@@ -2,9 +2,10 @@
 
 Logging steps (every `train.log_every_steps`, and the last) read the step's loss, terms, metrics and
 gradient norms in one host transfer, add the schedules, throughput and (rank 0) collapse diagnostics,
-log them to MLflow and print one line. The skipped-step counters live on the device; `check` reads them
-at logging and checkpoint steps, reports new skips, and stops the run after `train.max_bad_steps`
-consecutive ones (a streak is therefore noticed at the next such step, not at the step it reaches the limit).
+log them to MLflow and hand them to the console's StepReporter (one line per logging step). The
+skipped-step counters live on the device; `check` reads them at logging and checkpoint steps, reports
+new skips, and stops the run after `train.max_bad_steps` consecutive ones (a streak is therefore
+noticed at the next such step, not at the step it reaches the limit).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import torch
 
 from pipeline.config import Config
+from pipeline.console import StepReporter
 from pipeline.models.ab_model import images_to_float
 from pipeline.models.encoder import pooled_features
 from pipeline.objectives.base import Objective
@@ -67,8 +69,17 @@ def _host_values(values: dict[str, object]) -> dict[str, float]:
 
 
 class Monitor:
-    def __init__(self, cfg: Config, total_steps: int, rank: int, logger: RunLogger, device: torch.device):
+    def __init__(
+        self,
+        cfg: Config,
+        total_steps: int,
+        rank: int,
+        logger: RunLogger,
+        device: torch.device,
+        reporter: StepReporter | None = None,
+    ):
         self.cfg, self.total_steps, self.rank, self.logger = cfg, total_steps, rank, logger
+        self.reporter = reporter or StepReporter(None, rank, total_steps)
         self.bad = BadSteps(device)
         self.last_metrics: dict = {}
         self.window_start, self.window_views = time.perf_counter(), 0
@@ -88,10 +99,9 @@ class Monitor:
             return
         counters.bad_steps += new
         self.logger.metrics({"bad_steps": counters.bad_steps}, counters.step)
-        print(
-            f"[abpipe] step {counters.step}: {new} non-finite step(s) skipped ({streak} in a row, {counters.bad_steps} "
-            "in all)",
-            flush=True,
+        self.reporter.note(
+            f"step {counters.step}: {new} non-finite step(s) skipped ({streak} in a row, {counters.bad_steps} in all)",
+            warning=True,
         )
         if streak >= self.cfg.train.max_bad_steps:
             self.logger.finish("FAILED")
@@ -121,12 +131,4 @@ class Monitor:
             metrics.update(step_diagnostics({**out.diagnostics, **encoder_diagnostics(objective, batch)}))
         self.logger.metrics(metrics, counters.step)
         self.last_metrics = metrics
-        if self.rank == 0:
-            terms = " ".join(f"{k} {metrics[f'loss_{k}']:.4f}" for k in out.terms)
-            print(
-                f"[abpipe] step {counters.step}/{self.total_steps} views {counters.views_seen:,} "
-                f"loss {metrics['loss']:.4f} ({terms}) "
-                f"lr {result.lr:.2e} ema {result.ema_rate:.5f} {metrics['views_per_s']:.0f} views/s",
-                flush=True,
-            )
         self.window_start, self.window_views = time.perf_counter(), 0

@@ -12,8 +12,8 @@ import os
 import time
 from typing import Any
 
-from pipeline import tracking
-from pipeline.checkpoints import latest_checkpoint_dir, read_run_record, write_run_record
+from pipeline import console, tracking
+from pipeline.checkpoints import latest_checkpoint_dir, read_meta, read_run_record, write_run_record
 from pipeline.config import Config, ConfigError
 from pipeline.runtime import init_ray
 from pipeline.train.loop import train_loop_per_worker
@@ -38,9 +38,18 @@ def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
             "lower those settings or add CPUs"
         )
         if cfg.ray.address:  # an autoscaling cluster may still grow: warn instead of refusing
-            print(f"[abpipe] WARNING: {message}", flush=True)
+            console.warn(message)
         else:
             raise ConfigError(message)
+
+
+def check_shards(cfg: Config) -> None:
+    """Every shard set the run reads has its `_stats.json`: a wrong path fails before Ray starts."""
+    from pipeline.data.mixing import stream_size
+
+    stream_size(cfg.data.shards, cfg.data.mixture)
+    if cfg.data.decoupled:
+        stream_size(cfg.data.annotation_shards, cfg.data.annotation_mixture)
 
 
 def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
@@ -95,6 +104,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     cfg = cfg.resolved()
+    check_shards(cfg)
     init_ray(cfg.ray)
     cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
     check_cpu_budget(cfg, cluster_cpus)
@@ -102,8 +112,10 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     os.makedirs(storage, exist_ok=True) if "://" not in storage else None
 
     previous = latest_checkpoint_dir(storage, cfg.train.run_name) if "://" not in storage else None
+    start_step = 0
     if previous:
-        print(f"[abpipe] resuming run '{cfg.train.run_name}' from {previous}", flush=True)
+        start_step = int(read_meta(previous).get("step", 0))
+        console.note(f"resuming run '{cfg.train.run_name}' from {previous}")
     record = read_run_record(storage, cfg.train.run_name)
     run_id = record.get("mlflow_run_id") if record else None
     init = None  # MAWS stage: resolve train.init_from once here (a resumed run has its own weights)
@@ -120,12 +132,14 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
                 storage, cfg.train.run_name, {"mlflow_run_id": run_id, "tracking_uri": cfg.tracking.tracking_uri}
             )
 
+    board = console.board_name()  # rank 0 reports its progress to this actor; the driver draws the bar
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
             "mlflow_run_id": run_id,
             "init_from_dir": init.directory if init else None,
+            "progress": board,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -142,16 +156,34 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     )
     started = time.perf_counter()
     logger = tracking.RunLogger(cfg.tracking.tracking_uri, run_id)
+    total_steps = Budget.from_config(cfg, cfg.train.num_workers).total_steps
     try:
-        result = trainer.fit()
-    except Exception:
+        with console.remote_progress(board, "train", total_steps, unit="step", initial=min(start_step, total_steps)):
+            result = trainer.fit()
+    except BaseException:
         logger.finish("FAILED")
         raise
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     logger.tags({"abpipe.checkpoint_path": checkpoint_path or "", "abpipe.storage_path": storage})
     logger.metrics({"wall_time_s": time.perf_counter() - started}, int(result.metrics.get("step", 0)))
     logger.finish()
-    return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": dict(result.metrics)}
+    wall_s = time.perf_counter() - started
+    metrics, name = dict(result.metrics), cfg.train.run_name
+    return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": metrics, "run_name": name, "wall_s": wall_s}
+
+
+def summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The pretraining summary table: which run, how far, the last logged loss and rate, where the weights are."""
+    metrics = result.get("metrics", {})
+    rows: list[tuple[str, Any]] = [("run", result.get("run_name", ""))]
+    rows.append(("MLflow run", result.get("run_id") or "(not tracked)"))
+    if "step" in metrics:
+        rows.append(("steps", int(metrics["step"])))
+    labels = {"loss": "loss", "views_per_s": "views/s", "views_seen": "views seen"}
+    rows += [(label, metrics[key]) for key, label in labels.items() if key in metrics]
+    rows += [("wall time", f"{result['wall_s']:.0f} s")] if "wall_s" in result else []
+    rows.append(("checkpoint", result.get("checkpoint") or "(none)"))
+    return rows
 
 
 def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> str | None:
@@ -172,5 +204,5 @@ def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> 
             },
         )
     except Exception as exc:  # tracking is best-effort; checkpoints are the source of truth
-        print(f"[abpipe] WARNING: MLflow unavailable ({exc}); training without tracking", flush=True)
+        console.warn(f"MLflow unavailable ({exc}); training without tracking")
         return None

@@ -18,7 +18,8 @@ import json
 import math
 from typing import Any
 
-from pipeline.config import ConfigError, IngestConfig
+from pipeline import console
+from pipeline.config import ConfigError, IngestConfig, InputError
 from pipeline.data.schema import BAD_ANNOTATION
 from pipeline.data.storage import join, read_bytes
 
@@ -29,16 +30,16 @@ def _load_json(uri: str, what: str) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what}: file not found: {uri}") from None
     except ValueError as exc:
-        raise ValueError(f"{what}: {uri} is not valid json: {exc}") from None
+        raise InputError(f"{what}: {uri} is not valid json: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{what}: {uri} must hold a json object")
+        raise InputError(f"{what}: {uri} must hold a json object")
     return data
 
 
 def _section(data: dict, key: str, uri: str) -> list:
     value = data.get(key)
     if not isinstance(value, list):
-        raise ValueError(f"{uri}: missing or malformed '{key}' list (not a COCO annotation file?)")
+        raise InputError(f"{uri}: missing or malformed '{key}' list (not a COCO annotation file?)")
     return value
 
 
@@ -125,10 +126,8 @@ def list_items(cfg: IngestConfig) -> list[dict[str, Any]]:
         items.append(item)
     orphans = sum(len(anns) for image_id, anns in by_image.items() if image_id not in seen)
     if orphans:
-        print(
-            f"[abpipe] ingest coco: {orphans} annotations name an image id absent from 'images' in {coco.instances}; "
-            "ignored",
-            flush=True,
+        console.note(
+            f"ingest coco: {orphans} annotations name an image id absent from 'images' in {coco.instances}; ignored"
         )
     return sorted(items, key=lambda it: (it["input"], it["id"]))
 

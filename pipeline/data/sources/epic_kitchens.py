@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, IngestConfig
+from pipeline import console
+from pipeline.config import ConfigError, IngestConfig, InputError
 from pipeline.data.schema import BadImage
 from pipeline.data.sources.frames import tar_frame_members, video_frame_count
 from pipeline.data.storage import join, list_dir, read_bytes
@@ -50,7 +51,7 @@ FRAME_NUMBER = re.compile(r"frame_(\d+)\.(?:jpg|png)$")
 
 
 def _warn(message: str) -> None:
-    print(f"[abpipe] ingest epic_kitchens: {message}", flush=True)
+    console.note(f"ingest epic_kitchens: {message}")
 
 
 # -- actions (EPIC_100_train.csv) -------------------------------------------------------------------
@@ -68,7 +69,7 @@ class ActionIndex:
             raise FileNotFoundError(f"ingest.epic.annotations_csv: file not found: {csv_uri}") from None
         absent = [c for c in NEEDED_COLUMNS if c not in table.columns]
         if absent:
-            raise ValueError(
+            raise InputError(
                 f"{csv_uri}: missing columns {absent}; an EPIC_100 annotations csv has {list(CSV_COLUMNS)}"
             )
         table["start_frame"] = pd.to_numeric(table["start_frame"], errors="coerce")
@@ -149,7 +150,7 @@ def load_visor(epic) -> dict[str, dict[int, dict[str, Any]]]:
         except FileNotFoundError:
             raise FileNotFoundError(f"ingest.epic.visor_json: file not found: {uri}") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(
+            raise InputError(
                 f"{uri}: not a VISOR annotation file (expected {{'video_annotations': [...]}}): {exc}"
             ) from None
         for entry in entries:

@@ -23,6 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from pipeline import console
 from pipeline.config import ConfigError, IngestConfig, RayConfig
 from pipeline.data.schema import INCOMPLETE, MANIFEST_COLUMNS, OK, STATUSES
 from pipeline.data.sources.img2dataset_shards import (
@@ -128,8 +129,9 @@ def _prepare(listing: UrlList, ing: IngestConfig, source: str) -> None:
 class _Normaliser:
     """Normalises img2dataset shards as they finish, on a few threads, while the download goes on."""
 
-    def __init__(self, raw_dir: str, ing: IngestConfig, source: str, digits: int, wanted: set[int]):
+    def __init__(self, raw_dir: str, ing: IngestConfig, source: str, digits: int, wanted: set[int], bar=None):
         self.raw_dir, self.ing, self.source, self.digits, self.wanted = raw_dir, ing, source, digits, wanted
+        self.bar, self.kept, self.skipped, self.lock = bar, 0, 0, threading.Lock()
         self.done = normalised_shards(ing.output)
         self.futures: dict[int, Future] = {}
         self.pool = ThreadPoolExecutor(max_workers=max(1, ing.cc12m.processes))
@@ -143,14 +145,17 @@ class _Normaliser:
     def _normalise(self, shard_id: int) -> None:
         rows = normalise_shard(shard_id, self.raw_dir, self.ing.output, self.source, self.ing, self.digits)
         kept = sum(r["status"] == OK for r in rows)
-        print(f"[abpipe] shard {shard_id}: {kept}/{len(rows)} kept", flush=True)
+        with self.lock:
+            self.kept, self.skipped = self.kept + kept, self.skipped + len(rows) - kept
+            if self.bar is not None:
+                self.bar.update(len(rows), kept=self.kept, skipped=self.skipped)
 
     def _watch(self) -> None:
         while not self.stopped.wait(POLL_SECONDS):
             try:
                 self._submit_finished()
             except Exception as exc:  # a listing hiccup: the final pass catches up
-                print(f"[abpipe] WARNING: listing {self.raw_dir} failed ({exc}); retrying", flush=True)
+                console.warn(f"listing {self.raw_dir} failed ({exc}); retrying")
 
     def __enter__(self) -> "_Normaliser":
         self.thread.start()
@@ -177,7 +182,7 @@ class _Normaliser:
                 )
                 fs, raw_base = filesystem(self.raw_dir)
                 fs.delete_file(posixpath.join(raw_base, f"{shard_id:0{self.digits}d}{RAW_STATS_SUFFIX}"))
-                print(f"[abpipe] WARNING: {failures[shard_id]}", flush=True)
+                console.warn(failures[shard_id])
         self.pool.shutdown()
         return failures
 
@@ -212,6 +217,17 @@ def _collect_manifest(listing: UrlList, ing: IngestConfig, source: str, num_shar
     return manifest.sort_values("key").reset_index(drop=True)
 
 
+def _img2dataset_log(output: str) -> str:
+    """img2dataset's own prints (per-shard stats, its shard bar) go to a file beside the shards (or, for
+    a remote output, in the temp dir) unless --verbose: abpipe's bar already shows the progress."""
+    if "://" in output:
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), f"abpipe-img2dataset-{os.getpid()}.log")
+    os.makedirs(output, exist_ok=True)
+    return os.path.join(os.path.abspath(output), "_img2dataset.log")
+
+
 def ingest_url_captions(ing: IngestConfig, ray_cfg: RayConfig | None = None, source: str = "cc12m") -> dict[str, Any]:
     """Download + normalise `ing.input` into `ing.output`; resumes where a previous run stopped."""
     import pyarrow as pa
@@ -229,21 +245,27 @@ def ingest_url_captions(ing: IngestConfig, ray_cfg: RayConfig | None = None, sou
     from pipeline.data.sources.img2dataset_runner import download, shard_digits  # imports OpenCV: only when needed
 
     digits = shard_digits(num_shards)
+    per_shard = ing.samples_per_shard
     normaliser = _Normaliser(raw_dir, ing, source, digits, wanted)
     to_fetch = wanted - normaliser.done - finished_raw_shards(raw_dir)
-    print(
-        f"[abpipe] {source}: {listing.total} listed, {len(listing.refused)} refused, {num_shards} download shards, "
-        f"{len(to_fetch)} to fetch",
-        flush=True,
+    console.note(
+        f"{source}: {listing.total} listed, {len(listing.refused)} refused, "
+        f"{num_shards} download shards, {len(to_fetch)} to fetch"
     )
-    if to_fetch:
-        if ing.cc12m.distributor == "ray":
-            from pipeline.runtime import init_ray
+    initial = sum(min(per_shard, len(listing.keys) - i * per_shard) for i in normaliser.done & wanted)
+    with console.progress(f"ingest {source}", total=len(listing.keys), unit="img", initial=initial) as bar:
+        normaliser.bar = bar
+        if to_fetch:
+            if ing.cc12m.distributor == "ray":
+                from pipeline.runtime import init_ray
 
-            init_ray(ray_cfg)
-        with normaliser:
-            download(_join(ing.output, INPUT_FILE), raw_dir, ing, num_shards)
-    failures = normaliser.finish()
+                init_ray(ray_cfg)
+            log = _img2dataset_log(ing.output)
+            if not console.verbose():
+                console.note(f"img2dataset's own output: {log}")
+            with normaliser, console.captured(log):
+                download(_join(ing.output, INPUT_FILE), raw_dir, ing, num_shards)
+        failures = normaliser.finish()
 
     manifest = _collect_manifest(listing, ing, source, num_shards, failures)
     fs, base = filesystem(ing.output)
