@@ -102,8 +102,9 @@ def test_non_logging_steps_do_not_sync_with_the_host(tmp_path):
     per_step = [syncs.seen[a:b] for a, b in zip(data.marks, data.marks[1:])]
     logging = [(i + 1) % log_every == 0 for i in range(len(per_step))]
     assert logging == [False, False, True, False, False, True]
-    # The first step uploads the image normalisation constants, once per device (models.ab_model).
-    assert per_step[0] == ["tensor", "tensor"], per_step
+    # The first step uploads the image normalisation constants, once per device and process (models.ab_model):
+    # none when an earlier test in this process already did.
+    assert per_step[0] in (["tensor", "tensor"], []), per_step
     assert [len(seen) for seen, is_logged in zip(per_step[1:], logging[1:]) if not is_logged] == [0, 0, 0], per_step
     assert all(seen for seen, is_logged in zip(per_step, logging) if is_logged), (
         "the counter must see the logging steps' reads"
