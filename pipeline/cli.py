@@ -1,4 +1,4 @@
-"""`abpipe ingest|train|eval|sweep|demo`: thin calls into the modules, all sharing one config system.
+"""`abpipe ingest|train|eval|sweep|export|demo`: thin calls into the modules, all sharing one config system.
 
 Every command takes `--config FILE.yaml` and any number of dotted overrides (`train.lr=3e-4`).
 """
@@ -68,6 +68,26 @@ def cmd_sweep(args) -> dict:
     return run_sweep(_load(args))
 
 
+def cmd_export(args) -> dict:
+    """`export REF --out DIR [--weights teacher|student] [--name N] [--no-register] [overrides]`."""
+    import os
+
+    from pipeline.export import CheckpointError, ExportError, run_export
+
+    words = [o for o in args.overrides if "=" not in o]
+    if len(words) != 1:
+        raise ConfigError(f"export takes one checkpoint directory or MLflow run id, got {words or 'none'}")
+    raw = load_config(args.config, [o for o in args.overrides if "=" in o])
+    explicit_uri = raw.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    try:
+        result = run_export(words[0], args.out, args.weights, explicit_uri, raw.resolved().tracking.tracking_uri,
+                            register_model=not args.no_register, name=args.name)
+    except (CheckpointError, ExportError) as exc:
+        print(f"abpipe: export failed: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return result.to_dict()
+
+
 def cmd_demo(args) -> dict:
     from pipeline.demo import run_demo
 
@@ -79,6 +99,7 @@ COMMANDS = {
     "train": (cmd_train, "pretrain (objective.name: ab_simclr, ab_clip or a baseline) on shards with Ray Train; resumes from the latest checkpoint"),
     "eval": (cmd_eval, "frozen-feature probes of a checkpoint (dir or MLflow run) on eval tasks"),
     "sweep": (cmd_sweep, "evaluate every checkpoint x task of pretraining runs, skipping pairs already done"),
+    "export": (cmd_export, "a checkpoint's encoder (dir or MLflow run id) as timm model.safetensors + config.json + model card"),
     "demo": (cmd_demo, "the whole pipeline on shipped data: ingest -> pretrain -> eval"),
 }
 
@@ -96,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.usage = "abpipe ingest [SOURCE] [--input/--urls PATH] [--out DIR|s3://...] [--config F] [section.key=value ...]"
             p.add_argument("--input", "--urls", dest="input", default=None, help="ingest.input: a folder, a file list, or a url+caption list")
             p.add_argument("--out", dest="out", default=None, help="ingest.output: the shard directory (local or s3://...)")
+        if name == "export":
+            p.usage = "abpipe export CHECKPOINT_DIR|RUN_ID --out DIR [--weights teacher|student] [--name NAME] [--no-register] [section.key=value ...]"
+            p.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+            p.add_argument("--weights", choices=("teacher", "student"), default="teacher", help="which encoder (default: the EMA teacher)")
+            p.add_argument("--name", default=None, help="MLflow registered model name (default abpipe-<run name>)")
+            p.add_argument("--no-register", action="store_true", help="do not log/register the export in MLflow")
     return parser
 
 
