@@ -279,6 +279,9 @@ class TrackingConfig:
     tracking_uri: str = ""  # default sqlite:///<paths.root>/mlflow.db
     experiment: str = "abpipe"
     log_checkpoints: bool = True  # checkpoint weights as MLflow artifacts
+    # A fresh run logs what the model sees (source images + crop boxes, crops, annotations); its end, learning curves.
+    log_preview: bool = True
+    preview_images: int = 8  # source images in that preview (the first of the first shard)
 
 
 @dataclass

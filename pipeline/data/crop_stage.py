@@ -68,7 +68,8 @@ class MultiViewCropper:
     In: `key` (or WebDataset's `__key__`) str, `jpg` bytes, `json` str/bytes meta.
     Out: `views` (B, M, S, S, 3) uint8, `boxes` (B, M, 4) float32 in the image's [0, 1] frame,
     `ann_views` (B, A, S, S, 3) uint8; with `keep_meta` also `key` and `labels` (str, first label
-    or ""). Those are off by default because `iter_torch_batches` (the trainer) cannot carry string
+    or ""), and with text annotations `texts` (the strings behind `tokens`). Those are off by
+    default because `iter_torch_batches` (the trainer) cannot carry string
     columns. With text annotations (`views.text.source` captions/boxes, and annotation views to pair
     them with) also `tokens` (B, context_length) int64: one string per image per epoch, picked with
     its own generator seeded like the crops (so the views are the same with or without text), and
@@ -149,6 +150,8 @@ class MultiViewCropper:
 
             chosen = [pick(t, self.text_rng_for(key, epoch)) for t, (key, _, _), epoch in zip(texts, kept, epochs)]
             out["tokens"] = tokenize(self.tokenizer, chosen, self.text.context_length)
+            if self.keep_meta:
+                out["texts"] = np.array(chosen, dtype=object)
         if self.keep_meta:
             out["key"] = np.array([k for k, _, _ in kept], dtype=object)
             out["labels"] = np.array([_first_label(meta) for _, _, meta in kept], dtype=object)

@@ -134,18 +134,45 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         ),
         datasets=build_training_datasets(cfg, cluster_cpus),
     )
-    started = time.perf_counter()
     logger = tracking.RunLogger(cfg.tracking.tracking_uri, run_id)
+    if cfg.tracking.log_preview and not previous:
+        _log_preview(cfg, logger)
+    started = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception:
+        _log_learning_curves(cfg, run_id, logger)
         logger.finish("FAILED")
         raise
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     logger.tags({"abpipe.checkpoint_path": checkpoint_path or "", "abpipe.storage_path": storage})
     logger.metrics({"wall_time_s": time.perf_counter() - started}, int(result.metrics.get("step", 0)))
+    _log_learning_curves(cfg, run_id, logger)
     logger.finish()
     return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": dict(result.metrics)}
+
+
+def _log_preview(cfg: Config, logger: tracking.RunLogger) -> None:
+    """Source images with their crop boxes, the crops, the annotation views (pipeline/train/preview.py)."""
+    if not logger.enabled:
+        return
+    try:
+        from pipeline.train.preview import log_preview
+
+        log_preview(cfg, logger)
+    except Exception as exc:  # noqa: BLE001 - a picture must never stop a run
+        print(f"[abpipe] WARNING: no start-of-run preview images ({type(exc).__name__}: {exc})", flush=True)
+
+
+def _log_learning_curves(cfg: Config, run_id: str | None, logger: tracking.RunLogger) -> None:
+    if not (cfg.tracking.log_preview and logger.enabled and run_id):
+        return
+    try:
+        from pipeline.train.preview import log_learning_curves
+
+        log_learning_curves(cfg.tracking.tracking_uri, run_id, logger, f"{cfg.train.run_name} ({cfg.objective.name})")
+    except Exception as exc:  # noqa: BLE001
+        print(f"[abpipe] WARNING: no learning-curve figure ({type(exc).__name__}: {exc})", flush=True)
 
 
 def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> str | None:
