@@ -99,7 +99,7 @@ COMMANDS = {
     "train": (cmd_train, "pretrain (objective.name: ab_simclr, ab_clip or a baseline) on shards with Ray Train; resumes from the latest checkpoint"),
     "eval": (cmd_eval, "frozen-feature probes of a checkpoint (dir or MLflow run) on eval tasks"),
     "sweep": (cmd_sweep, "evaluate every checkpoint x task of pretraining runs, skipping pairs already done"),
-    "export": (cmd_export, "a checkpoint's encoder (dir or MLflow run id) as timm model.safetensors + config.json + model card"),
+    "export": (cmd_export, "a checkpoint's encoder (dir or run id) as timm model.safetensors + config.json + card"),
     "demo": (cmd_demo, "the whole pipeline on shipped data: ingest -> pretrain -> eval"),
 }
 
@@ -118,9 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input", "--urls", dest="input", default=None, help="ingest.input: a folder, a file list, or a url+caption list")
             p.add_argument("--out", dest="out", default=None, help="ingest.output: the shard directory (local or s3://...)")
         if name == "export":
-            p.usage = "abpipe export CHECKPOINT_DIR|RUN_ID --out DIR [--weights teacher|student] [--name NAME] [--no-register] [section.key=value ...]"
+            p.usage = (
+                "abpipe export CHECKPOINT_DIR|RUN_ID --out DIR [--weights teacher|student] [--name NAME] "
+                "[--no-register] [section.key=value ...]"
+            )
             p.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
-            p.add_argument("--weights", choices=("teacher", "student"), default="teacher", help="which encoder (default: the EMA teacher)")
+            p.add_argument("--weights", choices=("teacher", "student"), default="teacher", help="default: EMA teacher")
             p.add_argument("--name", default=None, help="MLflow registered model name (default abpipe-<run name>)")
             p.add_argument("--no-register", action="store_true", help="do not log/register the export in MLflow")
     return parser

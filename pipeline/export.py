@@ -34,7 +34,16 @@ import torch
 
 from pipeline.config import Config
 from pipeline.eval.checkpoints import resolve_checkpoint
-from pipeline.models.checkpoint import META_FILE, STATE_FILE, CheckpointError, checkpoint_config, encoder_state, file_sha256, load_state, read_meta
+from pipeline.models.checkpoint import (
+    META_FILE,
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_config,
+    encoder_state,
+    file_sha256,
+    load_state,
+    read_meta,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -87,7 +96,10 @@ def check_tensors(expected: dict[str, torch.Tensor], given: dict[str, torch.Tens
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected: {names(unexpected)}")
     if shapes:
-        problems.append(f"{len(shapes)} with another shape: " + names([f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes]))
+        problems.append(
+            f"{len(shapes)} with another shape: "
+            + names([f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes])
+        )
     if problems:
         raise ExportError(f"{what}: {len(given)} tensors for a model of {len(expected)}; " + "; ".join(problems))
     return len(expected)
@@ -123,7 +135,18 @@ def _timm_config(model: torch.nn.Module, image_size: int) -> dict[str, Any]:
     shorter-side resize + centre crop at the trained view size (the eval job's `crop` mode)."""
     from pipeline.models.ab_model import IMAGENET_MEAN, IMAGENET_STD
 
-    provenance = ("url", "hf_hub_id", "file", "state_dict", "license", "origin_url", "paper_ids", "paper_name", "notes", "tag")
+    provenance = (
+        "url",
+        "hf_hub_id",
+        "file",
+        "state_dict",
+        "license",
+        "origin_url",
+        "paper_ids",
+        "paper_name",
+        "notes",
+        "tag",
+    )
     cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if k not in provenance}
     cfg.update(
         tag="abpipe",
@@ -160,13 +183,17 @@ def load_exported(directory: str | os.PathLike) -> tuple[torch.nn.Module, int]:
         raise ExportError(f"{directory}: unreadable {CONFIG_FILE}: {exc}") from None
     weights = directory / WEIGHTS_FILE
     overlay = dict(cfg["pretrained_cfg"], file=str(weights))  # carries num_classes=0: timm loads strictly
-    model = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **cfg.get("model_args", {}))
+    model = timm.create_model(
+        cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **cfg.get("model_args", {})
+    )
     tensors = load_file(str(weights))
     state = model.state_dict()
     count = check_tensors(state, tensors, f"{weights} in timm's {cfg['architecture']}")
     differ = [k for k, v in tensors.items() if not torch.equal(state[k], v)]
     if differ:
-        raise ExportError(f"{weights}: timm did not load {len(differ)} of {count} tensors (e.g. {', '.join(differ[:5])})")
+        raise ExportError(
+            f"{weights}: timm did not load {len(differ)} of {count} tensors (e.g. {', '.join(differ[:5])})"
+        )
     return model.eval(), count
 
 
@@ -186,11 +213,16 @@ def probe_results(tracking_uri: str, run_id: str) -> list[dict[str, Any]]:
     for run in client.search_runs(experiments, filter_string=query, max_results=1000):
         metrics = {k: v for k, v in run.data.metrics.items() if k not in _BOOKKEEPING and not k.startswith("skipped/")}
         for metric, value, random_init in result_rows(metrics):
-            rows.append({
-                "task": run.data.tags.get("abpipe.task", run.info.run_name or ""),
-                "step": run.data.tags.get("abpipe.checkpoint_step", ""),
-                "metric": metric, "value": value, "random_init": random_init, "run_id": run.info.run_id,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "task": run.data.tags.get("abpipe.task", run.info.run_name or ""),
+                    "step": run.data.tags.get("abpipe.checkpoint_step", ""),
+                    "metric": metric,
+                    "value": value,
+                    "random_init": random_init,
+                    "run_id": run.info.run_id,
+                }
+            )
     return sorted(rows, key=lambda r: (r["task"], str(r["step"]).zfill(12), r["metric"]))
 
 
@@ -203,52 +235,106 @@ def _probe_table(rows: list[dict[str, Any]], step: int | None) -> list[str]:
     return lines
 
 
-def model_card(cfg: Config, meta: dict[str, Any], result: ExportResult, sha256: str, probes: list[dict[str, Any]] | None, tracking_uri: str | None) -> str:
+_LOAD_SNIPPET = """\
+```python
+import json, timm
+from safetensors.torch import load_file
+
+model = timm.create_model("local-dir:.", pretrained=True)  # this folder (timm with local-dir:, e.g. {timm})
+cfg = json.load(open("config.json"))  # or, with any timm >= 1.0:
+overlay = dict(cfg["pretrained_cfg"], file="model.safetensors")  # all of it: num_classes=0 keeps timm strict
+model = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **cfg["model_args"])
+tensors = load_file("model.safetensors")  # plain tensors, timm's key names
+features = model.forward_head(model.forward_features(images), pre_logits=True)  # pooled, as abpipe's probes
+```
+
+Input: RGB at {size} px, ImageNet mean/std (`timm.data.resolve_data_config({{}}, model=model)`).
+"""
+
+
+def _described(mixture: dict[str, float], shards: str) -> str:
+    return ", ".join(f"{k} (weight {w:g})" for k, w in mixture.items()) or shards
+
+
+def model_card(
+    cfg: Config,
+    meta: dict[str, Any],
+    result: ExportResult,
+    sha256: str,
+    probes: list[dict[str, Any]] | None,
+    tracking_uri: str | None,
+) -> str:
     """README.md: what the weights are, how they were trained, what probes measured, how to load them."""
     import yaml
     from timm import __version__ as timm_version
 
-    data = ", ".join(f"{k} (weight {w:g})" for k, w in cfg.data.mixture.items()) or cfg.data.shards or "(not recorded)"
-    ann = ", ".join(f"{k} (weight {w:g})" for k, w in cfg.data.annotation_mixture.items()) or cfg.data.annotation_shards
-    v = cfg.views
+    v, t = cfg.views, cfg.train
+    data = _described(cfg.data.mixture, cfg.data.shards) or "(not recorded)"
+    ann = _described(cfg.data.annotation_mixture, cfg.data.annotation_shards)
+    views_seen = int(meta.get("views_seen") or 0)
+    workers = meta.get("world_size", t.num_workers)
     lines = [
-        "---", "library_name: timm", f"tags: [image-feature-extraction, timm, abpipe, {cfg.objective.name}]", "---", "",
-        f"# {cfg.train.run_name}: {cfg.objective.name} {result.architecture} encoder ({result.weights} weights)", "",
-        f"Exported by `abpipe export` from step {meta.get('step')} ({int(meta.get('views_seen') or 0):,} views seen) of "
-        f"MLflow run `{result.run_id or 'none'}`; `state.pt` sha256 `{sha256}`.", "",
-        "## Load", "", "```python", "import json, timm, torch", "from safetensors.torch import load_file", "",
-        f"model = timm.create_model('local-dir:.', pretrained=True)  # this folder (timm with local-dir:, e.g. {timm_version})",
-        "cfg = json.load(open('config.json'))  # or, with any timm >= 1.0:",
-        "model = timm.create_model(cfg['architecture'], pretrained=True,",
-        "                          pretrained_cfg_overlay=dict(cfg['pretrained_cfg'], file='model.safetensors'), **cfg['model_args'])",
-        "tensors = load_file('model.safetensors')  # plain tensors, timm's key names",
-        "features = model.forward_head(model.forward_features(images), pre_logits=True)  # pooled, as abpipe's probes",
-        "```", "",
-        f"Input: RGB at {v.view_size} px, ImageNet mean/std normalisation (`timm.data.resolve_data_config({{}}, model=model)`).", "",
-        "## Method and data", "",
-        f"- method: `{cfg.objective.name}` ({result.weights} encoder; methods without a teacher store the student under both names)",
-        f"- encoder: `{result.architecture}` {json.dumps(cfg.model.encoder_kwargs)} at {v.view_size} px, "
-        f"{result.parameters:,} parameters in {result.tensors} tensors",
+        "---",
+        "library_name: timm",
+        f"tags: [image-feature-extraction, timm, abpipe, {cfg.objective.name}]",
+        "---",
+        "",
+        f"# {t.run_name}: {cfg.objective.name} {result.architecture} encoder ({result.weights} weights)",
+        "",
+        (
+            f"Exported by `abpipe export` from step {meta.get('step')} ({views_seen:,} views seen) of MLflow run "
+            f"`{result.run_id or 'none'}`; `state.pt` sha256 `{sha256}`."
+        ),
+        "",
+        "## Load",
+        "",
+        _LOAD_SNIPPET.format(timm=timm_version, size=v.view_size),
+        "## Method and data",
+        "",
+        f"- method: `{cfg.objective.name}` ({result.weights} encoder; without a teacher, the student is both)",
+        (
+            f"- encoder: `{result.architecture}` {json.dumps(cfg.model.encoder_kwargs)} at {v.view_size} px, "
+            f"{result.parameters:,} parameters in {result.tensors} tensors"
+        ),
         f"- data: {data}" + (f"; annotations from {ann}" if ann else ""),
-        f"- views: {v.num_views} crops (scale {list(v.scale)}), {v.annotation_views} annotation views, {v.local_views} local views; "
-        f"text annotations: {v.text.source}",
-        f"- budget: {cfg.train.total_views:,} views, batch {cfg.train.batch_size} x {meta.get('world_size', cfg.train.num_workers)} workers, "
-        f"lr {cfg.train.lr:g}, seed {cfg.train.seed}", "",
-        "## Probe results", "",
-    ]  # fmt: skip
+        (
+            f"- views: {v.num_views} crops (scale {list(v.scale)}), {v.annotation_views} annotation views, "
+            f"{v.local_views} local views; text annotations: {v.text.source}"
+        ),
+        f"- budget: {t.total_views:,} views, batch {t.batch_size} x {workers} workers, lr {t.lr:g}, seed {t.seed}",
+        "",
+        "## Probe results",
+        "",
+    ]
     if probes:
-        lines += [f"Frozen-feature probes logged by `abpipe eval` in `{tracking_uri}`:", "", *_probe_table(probes, meta.get("step")), ""]
+        lines += [f"Frozen-feature probes logged by `abpipe eval` in `{tracking_uri}`:", ""]
+        lines += [*_probe_table(probes, meta.get("step")), ""]
     elif probes is None:
         lines += ["Not looked up: the checkpoint names no MLflow run, or the tracking store could not be read.", ""]
     else:
-        lines += [f"No evaluation runs of this run in `{tracking_uri}` yet (`abpipe eval --checkpoint {result.run_id}`).", ""]
+        lines += [
+            f"No evaluation runs of this run in `{tracking_uri}` yet (`abpipe eval --checkpoint {result.run_id}`).",
+            "",
+        ]
     lines += [
-        "## Export checks", "",
+        "## Export checks",
+        "",
         f"- {result.tensors} of {result.tensors} tensors of the timm model loaded (no missing or unexpected key)",
-        f"- features of the exported model vs the checkpoint's encoder: max abs difference {result.max_abs_diff:.3g} (CPU fp32)", "",
-        "## Full training config", "", "<details><summary>resolved config</summary>", "", "```yaml",
-        yaml.safe_dump(cfg.to_dict(), sort_keys=True).rstrip(), "```", "</details>", "",
-    ]  # fmt: skip
+        (
+            f"- features of the exported model vs the checkpoint's encoder: max abs diff {result.max_abs_diff:.3g} "
+            "(CPU fp32)"
+        ),
+        "",
+        "## Full training config",
+        "",
+        "<details><summary>resolved config</summary>",
+        "",
+        "```yaml",
+        yaml.safe_dump(cfg.to_dict(), sort_keys=True).rstrip(),
+        "```",
+        "</details>",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -272,14 +358,19 @@ def register(tracking_uri: str, run_id: str, out: str, name: str, weights: str, 
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     try:
         try:
-            client.create_registered_model(name, description="abpipe encoder exports (timm safetensors + config.json + model card)")
+            client.create_registered_model(
+                name, description="abpipe encoder exports (timm safetensors + config.json + model card)"
+            )
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         version = client.create_model_version(
-            name, source=source, run_id=run_id, tags={"abpipe.weights": weights, "abpipe.checkpoint_step": str(step)},
+            name,
+            source=source,
+            run_id=run_id,
+            tags={"abpipe.weights": weights, "abpipe.checkpoint_step": str(step)},
             description=f"{weights} encoder at step {step}",
-        )  # fmt: skip
+        )
     except MlflowException as exc:
         return {"skipped": f"the tracking store has no model registry ({exc.message.splitlines()[0]})"}
     return {"name": name, "version": str(version.version), "source": source}
@@ -337,10 +428,16 @@ def export_checkpoint(
         if not diff <= PARITY_ATOL:
             raise ExportError(f"exported features differ from the checkpoint's by {diff:.3g} (> {PARITY_ATOL:g})")
         result = ExportResult(
-            out=str(out), architecture=cfg.model.encoder, weights=weights, tensors=count,
-            parameters=sum(p.numel() for p in encoder.parameters()), max_abs_diff=diff,
-            checkpoint=str(ckpt_dir), step=meta.get("step"), run_id=run_id,
-        )  # fmt: skip
+            out=str(out),
+            architecture=cfg.model.encoder,
+            weights=weights,
+            tensors=count,
+            parameters=sum(p.numel() for p in encoder.parameters()),
+            max_abs_diff=diff,
+            checkpoint=str(ckpt_dir),
+            step=meta.get("step"),
+            run_id=run_id,
+        )
         probes = None
         if run_id and tracking_uri:
             try:
@@ -393,4 +490,4 @@ def run_export(
         shutil.rmtree(download, ignore_errors=True)
 
 
-__all__ = ["ExportError", "ExportResult", "CheckpointError", "export_checkpoint", "load_exported", "run_export"]
+__all__ = ["CheckpointError", "ExportError", "ExportResult", "export_checkpoint", "load_exported", "run_export"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from tests.micro import MICRO_MODEL
 from tests.test_objectives_ssl import method_config
 from tests.test_objectives_text import text_config
 
-FIGURES: dict[str, float] = {}  # method/weights -> max abs feature diff (printed at the end with -s)
+FIGURES: dict[str, float] = {}  # method/weights/loader -> max abs feature diff, method -> tensors (printed with -s)
 
 
 def micro_method_config(name: str) -> Config:
@@ -84,17 +85,26 @@ def test_export_loads_strictly_and_matches_the_objectives_encoder(name, tmp_path
         reference = objective.encoders()[weights]
         n = len(reference.state_dict())
         assert result.tensors == n == len(load_file(str(out / "model.safetensors")))
+        FIGURES[f"{name}/tensors"] = n
         ref_tokens, ref_pooled = encoder_features(reference, images)
         overlay_model, loaded = load_exported(out)
         assert loaded == n
-        for how, model in (("overlay", overlay_model), ("plain", _via_plain_safetensors(out)), ("local-dir", _via_local_dir(out))):
+        for how, model in (
+            ("overlay", overlay_model),
+            ("plain", _via_plain_safetensors(out)),
+            ("local-dir", _via_local_dir(out)),
+        ):
             tokens, pooled = encoder_features(model, images)
             diff = max((tokens - ref_tokens).abs().max().item(), (pooled - ref_pooled).abs().max().item())
             assert diff <= PARITY_ATOL, (how, diff)
             FIGURES[f"{name}/{weights}/{how}"] = diff
         config = json.loads((out / "config.json").read_text())
         assert config["architecture"] == cfg.model.encoder and config["model_args"]["num_classes"] == 0
-        assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406] and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+        assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406] and config["pretrained_cfg"]["input_size"] == [
+            3,
+            32,
+            32,
+        ]
         card = (out / "README.md").read_text()
         assert f"`{cfg.objective.name}`" in card and f"{n} of {n} tensors" in card
         exported[weights] = load_file(str(out / "model.safetensors"))
@@ -143,7 +153,9 @@ def test_bad_input_is_one_error_line_and_a_nonzero_exit(tmp_path, capsys):
     for ref, expected in cases.items():
         code, err = _export_cli(capsys, ref, "--out", str(tmp_path / "out"), f"tracking.tracking_uri={uri}")
         lines = err.strip().splitlines()
-        assert code == 1 and len(lines) == 1 and lines[0].startswith("abpipe: export failed:") and expected in lines[0], err
+        assert (
+            code == 1 and len(lines) == 1 and lines[0].startswith("abpipe: export failed:") and expected in lines[0]
+        ), err
     cfg, objective = trained_objective("simclr")
     ckpt = save_like_the_loop(objective, cfg, tmp_path / "ckpt")
     (tmp_path / "full").mkdir()
@@ -165,7 +177,12 @@ def test_export_by_run_id_is_registered_with_probe_results_in_its_card(tmp_path,
     run_id = start_run(uri, "abpipe", "tiny", cfg.flat(), tags={"abpipe.kind": "pretrain"})
     ckpt = save_like_the_loop(objective, cfg, tmp_path / "ckpt", step=7, run_id=run_id)
     RunLogger(uri, run_id).tags({"abpipe.checkpoint_path": ckpt})
-    eval_tags = {"abpipe.kind": "eval", "abpipe.parent_run_id": run_id, "abpipe.task": "digits", "abpipe.checkpoint_step": "7"}
+    eval_tags = {
+        "abpipe.kind": "eval",
+        "abpipe.parent_run_id": run_id,
+        "abpipe.task": "digits",
+        "abpipe.checkpoint_step": "7",
+    }
     eval_run = start_run(uri, "abpipe", "eval/digits", {}, tags=eval_tags)
     RunLogger(uri, eval_run).metrics({"linear_top1": 0.8125, "random_init/linear_top1": 0.25, "n_train": 100.0}, 7)
 
@@ -176,12 +193,16 @@ def test_export_by_run_id_is_registered_with_probe_results_in_its_card(tmp_path,
     client = MlflowClient(uri)
     version = client.get_model_version("abpipe-tiny", "1")
     assert version.run_id == run_id and version.tags["abpipe.weights"] == "teacher"
-    assert {a.path for a in client.list_artifacts(run_id, "export/teacher")} == {f"export/teacher/{f}" for f in ("README.md", "config.json", "model.safetensors")}
-    local = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri("abpipe-tiny", "1"), dst_path=str(tmp_path / "dl"))
+    assert {a.path for a in client.list_artifacts(run_id, "export/teacher")} == {
+        f"export/teacher/{f}" for f in ("README.md", "config.json", "model.safetensors")
+    }
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("abpipe-tiny", "1"), dst_path=str(tmp_path / "dl")
+    )
     model, count = load_exported(local)
     teacher = objective.encoders()["teacher"].state_dict()
     assert count == len(teacher) and all(torch.equal(model.state_dict()[k], v) for k, v in teacher.items())
-    card = open(f"{local}/README.md").read()
+    card = Path(local, "README.md").read_text()
     assert "| digits | 7 (this export) | linear_top1 | 0.8125 | 0.2500 |" in card and "n_train" not in card
 
     main(["export", run_id, "--out", str(tmp_path / "out2"), "--weights", "student", f"tracking.tracking_uri={uri}"])
