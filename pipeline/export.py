@@ -32,9 +32,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config
-from pipeline.eval.checkpoints import resolve_checkpoint
-from pipeline.models.checkpoint import (
+from pipeline.checkpoints import (
     META_FILE,
     STATE_FILE,
     CheckpointError,
@@ -43,7 +41,9 @@ from pipeline.models.checkpoint import (
     file_sha256,
     load_state,
     read_meta,
+    resolve_checkpoint,
 )
+from pipeline.config import Config
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -114,9 +114,11 @@ def load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: 
 
 def encoder_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(final tokens (B, N, D), pooled (B, D)): what the decoder/attentive and linear/kNN probes read."""
+    from pipeline.models.encoder import pool_tokens
+
     with torch.no_grad():
         tokens = model.forward_features(x)
-        return tokens, model.forward_head(tokens, pre_logits=True)
+        return tokens, pool_tokens(model, tokens)
 
 
 def max_feature_diff(a: torch.nn.Module, b: torch.nn.Module, image_size: int, seed: int = 0, n: int = 4) -> float:
@@ -349,7 +351,7 @@ def register(tracking_uri: str, run_id: str, out: str, name: str, weights: str, 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.tracking import probe
+    from pipeline.tracking import probe
 
     probe(tracking_uri)
     client = MlflowClient(tracking_uri)

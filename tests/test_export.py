@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.checkpoints import save_checkpoint
 from pipeline.cli import main
 from pipeline.config import Config, ViewsConfig
 from pipeline.export import PARITY_ATOL, ExportError, encoder_features, export_checkpoint, load_exported
-from pipeline.models.checkpoint import save_checkpoint
 from pipeline.objectives.registry import OBJECTIVES, build_objective
 from tests.micro import MICRO_MODEL
 from tests.test_objectives_ssl import method_config
@@ -139,7 +139,7 @@ def _export_cli(capsys, *args) -> tuple[int, str]:
 
 
 def test_bad_input_is_one_error_line_and_a_nonzero_exit(tmp_path, capsys):
-    from pipeline.train.tracking import start_run
+    from pipeline.tracking import start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     no_ckpt_run = start_run(uri, "e", "r", {})
@@ -169,7 +169,7 @@ def test_export_by_run_id_is_registered_with_probe_results_in_its_card(tmp_path,
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.tracking import RunLogger, start_run
+    from pipeline.tracking import RunLogger, start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg, objective = trained_objective("ab_simclr")

@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.config import Config, DataConfig, PathsConfig, TextViewsConfig, TrackingConfig, TrainConfig, ViewsConfig
+from pipeline.tracking import RunLogger, start_run
 from pipeline.train import preview
-from pipeline.train.tracking import RunLogger, start_run
 
 M, A, N = 3, 2, 6
 
@@ -136,7 +136,7 @@ def test_text_annotations_appear_as_their_strings():
         num_views=0, view_size=32, annotation_views=1, text=TextViewsConfig(source="captions", context_length=16)
     )
     out = preview.cut_preview(batch, views, seed=3)
-    from pipeline.models.text import build_tokenizer, tokenize
+    from pipeline.data.tokens import build_tokenizer, tokenize
 
     assert [t in c for t, c in zip(out["texts"], captions)] == [True] * 3
     np.testing.assert_array_equal(tokenize(build_tokenizer("ViT-S-16", 16), list(out["texts"]), 16), out["tokens"])
