@@ -74,9 +74,6 @@ def pretrain(root: Path) -> tuple[str, str, str]:
     from pipeline.runtime import init_ray
     from pipeline.train.trainer import run_pretrain
 
-    init_ray(RayConfig(num_cpus=2, temp_dir=str(root / "ray")))
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    write_photo_shards(root / "data", n=24, samples_per_shard=12, max_side=256)
     overrides = [
         f"paths.root={root}",
         f"data.shards={root / 'data' / 'shards'}",
@@ -94,8 +91,13 @@ def pretrain(root: Path) -> tuple[str, str, str]:
         "tracking.experiment=ui-check",
     ]
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", overrides).resolved()
-    result = run_pretrain(cfg)
-    ray.shutdown()
+    init_ray(RayConfig(num_cpus=2, temp_dir=str(root / "ray")))
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        write_photo_shards(root / "data", n=24, samples_per_shard=12, max_side=256)
+        result = run_pretrain(cfg)
+    finally:
+        ray.shutdown()
     run = MlflowClient(cfg.tracking.tracking_uri).get_run(result["run_id"])
     return cfg.tracking.tracking_uri, run.info.experiment_id, run.info.run_id
 
@@ -248,6 +250,25 @@ def check_png(path: Path) -> None:
         raise RuntimeError(f"{path}: (almost) one flat colour: the page did not render")
 
 
+def shoot(args, out: Path, root: Path, tracking_uri: str, experiment_id: str, run_id: str) -> None:
+    """Serve the store on a free loopback port and screenshot every page of PAGES."""
+    port = free_port()
+    server = start_server(tracking_uri, port, root / "mlflow-server.log", args.timeout)
+    browser = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="abpipe-chromium-") as profile:
+            browser = Browser(args.chromium, Path(profile))
+            for name, (page, ready, before) in PAGES.items():
+                url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}{page}"
+                browser.shot(url, ready, before, out / name, args.timeout)
+                check_png(out / name)
+                print(f"{out / name}  <- {url}")
+    finally:
+        if browser is not None:
+            browser.close()
+        stop(server)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "docs" / "images"), help="folder for the screenshots")
@@ -269,26 +290,14 @@ def main() -> int:
     root = Path(args.root or tempfile.mkdtemp(prefix="abpipe-ui-"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.run:
-        tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-        experiment_id, run_id = args.run.split("/")
-    else:
-        tracking_uri, experiment_id, run_id = pretrain(root)
-    port = free_port()
-    server = start_server(tracking_uri, port, root / "mlflow-server.log", args.timeout)
-    browser = None
     try:
-        with tempfile.TemporaryDirectory(prefix="abpipe-chromium-") as profile:
-            browser = Browser(args.chromium, Path(profile))
-            for name, (page, ready, before) in PAGES.items():
-                url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}{page}"
-                browser.shot(url, ready, before, out / name, args.timeout)
-                check_png(out / name)
-                print(f"{out / name}  <- {url}")
+        if args.run:
+            tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+            experiment_id, run_id = args.run.split("/")
+        else:
+            tracking_uri, experiment_id, run_id = pretrain(root)
+        shoot(args, out, root, tracking_uri, experiment_id, run_id)
     finally:
-        if browser is not None:
-            browser.close()
-        stop(server)
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)
     return 0
