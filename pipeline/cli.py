@@ -12,17 +12,25 @@ import sys
 from pipeline.config import ConfigError, load_config
 from pipeline.runtime import quiet_environment
 
-
 # Flags some commands take as shorthand for a dotted override (the value is kept a plain string).
 SHORTCUTS = {
     "eval": {"--checkpoint": "eval.checkpoint", "--tasks": "eval.tasks"},
-    "sweep": {"--runs": "sweep.runs", "--experiments": "sweep.experiments", "--checkpoints": "sweep.checkpoints", "--tasks": "eval.tasks"},
+    "sweep": {
+        "--runs": "sweep.runs",
+        "--experiments": "sweep.experiments",
+        "--checkpoints": "sweep.checkpoints",
+        "--tasks": "eval.tasks",
+    },
 }
 
 
 def _load(args):
     flags = SHORTCUTS.get(args.command, {})
-    quoted = ["{}='{}'".format(key, value.replace("'", "''")) for flag, key in flags.items() if (value := getattr(args, flag[2:], None)) is not None]
+    quoted = [
+        "{}='{}'".format(key, value.replace("'", "''"))
+        for flag, key in flags.items()
+        if (value := getattr(args, flag[2:], None)) is not None
+    ]
     return load_config(args.config, [*quoted, *args.overrides]).resolved()
 
 
@@ -80,8 +88,15 @@ def cmd_export(args) -> dict:
     raw = load_config(args.config, [o for o in args.overrides if "=" in o])
     explicit_uri = raw.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     try:
-        result = run_export(words[0], args.out, args.weights, explicit_uri, raw.resolved().tracking.tracking_uri,
-                            register_model=not args.no_register, name=args.name)
+        result = run_export(
+            words[0],
+            args.out,
+            args.weights,
+            explicit_uri,
+            raw.resolved().tracking.tracking_uri,
+            register_model=not args.no_register,
+            name=args.name,
+        )
     except (CheckpointError, ExportError) as exc:
         print(f"abpipe: export failed: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -95,8 +110,14 @@ def cmd_demo(args) -> dict:
 
 
 COMMANDS = {
-    "ingest": (cmd_ingest, "a source (image_folder, files, cc12m/urls, coco, epic_kitchens) -> WebDataset shards + manifest + _stats.json"),
-    "train": (cmd_train, "pretrain (objective.name: ab_simclr, ab_clip or a baseline) on shards with Ray Train; resumes from the latest checkpoint"),
+    "ingest": (
+        cmd_ingest,
+        "a source (image_folder, files, cc12m/urls, coco, epic_kitchens) -> WebDataset shards + manifest + _stats.json",
+    ),
+    "train": (
+        cmd_train,
+        "pretrain (objective.name: ab_simclr, ab_clip or a baseline) on shards with Ray Train; resumes from the latest checkpoint",
+    ),
     "eval": (cmd_eval, "frozen-feature probes of a checkpoint (dir or MLflow run) on eval tasks"),
     "sweep": (cmd_sweep, "evaluate every checkpoint x task of pretraining runs, skipping pairs already done"),
     "export": (cmd_export, "a checkpoint's encoder (dir or run id) as timm model.safetensors + config.json + card"),
@@ -114,9 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, default=None, help=f"same as {key}=VALUE (lists comma-separated)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 views.num_views=4")
         if name == "ingest":
-            p.usage = "abpipe ingest [SOURCE] [--input/--urls PATH] [--out DIR|s3://...] [--config F] [section.key=value ...]"
-            p.add_argument("--input", "--urls", dest="input", default=None, help="ingest.input: a folder, a file list, or a url+caption list")
-            p.add_argument("--out", dest="out", default=None, help="ingest.output: the shard directory (local or s3://...)")
+            p.usage = (
+                "abpipe ingest [SOURCE] [--input/--urls PATH] [--out DIR|s3://...] [--config F] [section.key=value ...]"
+            )
+            p.add_argument(
+                "--input",
+                "--urls",
+                dest="input",
+                default=None,
+                help="ingest.input: a folder, a file list, or a url+caption list",
+            )
+            p.add_argument(
+                "--out", dest="out", default=None, help="ingest.output: the shard directory (local or s3://...)"
+            )
         if name == "export":
             p.usage = (
                 "abpipe export CHECKPOINT_DIR|RUN_ID --out DIR [--weights teacher|student] [--name NAME] "

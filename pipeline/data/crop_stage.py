@@ -49,7 +49,9 @@ def draft_size(cfg: ViewsConfig) -> int:
         scales.append(cfg.annotation_scale[0])
     a_min = max(min(scales, default=1.0), 1e-6)
     r_max = max(cfg.ratio[1], 1 / cfg.ratio[0])
-    local = cfg.local_size * math.sqrt(r_max / max(cfg.local_scale[0], 1e-6)) if cfg.local_views else 0  # DINO local crops
+    local = (
+        cfg.local_size * math.sqrt(r_max / max(cfg.local_scale[0], 1e-6)) if cfg.local_views else 0
+    )  # DINO local crops
     return math.ceil(max(cfg.view_size * math.sqrt(r_max / a_min), local))
 
 
@@ -76,7 +78,13 @@ class MultiViewCropper:
     tokenised here on the CPU. Samples without that text are skipped and counted by reason.
     """
 
-    def __init__(self, cfg_views: ViewsConfig | dict, seed: int = 0, stats_name: str | None = "crop-stats", keep_meta: bool = False):
+    def __init__(
+        self,
+        cfg_views: ViewsConfig | dict,
+        seed: int = 0,
+        stats_name: str | None = "crop-stats",
+        keep_meta: bool = False,
+    ):
         self.cfg = cfg_views if isinstance(cfg_views, ViewsConfig) else section_from_dict(ViewsConfig, cfg_views)
         self.seed = int(seed)
         check_text_config(self.cfg.text)

@@ -66,11 +66,17 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     # The one-line-per-interval training log is the progress display here; Ray Data's bars from
     # the split coordinator would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    images_needed = Budget.from_config(cfg, cfg.train.num_workers).total_steps * cfg.train.batch_size * cfg.train.num_workers
+    images_needed = (
+        Budget.from_config(cfg, cfg.train.num_workers).total_steps * cfg.train.batch_size * cfg.train.num_workers
+    )
 
     def stream(shards: str, mixture: dict[str, float], views, seed: int):
         passes = passes_needed(images_needed, stream_size(shards, mixture), cfg.data.max_passes_per_execution)
-        readers = default_read_concurrency(crop_pool_size(views)) if cfg.data.read_concurrency is None else cfg.data.read_concurrency
+        readers = (
+            default_read_concurrency(crop_pool_size(views))
+            if cfg.data.read_concurrency is None
+            else cfg.data.read_concurrency
+        )
         return stream_dataset(shards, mixture, cfg.data.read_cpus, passes, readers, seed)
 
     name = f"crop-stats-{cfg.train.run_name}"
@@ -110,13 +116,19 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     if cfg.train.init_from and not previous:
         from pipeline.train.init_from import resolve_init_source
 
-        init = resolve_init_source(cfg.train.init_from, cfg.tracking.tracking_uri, cfg.paths.under("init_from", cfg.train.run_name))
+        init = resolve_init_source(
+            cfg.train.init_from, cfg.tracking.tracking_uri, cfg.paths.under("init_from", cfg.train.run_name)
+        )
     if not run_id:
         run_id = _start_mlflow_run(cfg, init.tags(cfg.train.init_from) if init else None)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from_dir": init.directory if init else None},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": run_id,
+            "init_from_dir": init.directory if init else None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -186,7 +198,9 @@ def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> 
                 "abpipe.kind": "pretrain",
                 "abpipe.objective": cfg.objective.name,
                 "abpipe.shards": ",".join(cfg.data.mixture) or cfg.data.shards,
-                "abpipe.annotation_shards": ",".join(cfg.data.annotation_mixture) or cfg.data.annotation_shards or "(same as shards)",
+                "abpipe.annotation_shards": ",".join(cfg.data.annotation_mixture)
+                or cfg.data.annotation_shards
+                or "(same as shards)",
                 **(extra_tags or {}),  # lineage of a staged (MAWS) run: parent run, checkpoint sha256
             },
         )
