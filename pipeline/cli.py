@@ -1,4 +1,4 @@
-"""`abpipe ingest|train|eval|sweep|demo`: thin calls into the modules, all sharing one config system.
+"""`abpipe ingest|train|eval|sweep|export|demo`: thin calls into the modules, all sharing one config system.
 
 Every command takes `--config FILE.yaml` and any number of dotted overrides (`train.lr=3e-4`),
 `--verbose` (Ray's own logs on the console, tracebacks on errors) and `--json` (the result as one
@@ -83,6 +83,32 @@ def cmd_sweep(args) -> dict:
     return run_sweep(cfg)
 
 
+def cmd_export(args) -> dict:
+    """`export REF --out DIR [--weights teacher|student] [--name N] [--no-register] [overrides]`."""
+    import os
+
+    from pipeline.export import CheckpointError, ExportError, run_export
+
+    words = [o for o in args.overrides if "=" not in o]
+    if len(words) != 1:
+        raise ConfigError(f"export takes one checkpoint directory or MLflow run id, got {words or 'none'}")
+    raw = load_config(args.config, [o for o in args.overrides if "=" in o])
+    explicit_uri = raw.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    try:
+        result = run_export(
+            words[0],
+            args.out,
+            args.weights,
+            explicit_uri,
+            raw.resolved().tracking.tracking_uri,
+            register_model=not args.no_register,
+            name=args.name,
+        )
+    except (CheckpointError, ExportError) as exc:
+        raise InputError(f"export failed: {exc}") from None
+    return result.to_dict()
+
+
 def cmd_demo(args) -> dict:
     from pipeline.demo import run_demo
 
@@ -102,6 +128,19 @@ def summarize_train(result: dict) -> None:
     from pipeline.train.trainer import summary_rows
 
     console.summary("pretraining", summary_rows(result))
+
+
+def summarize_export(result: dict) -> None:
+    rows = [
+        ("architecture", result["architecture"]),
+        ("weights", f"{result['weights']} of {result['checkpoint']} (step {result['step']})"),
+        ("tensors", f"{result['tensors']} written and loaded back ({result['parameters']:,} parameters)"),
+        ("max abs diff", f"{result['max_abs_diff']:.2e} (features, exported vs checkpoint)"),
+        ("out", result["out"]),
+    ]
+    if result.get("registered", {}).get("version"):
+        rows.append(("MLflow model", f"{result['registered']['name']} v{result['registered']['version']}"))
+    console.summary("export", rows)
 
 
 def summarize_eval(result: dict) -> None:
@@ -141,6 +180,11 @@ COMMANDS = {
         None,
         "the whole pipeline on shipped data: ingest -> pretrain -> eval",
     ),  # prints its own summary
+    "export": (
+        cmd_export,
+        summarize_export,
+        "a checkpoint's encoder (dir or run id) as timm model.safetensors + config.json + card",
+    ),
 }
 
 
@@ -180,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--out", dest="out", default=None, help="ingest.output: the shard directory (local or s3://...)"
             )
+        if name == "export":
+            p.usage = (
+                "abpipe export CHECKPOINT_DIR|RUN_ID --out DIR [--weights teacher|student] [--name NAME] "
+                "[--no-register] [section.key=value ...]"
+            )
+            p.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+            p.add_argument("--weights", choices=("teacher", "student"), default="teacher", help="default: EMA teacher")
+            p.add_argument("--name", default=None, help="MLflow registered model name (default abpipe-<run name>)")
+            p.add_argument("--no-register", action="store_true", help="do not log/register the export in MLflow")
     return parser
 
 

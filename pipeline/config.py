@@ -152,6 +152,11 @@ class ViewsConfig:
     batch_size: int = 64  # rows per Ray Data map_batches call
     concurrency: int | None = None  # max crop actors; None = cluster CPUs - 1
     cpus_per_actor: float = 1.0
+    # Where crop actors may run: custom resources each actor takes (e.g. {crop_node: 0.01} with CPU-only
+    # nodes started with --resources '{"crop_node": 1000}') and/or node labels it needs (Ray's label
+    # selectors, e.g. {node-group: crop}); empty = anywhere with free CPUs (docs/operations.md).
+    resources: dict[str, float] = field(default_factory=dict)
+    label_selector: dict[str, str] = field(default_factory=dict)
     text: TextViewsConfig = field(default_factory=TextViewsConfig)  # text annotations (`tokens` column)
 
 
@@ -274,6 +279,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources per training worker
     checkpoint_every_steps: int = 500
     keep_checkpoints: int = 2
     log_every_steps: int = 10
@@ -292,6 +298,9 @@ class TrackingConfig:
     tracking_uri: str = ""  # default sqlite:///<paths.root>/mlflow.db
     experiment: str = "abpipe"
     log_checkpoints: bool = True  # checkpoint weights as MLflow artifacts
+    # A fresh run logs what the model sees (source images + crop boxes, crops, annotations); its end, learning curves.
+    log_preview: bool = True
+    preview_images: int = 8  # source images in that preview (the first of the first shard)
 
 
 @dataclass

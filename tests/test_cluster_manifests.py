@@ -460,3 +460,48 @@ def test_local_ray_is_loopback_by_default_and_warns_when_exposed_without_auth(mo
     assert "anyone who can reach it can run code" in capsys.readouterr().out
     warn_if_exposed("127.0.0.1")
     assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------- CPU-only crop nodes
+
+
+def _start_resources(params: dict) -> dict:
+    """KubeRay's rayStartParams.resources: a JSON object, quoted once more for `ray start`."""
+    raw = params.get("resources", "")
+    return json.loads(raw.strip('"').replace('\\"', '"')) if raw else {}
+
+
+def test_only_the_cpu_crop_nodes_carry_the_resource_crop_actors_ask_for():
+    import dataclasses
+
+    from pipeline.config import ConfigError
+    from pipeline.data.crop_stage import crop_pool_size, placement
+
+    views = load_config(PAPER, ["views.resources={crop_node: 0.01}"]).views
+    assert placement(views) == {"resources": {"crop_node": 0.01}}
+    groups = _yaml(CLUSTER / "kuberay" / "raycluster.yaml")["spec"]["workerGroupSpecs"]
+    carrying = [g for g in groups if _start_resources(g["rayStartParams"]).get("crop_node", 0) >= 1]
+    assert [g["groupName"] for g in carrying] == ["cpu-crop"]
+    limits = carrying[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits
+    assert _cpu(limits["cpu"]) >= 8 * crop_cpus_per_gpu(), "one crop pod feeds an 8-GPU pod"
+    types = _yaml(CLUSTER / "ray-cluster.yaml")["available_node_types"]
+    crop_types = [t for t in types.values() if t["resources"].get("crop_node", 0) >= 1]
+    assert len(crop_types) == 1 and not crop_types[0]["resources"].get("GPU")
+    assert crop_types[0]["resources"]["CPU"] >= 8 * crop_cpus_per_gpu()
+
+    # Pool sizing from the nodes that carry it (ray.nodes() entries): GPU nodes' CPUs do not count.
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 192.0, "GPU": 8.0}, "Labels": {}},
+        {"Alive": True, "Resources": {"CPU": 32.0, "crop_node": 1000.0}, "Labels": {"node-group": "crop"}},
+        {"Alive": False, "Resources": {"CPU": 32.0, "crop_node": 1000.0}, "Labels": {"node-group": "crop"}},
+    ]
+    assert crop_pool_size(views, nodes) == 32
+    assert crop_pool_size(dataclasses.replace(views, cpus_per_actor=2.0), nodes) == 16
+    by_label = dataclasses.replace(views, resources={}, label_selector={"node-group": "crop"})
+    assert crop_pool_size(by_label, nodes) == 32 and placement(by_label) == {"label_selector": {"node-group": "crop"}}
+    assert crop_pool_size(dataclasses.replace(by_label, label_selector={"node-group": "!crop"}), nodes) == 192
+    assert crop_pool_size(dataclasses.replace(by_label, label_selector={"node-group": "in(crop,cpu)"}), nodes) == 32
+    assert crop_pool_size(dataclasses.replace(views, concurrency=5), nodes) == 5
+    with pytest.raises(ConfigError, match=r"no alive node offers views\.resources=\{'crop_node': 0\.01\}"):
+        crop_pool_size(views, nodes[:1])

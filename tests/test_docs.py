@@ -30,11 +30,11 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 SECTIONS = {f.name for f in dataclasses.fields(Config)}
 # a dotted key: a Config section, then names; not part of a path, a URL or another dotted name, not a call
 KEY = re.compile(r"(?<![\w./-])(" + "|".join(sorted(SECTIONS)) + r")((?:\.[A-Za-z_*][\w*]*)+)(?![\w(])")
-NOT_CONFIG = {"ray.io", "ray.init", "ray.train"}  # Ray's names that look like keys
+NOT_CONFIG = {"ray.io", "ray.init", "ray.train", "ray.cluster_utils"}  # Ray's names that look like keys
 REPO_PATH = re.compile(
     r"(?<![\w/.-])((?:jobs|benchmarks|scripts|tests|notebooks|cluster|pipeline|docs)/[\w./-]*\w\.(?:py|yaml|ipynb|sh|md|txt|jsonl|png))"
 )
-FILE_NAME = re.compile(r"\.(?:md|py|txt|yaml|yml|json|jsonl|png|ipynb|sh|csv|parquet|tar|db)$")
+FILE_NAME = re.compile(r"\.(?:md|py|txt|yaml|yml|json|jsonl|png|ipynb|sh|csv|parquet|tar|db|safetensors)$")
 # `abpipe CMD args` where a command is shown: in a code block or an inline code span
 COMMAND = re.compile(r"(?:^|[\s`/])abpipe (\w+)((?: +[^\s|`]+)*)")
 

@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("objectives", ("pipeline.objectives",)),
     ("train, ingest", ("pipeline.train", "pipeline.ingest")),
     ("eval", ("pipeline.eval",)),
+    ("export", ("pipeline.export",)),  # a checkpoint's encoder out, its card reads eval results
     ("demo, study", ("pipeline.demo", "pipeline.study")),  # whole runs: ingest -> train -> eval
     ("cli", ("pipeline.cli",)),
 ]

@@ -74,6 +74,10 @@ def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_pa
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "checkpoints")}
     assert {"checkpoints/step_00000003", "checkpoints/step_00000006"} <= artifacts
     assert run.data.tags["abpipe.checkpoint_path"] == first["checkpoint"]
+    # What the model sees (start) and the learning curves (end), logged by the driver (test_preview.py checks them).
+    preview = {a.path for a in client.list_artifacts(first["run_id"], "preview")}
+    assert preview == {f"preview/{f}" for f in ("source_boxes.png", "crops.png", "annotations.png", "samples.json")}
+    assert "learning_curves.png" in {a.path for a in client.list_artifacts(first["run_id"])}
 
     # Resume: same storage + run name, larger budget -> continues from step 6 in the same MLflow run.
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_views=9 * BATCH * (M + A)))

@@ -30,7 +30,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.config import ViewsConfig, section_from_dict
+from pipeline.config import ConfigError, ViewsConfig, section_from_dict
 from pipeline.data.crop_stats import crop_stats, crop_stats_actor  # noqa: F401 - crop_stats is this stage's read-out
 from pipeline.data.schema import CORRUPT, OK, BadImage, decode_rgb
 from pipeline.data.text_annotations import MissingAnnotation, annotation_texts, check_text_config, pick
@@ -69,7 +69,8 @@ class MultiViewCropper:
     In: `key` (or WebDataset's `__key__`) str, `jpg` bytes, `json` str/bytes meta.
     Out: `views` (B, M, S, S, 3) uint8, `boxes` (B, M, 4) float32 in the image's [0, 1] frame,
     `ann_views` (B, A, S, S, 3) uint8; with `keep_meta` also `key` and `labels` (str, first label
-    or ""). Those are off by default because `iter_torch_batches` (the trainer) cannot carry string
+    or ""), and with text annotations `texts` (the strings behind `tokens`). Those are off by
+    default because `iter_torch_batches` (the trainer) cannot carry string
     columns. With text annotations (`views.text.source` captions/boxes, and annotation views to pair
     them with) also `tokens` (B, context_length) int64: one string per image per epoch, picked with
     its own generator seeded like the crops (so the views are the same with or without text), and
@@ -156,15 +157,53 @@ class MultiViewCropper:
 
             chosen = [pick(t, self.text_rng_for(key, epoch)) for t, (key, _, _), epoch in zip(texts, kept, epochs)]
             out["tokens"] = tokenize(self.tokenizer, chosen, self.text.context_length)
+            if self.keep_meta:
+                out["texts"] = np.array(chosen, dtype=object)
         if self.keep_meta:
             out["key"] = np.array([k for k, _, _ in kept], dtype=object)
             out["labels"] = np.array([_first_label(meta) for _, _, meta in kept], dtype=object)
         return out
 
 
-def crop_pool_size(cfg_views: ViewsConfig) -> int:
-    """Most crop actors one stream runs: `views.concurrency`, or the cluster's CPUs - 1."""
-    return cfg_views.concurrency or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+def _label_matches(value: str | None, wanted: str) -> bool:
+    """One of Ray's label-selector values: `v`, `!v`, `in(a,b)` or `!in(a,b)`."""
+    negate = wanted.startswith("!")
+    wanted = wanted[1:] if negate else wanted
+    listed = wanted.startswith("in(") and wanted.endswith(")")
+    options = {w.strip() for w in wanted[3:-1].split(",")} if listed else {wanted}
+    return (value in options) != negate
+
+
+def crop_node_cpus(cfg_views: ViewsConfig, nodes: list[dict] | None = None) -> float | None:
+    """CPUs of the alive nodes a crop actor may land on under `views.resources` / `views.label_selector`
+    (`nodes`: `ray.nodes()`), or None when the actors are not restricted to some nodes."""
+    if not cfg_views.resources and not cfg_views.label_selector:
+        return None
+    total = 0.0
+    for node in ray.nodes() if nodes is None else nodes:
+        res, labels = node.get("Resources", {}), node.get("Labels", {})
+        fits = all(res.get(k, 0.0) >= v for k, v in cfg_views.resources.items())
+        labelled = all(_label_matches(labels.get(k), v) for k, v in cfg_views.label_selector.items())
+        if node.get("Alive") and fits and labelled:
+            total += res.get("CPU", 0.0)
+    return total
+
+
+def crop_pool_size(cfg_views: ViewsConfig, nodes: list[dict] | None = None) -> int:
+    """Most crop actors one stream runs: `views.concurrency`; else, for actors restricted to some nodes,
+    as many as those nodes' CPUs hold (`views.cpus_per_actor` each); else the cluster's CPUs - 1."""
+    if cfg_views.concurrency:
+        return cfg_views.concurrency
+    cpus = crop_node_cpus(cfg_views, nodes)
+    if cpus is None:
+        return max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+    if cpus < cfg_views.cpus_per_actor:
+        raise ConfigError(
+            f"no alive node offers views.resources={cfg_views.resources} / "
+            f"views.label_selector={cfg_views.label_selector} with >= {cfg_views.cpus_per_actor:g} CPU; "
+            "start the crop nodes, or set views.concurrency to let an autoscaler add them"
+        )
+    return max(1, int(cpus // cfg_views.cpus_per_actor))
 
 
 def build_crop_dataset(
@@ -176,8 +215,9 @@ def build_crop_dataset(
 ) -> ray.data.Dataset:
     """Apply the crop stage (lazy, streaming) to a dataset with `key`/`__key__`, `jpg`, `json`.
 
-    An autoscaling pool of 1..`cfg_views.concurrency` actors (None: cluster CPUs - 1, at least 1),
-    `cfg_views.cpus_per_actor` CPUs each. Read counts with `crop_stats(stats_name)`.
+    An autoscaling pool of 1..`crop_pool_size(cfg_views)` actors, `cfg_views.cpus_per_actor` CPUs
+    each, placed by `views.resources` / `views.label_selector` when set. Read counts with
+    `crop_stats(stats_name)`.
     """
     if stats_name:
         crop_stats_actor(stats_name)
@@ -197,4 +237,16 @@ def build_crop_dataset(
         # on every pass (Ray Data builds a new pool per execution); it may still shrink to 1.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_size, initial_size=max_size),
         num_cpus=cfg_views.cpus_per_actor,
+        **placement(cfg_views),
     )
+
+
+def placement(cfg_views: ViewsConfig) -> dict[str, Any]:
+    """map_batches arguments that keep the crop actors on the nodes `views.resources` /
+    `views.label_selector` name (e.g. CPU-only nodes, while training workers hold the GPU nodes)."""
+    args: dict[str, Any] = {}
+    if cfg_views.resources:
+        args["resources"] = dict(cfg_views.resources)
+    if cfg_views.label_selector:
+        args["label_selector"] = dict(cfg_views.label_selector)
+    return args

@@ -52,14 +52,27 @@ def check_shards(cfg: Config) -> None:
         stream_size(cfg.data.annotation_shards, cfg.data.annotation_mixture)
 
 
+def stream_views(cfg: Config, per_stream: int | None = None) -> dict[str, tuple[str, dict[str, float], Any, int]]:
+    """{stream: (shards, mixture, views config, seed)}: "train" and, decoupled, "annotations"
+    (annotation views from their own shard set, crops without them; `per_stream` crop actors each)."""
+    import dataclasses
+
+    if not cfg.data.decoupled:
+        return {"train": (cfg.data.shards, cfg.data.mixture, cfg.views, cfg.train.seed)}
+    crop_views = dataclasses.replace(cfg.views, annotation_views=0, concurrency=per_stream)
+    ann_views = dataclasses.replace(cfg.views, num_views=0, concurrency=per_stream)
+    return {
+        "train": (cfg.data.shards, cfg.data.mixture, crop_views, cfg.train.seed),
+        "annotations": (cfg.data.annotation_shards, cfg.data.annotation_mixture, ann_views, cfg.train.seed + 1),
+    }
+
+
 def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     """Shards -> multi-view crops, as lazy streaming Ray Datasets: {"train"} or, decoupled,
     {"train": propagation crops, "annotations": annotation views}."""
-    import dataclasses
-
     import ray.data
 
-    from pipeline.data.crop_stage import build_crop_dataset, crop_pool_size
+    from pipeline.data.crop_stage import build_crop_dataset, crop_node_cpus, crop_pool_size
     from pipeline.data.mixing import default_read_concurrency, passes_needed, stream_dataset, stream_size
 
     # The one-line-per-interval training log is the progress display here; Ray Data's bars from
@@ -79,23 +92,19 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
         return stream_dataset(shards, mixture, cfg.data.read_cpus, passes, readers, seed)
 
     name = f"crop-stats-{cfg.train.run_name}"
-    if not cfg.data.decoupled:
-        crops = stream(cfg.data.shards, cfg.data.mixture, cfg.views, cfg.train.seed)
-        return {"train": build_crop_dataset(crops, cfg.views, seed=cfg.train.seed, stats_name=name)}
-    # Two actor pools share what training leaves; each gets a fixed half so neither can take all
-    # CPUs and starve the other (the trainer needs a batch from both every step).
-    free = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker - 2 * cfg.data.read_cpus
-    per_stream = (
-        max(1, int(free / 2 / cfg.views.cpus_per_actor)) if cfg.views.concurrency is None else cfg.views.concurrency
-    )
-    crop_views = dataclasses.replace(cfg.views, annotation_views=0, concurrency=per_stream)
-    ann_views = dataclasses.replace(cfg.views, num_views=0, concurrency=per_stream)
-    crops = stream(cfg.data.shards, cfg.data.mixture, crop_views, cfg.train.seed)
-    anns = stream(cfg.data.annotation_shards, cfg.data.annotation_mixture, ann_views, cfg.train.seed + 1)
-    return {
-        "train": build_crop_dataset(crops, crop_views, seed=cfg.train.seed, stats_name=name),
-        "annotations": build_crop_dataset(anns, ann_views, seed=cfg.train.seed + 1, stats_name=f"{name}-annotations"),
-    }
+    per_stream = None
+    if cfg.data.decoupled:
+        # Two actor pools share what training leaves (or the crop nodes); each gets a fixed half so
+        # neither can take all CPUs and starve the other (the trainer needs a batch from both every step).
+        free = crop_node_cpus(cfg.views)
+        if free is None:
+            free = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker - 2 * cfg.data.read_cpus
+        per_stream = cfg.views.concurrency or max(1, int(free / 2 / cfg.views.cpus_per_actor))
+    datasets = {}
+    for key, (shards, mixture, views, seed) in stream_views(cfg, per_stream).items():
+        stats = name if key == "train" else f"{name}-{key}"
+        datasets[key] = build_crop_dataset(stream(shards, mixture, views, seed), views, seed=seed, stats_name=stats)
+    return datasets
 
 
 def run_pretrain(cfg: Config) -> dict[str, Any]:
@@ -144,7 +153,11 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+            resources_per_worker={
+                "CPU": cfg.train.cpus_per_worker,
+                **({"GPU": 1} if cfg.train.use_gpu else {}),
+                **cfg.train.resources_per_worker,
+            },
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name,
@@ -154,18 +167,22 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         ),
         datasets=build_training_datasets(cfg, cluster_cpus),
     )
-    started = time.perf_counter()
     logger = tracking.RunLogger(cfg.tracking.tracking_uri, run_id)
+    if cfg.tracking.log_preview and not previous:
+        _log_preview(cfg, logger)
+    started = time.perf_counter()
     total_steps = Budget.from_config(cfg, cfg.train.num_workers).total_steps
     try:
         with console.remote_progress(board, "train", total_steps, unit="step", initial=min(start_step, total_steps)):
             result = trainer.fit()
     except BaseException:
+        _log_learning_curves(cfg, run_id, logger)
         logger.finish("FAILED")
         raise
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     logger.tags({"abpipe.checkpoint_path": checkpoint_path or "", "abpipe.storage_path": storage})
     logger.metrics({"wall_time_s": time.perf_counter() - started}, int(result.metrics.get("step", 0)))
+    _log_learning_curves(cfg, run_id, logger)
     logger.finish()
     wall_s = time.perf_counter() - started
     metrics, name = dict(result.metrics), cfg.train.run_name
@@ -184,6 +201,29 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
     rows += [("wall time", f"{result['wall_s']:.0f} s")] if "wall_s" in result else []
     rows.append(("checkpoint", result.get("checkpoint") or "(none)"))
     return rows
+
+
+def _log_preview(cfg: Config, logger: tracking.RunLogger) -> None:
+    """Source images with their crop boxes, the crops, the annotation views (pipeline/train/preview.py)."""
+    if not logger.enabled:
+        return
+    try:
+        from pipeline.train.preview import log_preview
+
+        log_preview(cfg, logger)
+    except Exception as exc:  # noqa: BLE001 - a picture must never stop a run
+        console.warn(f"no start-of-run preview images ({type(exc).__name__}: {exc})")
+
+
+def _log_learning_curves(cfg: Config, run_id: str | None, logger: tracking.RunLogger) -> None:
+    if not (cfg.tracking.log_preview and logger.enabled and run_id):
+        return
+    try:
+        from pipeline.train.preview import log_learning_curves
+
+        log_learning_curves(cfg.tracking.tracking_uri, run_id, logger, f"{cfg.train.run_name} ({cfg.objective.name})")
+    except Exception as exc:  # noqa: BLE001
+        console.warn(f"no learning-curve figure ({type(exc).__name__}: {exc})")
 
 
 def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> str | None:
