@@ -108,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides += rest
+    from pipeline.storage import StorageError
+
     try:
         result = COMMANDS[args.command][0](args)
     except ConfigError as exc:
         print(f"abpipe: config error: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:  # credentials, bucket, endpoint: the line says which, no traceback
+        print(f"abpipe: storage error: {exc}", file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=1, default=str))

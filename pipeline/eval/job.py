@@ -355,8 +355,12 @@ def _parent_info(uri: str, parent: str | None) -> tuple[str | None, str, dict[st
         return None, "", {}
 
 
-def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = None, key: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = None, key: str | None = None, start=None) -> dict[str, Any]:
     """Probe checkpoint `ref` on `tasks` (name -> root; default from eval.tasks); one MLflow run per task.
+
+    `start(experiment, run_name, params, tags) -> run id | None` opens each task's run (default:
+    tracking.start_run); a sweep passes one that claims the pair and returns None when another sweep
+    holds it, and that task is then left out (listed in `claimed_elsewhere`).
 
     Raises CheckpointError when the checkpoint itself is unusable (missing, corrupt, wrong weights).
     A task that fails (wrong dataset format, class-count mismatch, probe error) is recorded in
@@ -412,9 +416,14 @@ def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = No
         params.update({"eval.image_size": image_size, "eval.use_gpu": use_gpu})
 
         runs: list[_TaskRun] = []
+        claimed_elsewhere = []
+        start = start or (lambda *args: start_run(uri, *args))
         for task, root in tasks.items():
             run_tags = {**tags, "abpipe.task": task, "abpipe.task_root": root, "abpipe.eval_signature": eval_signature(ev, task, root)}
-            run_id = start_run(uri, experiment or cfg.tracking.experiment, f"eval/{task}", {**params, "eval.task": task, "eval.task_root": root}, run_tags)
+            run_id = start(experiment or cfg.tracking.experiment, f"eval/{task}", {**params, "eval.task": task, "eval.task_root": root}, run_tags)
+            if run_id is None:
+                claimed_elsewhere.append(task)
+                continue
             tr = _TaskRun(task, root, run_id, RunLogger(uri, run_id), time.perf_counter())
             runs.append(tr)
             try:
@@ -451,6 +460,7 @@ def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = No
         "parent_run_id": parent,
         "tasks": results,
         "failures": failures,
+        "claimed_elsewhere": claimed_elsewhere,
         "metrics": _flat_metrics(results, len(tasks)),
     }
 

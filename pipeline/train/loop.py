@@ -26,7 +26,7 @@ from pipeline.objectives.base import Objective, Progress
 from pipeline.objectives.diagnostics import step_diagnostics
 from pipeline.objectives.registry import build_objective
 from pipeline.schedules import ema_rate, warmup_cosine
-from pipeline.tracking import RunLogger
+from pipeline.tracking import RunLogger, redact
 
 log = logging.getLogger("abpipe.train")
 
@@ -190,7 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "total_steps": budget.total_steps,
             "bad_steps": bad_total,
             "mlflow_run_id": mlflow_run_id,
-            "config": cfg.to_dict(),
+            "config": redact(cfg.to_dict()),  # no user:password@ of a URI in a checkpoint
             "world_size": world_size,
         }
         with tempfile.TemporaryDirectory() as tmp:
@@ -298,7 +298,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "the training dataset yielded no full batch: check data.shards (is it empty, or every image skipped?) "
                 f"and that train.batch_size={cfg.train.batch_size} is not larger than the per-worker data"
             )
-    save(step, last_metrics)
     if rank == 0:
         logger.metrics({"final_step": step}, step)
+    # Deliver what a tracking outage held back before the last report, which carries the tally.
+    unlogged = logger.close()
+    save(step, {**last_metrics, "mlflow_failed_calls": logger.failures, "mlflow_unlogged_points": unlogged})
 

@@ -12,9 +12,10 @@ import time
 from typing import Any
 
 from pipeline import tracking
-from pipeline.checkpoints import latest_checkpoint_dir, read_meta
+from pipeline.checkpoints import latest_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.runtime import init_ray
+from pipeline.storage import StorageError, check_access, explain, filesystem, join
 from pipeline.train.loop import Budget, train_loop_per_worker
 
 
@@ -84,16 +85,20 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     cfg = cfg.resolved()
+    storage = cfg.train.storage_path
+    os.makedirs(storage, exist_ok=True) if "://" not in storage else None
+    check_access(storage, write=True)  # one clear line for bad credentials or a missing bucket
+    check_access(cfg.data.shards, write=False) if not cfg.data.mixture else None
     init_ray(cfg.ray)
     cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
     check_cpu_budget(cfg, cluster_cpus)
-    storage = cfg.train.storage_path
-    os.makedirs(storage, exist_ok=True) if "://" not in storage else None
 
-    previous = latest_checkpoint_dir(storage, cfg.train.run_name) if "://" not in storage else None
-    run_id = None
+    try:
+        found = latest_checkpoint(storage, cfg.train.run_name)
+    except OSError as exc:
+        raise explain(exc, storage, "looking for checkpoints to resume from") or exc from None
+    previous, run_id = (found[0], found[1].get("mlflow_run_id")) if found else (None, None)
     if previous:
-        run_id = read_meta(previous).get("mlflow_run_id")
         print(f"[abpipe] resuming run '{cfg.train.run_name}' from {previous}", flush=True)
     init = None  # MAWS stage: resolve train.init_from once here (a resumed run has its own weights)
     if cfg.train.init_from and not previous:
@@ -113,7 +118,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name,
-            storage_path=storage,
+            **_storage_kwargs(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
@@ -123,14 +128,31 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     logger = tracking.RunLogger(cfg.tracking.tracking_uri, run_id)
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as exc:
         logger.finish("FAILED")
+        error = explain(exc, storage, "training")
+        if error is not None:  # storage lost mid-run: one line; resubmitting resumes from the last checkpoint
+            raise StorageError(f"{error}; resubmit the same job to resume") from None
         raise
-    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    checkpoint_path = join(storage, cfg.train.run_name, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    failed, unlogged = (int(result.metrics.get(k, 0) or 0) for k in ("mlflow_failed_calls", "mlflow_unlogged_points"))
+    if failed:  # the gap, counted and reported: late points arrived, lost ones are named by number
+        print(f"[abpipe] WARNING: the MLflow tracking server was away during training ({failed} failed calls); "
+              f"{unlogged} metric points/artifacts never reached it", flush=True)  # fmt: skip
+        logger.metrics({"mlflow_failed_calls": failed, "mlflow_unlogged_points": unlogged}, int(result.metrics.get("step", 0)))
     logger.tags({"abpipe.checkpoint_path": checkpoint_path or "", "abpipe.storage_path": storage})
     logger.metrics({"wall_time_s": time.perf_counter() - started}, int(result.metrics.get("step", 0)))
     logger.finish()
     return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": dict(result.metrics)}
+
+
+def _storage_kwargs(storage: str) -> dict[str, Any]:
+    """RunConfig storage: a URI goes through the same filesystem as shards (endpoint and credentials
+    from the environment), handed to Ray Train as `storage_filesystem`."""
+    if "://" not in storage:
+        return {"storage_path": storage}
+    fs, path = filesystem(storage)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> str | None:

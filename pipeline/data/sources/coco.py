@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, IngestConfig
 from pipeline.data.schema import BAD_ANNOTATION
-from pipeline.data.storage import join, read_bytes
+from pipeline.storage import join, read_bytes
 
 
 def _load_json(uri: str, what: str) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.config import ConfigError, IngestConfig
 from pipeline.data.schema import BadImage
 from pipeline.data.sources.frames import tar_frame_members, video_frame_count
-from pipeline.data.storage import join, list_dir, read_bytes
+from pipeline.storage import join, list_dir, read_bytes
 
 VIDEO_SUFFIXES = (".mp4", ".MP4")
 CSV_COLUMNS = ("narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp", "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun", "noun_class", "all_nouns", "all_noun_classes")
