@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tests.servers import BUCKET, S3_ENV, S3Server  # noqa: E402
+from tests.servers import BUCKET, S3_ENV, S3Server
 
 os.environ.update(S3_ENV)  # before Ray starts: its workers inherit the credentials
 
@@ -46,8 +46,8 @@ def checkpoint_folder(config: str, directory: str) -> int:
     """A real checkpoint of `config`'s objective (weights, AdamW moments after one step); its bytes."""
     import torch
 
-    from pipeline.config import load_config
     from pipeline.checkpoints import save_checkpoint
+    from pipeline.config import load_config
     from pipeline.objectives.registry import build_objective
 
     cfg = load_config(config).resolved()

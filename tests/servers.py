@@ -58,7 +58,7 @@ class S3Server:
         self._server = None
         self._configured = False
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
@@ -155,7 +155,7 @@ class PostgresServer:
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr[-2000:]}")
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         data = os.path.join(self.dir, "data")
         self._run("initdb", "-D", data, "-U", self.user, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync")
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -199,7 +199,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 240.0) -> "MlflowServer":
+    def start(self, timeout_s: float = 240.0) -> MlflowServer:
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
                "--artifacts-destination", self.artifacts_destination, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]  # fmt: skip
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}

@@ -15,8 +15,6 @@ from PIL import Image
 
 from tests.servers import BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY
 
-pytestmark = pytest.mark.ray
-
 
 def _ingest(argv: list[str]) -> int:
     from pipeline.cli import main
@@ -29,6 +27,7 @@ def _members(tar_file) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
+@pytest.mark.ray
 def test_cli_ingest_to_s3_writes_the_same_shards_as_a_local_ingest(ray_cluster, s3_server, digits_folder, digit_shards, tmp_path, capsys):
     from pipeline.data.shards import load_manifest, load_stats, read_shards
 
@@ -47,6 +46,7 @@ def test_cli_ingest_to_s3_writes_the_same_shards_as_a_local_ingest(ray_cluster, 
     assert read_shards(out).count() == 300
 
 
+@pytest.mark.ray
 def test_bad_credentials_and_a_missing_bucket_are_one_line_each(ray_cluster, s3_server, digits_folder, tmp_path, capsys, monkeypatch):
     from pipeline.cli import main
 
@@ -84,6 +84,7 @@ def large_photos(tmp_path_factory, photo_files):
     return paths
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_endpoint_stopping_mid_ingest_is_one_line_and_a_rerun_resumes(ray_cluster, s3_server, large_photos, tmp_path, capsys):
     from pipeline.data.shards import load_manifest
@@ -127,3 +128,33 @@ def test_endpoint_stopping_mid_ingest_is_one_line_and_a_rerun_resumes(ray_cluste
     assert sorted(in_tars) == [f"{i:09d}" for i in range(60)]
     stats = json.loads(s3_server.client().get_object(Bucket=BUCKET, Key=prefix + "_stats.json")["Body"].read())
     assert stats["counts"] == {"ok": 60} and len(stats["shards"]) == 20
+
+
+def test_checkpoints_on_s3_are_listed_resolved_and_copied_like_local_ones(s3_server, tmp_path):
+    """What a resubmitted job, `abpipe eval s3://…` and a sweep read on object storage (no Ray needed)."""
+    from pipeline.checkpoints import (
+        CheckpointError,
+        latest_checkpoint,
+        resolve_checkpoint,
+        save_checkpoint,
+    )
+    from pipeline.eval.sweep import _storage_checkpoints
+    from pipeline.storage import filesystem
+
+    storage, run_id = f"s3://{BUCKET}/ckpts/ray_results", "0123456789abcdef0123456789abcdef"
+    fs, base = filesystem(storage)
+    for step in (4, 10, 12):
+        local = save_checkpoint(tmp_path / f"c{step}", {"w": [step]}, {"step": step, "mlflow_run_id": run_id})
+        for name in ("state.pt", "meta.json"):
+            if step == 12 and name == "meta.json":
+                continue  # an upload cut short: no meta.json, so not a complete checkpoint
+            with fs.open_output_stream(f"{base}/run/checkpoint_{step:08d}/{name}") as stream:
+                stream.write((local / name).read_bytes())
+    uri, meta = latest_checkpoint(storage, "run")
+    assert uri == f"{storage}/run/checkpoint_00000010" and meta["mlflow_run_id"] == run_id and meta["step"] == 10
+    assert latest_checkpoint(storage, "no-such-run") is None
+    assert _storage_checkpoints(storage, "run") == [f"{storage}/run/checkpoint_{s:08d}" for s in (4, 10, 12)]
+    local, source_run, recorded = resolve_checkpoint(uri, "sqlite:///unused.db", str(tmp_path / "dl"))
+    assert recorded == uri and source_run is None and (tmp_path / "dl" / "checkpoint_00000010" / "state.pt").is_file()
+    with pytest.raises(CheckpointError, match="checkpoint_00000099"):
+        resolve_checkpoint(f"{storage}/run/checkpoint_00000099", "sqlite:///unused.db", str(tmp_path / "dl"))

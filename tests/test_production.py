@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import EvalConfig, TrackingConfig
 from pipeline.checkpoints import read_meta
+from pipeline.config import EvalConfig, TrackingConfig
 from tests.servers import BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.test_fault_tolerance import _train_worker_pids
 from tests.test_train import BATCH, A, M, metric_steps, micro_config
@@ -265,7 +265,7 @@ def test_a_pair_claim_yields_to_a_finished_run_or_a_live_claim_and_takes_a_stale
     uri, client = mlflow_server.uri, MlflowClient(mlflow_server.uri)
     exp = ensure_experiment(uri, "claims")
     claims = PairClaims(client, uri, [exp], ttl_s=60)
-    tags = lambda key: {"abpipe.kind": "eval", "abpipe.checkpoint_key": key, "abpipe.task": "folder", "abpipe.eval_signature": "sig"}  # noqa: E731
+    tags = lambda key: {"abpipe.kind": "eval", "abpipe.checkpoint_key": key, "abpipe.task": "folder", "abpipe.eval_signature": "sig"}
     try:
         won = claims.start("claims", "eval/folder", {}, tags("run@1"))
         assert won and claims.taken("run@1", "folder", "sig") == f"being evaluated by eval run {won}"
