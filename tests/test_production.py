@@ -260,7 +260,7 @@ def test_a_pair_claim_yields_to_a_finished_run_or_a_live_claim_and_takes_a_stale
     from mlflow.tracking import MlflowClient
 
     from pipeline.eval.sweep import HEARTBEAT_TAG, PairClaims
-    from pipeline.tracking import ensure_experiment, start_run
+    from pipeline.tracking import ensure_experiment
 
     uri, client = mlflow_server.uri, MlflowClient(mlflow_server.uri)
     exp = ensure_experiment(uri, "claims")
@@ -273,8 +273,8 @@ def test_a_pair_claim_yields_to_a_finished_run_or_a_live_claim_and_takes_a_stale
         client.set_terminated(won, "FINISHED")
         assert claims.start("claims", "eval/folder", {}, tags("run@1")) is None, "a finished pair is never redone"
         # a claim whose sweep died (RUNNING, heartbeat older than the ttl) is taken over
-        stale = start_run(uri, "claims", "eval/folder", {}, {**tags("run@2"), HEARTBEAT_TAG: f"{time.time() - 3600:.0f}"})
-        client.update_run(stale, status="RUNNING")
+        old = time.time() - 3600
+        stale = client.create_run(exp, start_time=int(old * 1000), tags={**tags("run@2"), HEARTBEAT_TAG: f"{old:.0f}"}).info.run_id
         assert claims.start("claims", "eval/folder", {}, tags("run@2")) not in (None, stale)
         # withdrawn claims leave no active run behind: exactly one FINISHED/RUNNING run per pair
         active = client.search_runs([exp], "tags.`abpipe.checkpoint_key` = 'run@1'")
