@@ -56,7 +56,11 @@ def checkpoint_folder(config: str, directory: str) -> int:
     for p in objective.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
-    save_checkpoint(directory, {"objective": objective.state_dict(), "optimizer": optimizer.state_dict()}, {"step": 1, "config": cfg.to_dict()})
+    save_checkpoint(
+        directory,
+        {"objective": objective.state_dict(), "optimizer": optimizer.state_dict()},
+        {"step": 1, "config": cfg.to_dict()},
+    )
     return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
 
 
@@ -98,14 +102,18 @@ def main() -> None:
         ingest = {"local": [], "s3": []}
         for round_, order in enumerate((("local", "s3"), ("s3", "local"))):
             for where in order:
-                out = os.path.join(tmp, f"shards-{round_}") if where == "local" else f"s3://{BUCKET}/bench/shards-{round_}"
+                out = (
+                    os.path.join(tmp, f"shards-{round_}")
+                    if where == "local"
+                    else f"s3://{BUCKET}/bench/shards-{round_}"
+                )
                 ingest[where].append(ingest_once(items, out))
 
         src = os.path.join(tmp, "ckpt")
         size = checkpoint_folder(args.model, src)
         ckpt = {"local": [], "s3": []}
         for i in range(args.checkpoint_copies):
-            for where in (("local", "s3") if i % 2 == 0 else ("s3", "local")):
+            for where in ("local", "s3") if i % 2 == 0 else ("s3", "local"):
                 uri = os.path.join(tmp, "storage", f"c{i}") if where == "local" else f"s3://{BUCKET}/bench/ckpt-{i}"
                 ckpt[where].append(copy_once(src, uri, os.path.join(tmp, "back", f"{where}{i}")))
     finally:
@@ -120,7 +128,9 @@ def main() -> None:
         ("checkpoint upload", f"{size / 2**20:.1f} MiB ({os.path.basename(args.model)})", up["local"], up["s3"]),
         ("checkpoint download", f"{size / 2**20:.1f} MiB", down["local"], down["s3"]),
     ]
-    print(f"# bench_storage {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} CPUs); S3 = moto on 127.0.0.1")
+    print(
+        f"# bench_storage {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} CPUs); S3 = moto on 127.0.0.1"
+    )
     print(f"{'write':<22}{'what':<34}{'local s':>9}{'s3 s':>9}{'s3/local':>10}")
     for name, what, local, remote in rows:
         print(f"{name:<22}{what:<34}{local:>9.2f}{remote:>9.2f}{remote / local:>10.2f}")

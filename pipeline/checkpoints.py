@@ -118,7 +118,9 @@ def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[
     try:
         run = MlflowClient(tracking_uri).get_run(ref)
     except MlflowException as exc:
-        raise CheckpointError(f"{ref} is neither a checkpoint directory nor a run in {tracking_uri}: {exc.message}") from None
+        raise CheckpointError(
+            f"{ref} is neither a checkpoint directory nor a run in {tracking_uri}: {exc.message}"
+        ) from None
     tags = run.data.tags
     local = tags.get("abpipe.checkpoint_path", "")
     if local and os.path.isfile(os.path.join(local, META_FILE)):
@@ -127,7 +129,9 @@ def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[
         return _copy_from_storage(local, download_dir), ref, local
     artifact = tags.get("abpipe.checkpoint_artifact", "")
     if not artifact:
-        raise CheckpointError(f"run {ref}: no local checkpoint ({local or 'no abpipe.checkpoint_path tag'}) and no abpipe.checkpoint_artifact tag")
+        raise CheckpointError(
+            f"run {ref}: no local checkpoint ({local or 'no abpipe.checkpoint_path tag'}) and no abpipe.checkpoint_artifact tag"
+        )
     return _download(ref, artifact, tracking_uri, download_dir), ref, f"runs:/{ref}/{artifact}"
 
 
@@ -146,7 +150,9 @@ def _download(run_id: str, artifact: str, tracking_uri: str, download_dir: str) 
     import mlflow.artifacts
 
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=download_dir, tracking_uri=tracking_uri)
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact, dst_path=download_dir, tracking_uri=tracking_uri
+        )
     except Exception as exc:
         raise CheckpointError(f"run {run_id}: cannot download checkpoint artifact '{artifact}': {exc}") from None
     read_meta(path)

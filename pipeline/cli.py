@@ -12,17 +12,25 @@ import sys
 from pipeline.config import ConfigError, load_config
 from pipeline.runtime import quiet_environment
 
-
 # Flags some commands take as shorthand for a dotted override (the value is kept a plain string).
 SHORTCUTS = {
     "eval": {"--checkpoint": "eval.checkpoint", "--tasks": "eval.tasks"},
-    "sweep": {"--runs": "sweep.runs", "--experiments": "sweep.experiments", "--checkpoints": "sweep.checkpoints", "--tasks": "eval.tasks"},
+    "sweep": {
+        "--runs": "sweep.runs",
+        "--experiments": "sweep.experiments",
+        "--checkpoints": "sweep.checkpoints",
+        "--tasks": "eval.tasks",
+    },
 }
 
 
 def _load(args):
     flags = SHORTCUTS.get(args.command, {})
-    quoted = ["{}='{}'".format(key, value.replace("'", "''")) for flag, key in flags.items() if (value := getattr(args, flag[2:], None)) is not None]
+    quoted = [
+        "{}='{}'".format(key, value.replace("'", "''"))
+        for flag, key in flags.items()
+        if (value := getattr(args, flag[2:], None)) is not None
+    ]
     return load_config(args.config, [*quoted, *args.overrides]).resolved()
 
 
@@ -75,8 +83,14 @@ def cmd_demo(args) -> dict:
 
 
 COMMANDS = {
-    "ingest": (cmd_ingest, "a source (image_folder, files, cc12m/urls, coco, epic_kitchens) -> WebDataset shards + manifest + _stats.json"),
-    "train": (cmd_train, "pretrain (objective.name: ab_simclr, ab_clip or a baseline) on shards with Ray Train; resumes from the latest checkpoint"),
+    "ingest": (
+        cmd_ingest,
+        "a source (image_folder, files, cc12m/urls, coco, epic_kitchens) -> WebDataset shards + manifest + _stats.json",
+    ),
+    "train": (
+        cmd_train,
+        "pretrain (objective.name: ab_simclr, ab_clip or a baseline) on shards with Ray Train; resumes from the latest checkpoint",
+    ),
     "eval": (cmd_eval, "frozen-feature probes of a checkpoint (dir or MLflow run) on eval tasks"),
     "sweep": (cmd_sweep, "evaluate every checkpoint x task of pretraining runs, skipping pairs already done"),
     "demo": (cmd_demo, "the whole pipeline on shipped data: ingest -> pretrain -> eval"),
@@ -93,9 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, default=None, help=f"same as {key}=VALUE (lists comma-separated)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 views.num_views=4")
         if name == "ingest":
-            p.usage = "abpipe ingest [SOURCE] [--input/--urls PATH] [--out DIR|s3://...] [--config F] [section.key=value ...]"
-            p.add_argument("--input", "--urls", dest="input", default=None, help="ingest.input: a folder, a file list, or a url+caption list")
-            p.add_argument("--out", dest="out", default=None, help="ingest.output: the shard directory (local or s3://...)")
+            p.usage = (
+                "abpipe ingest [SOURCE] [--input/--urls PATH] [--out DIR|s3://...] [--config F] [section.key=value ...]"
+            )
+            p.add_argument(
+                "--input",
+                "--urls",
+                dest="input",
+                default=None,
+                help="ingest.input: a folder, a file list, or a url+caption list",
+            )
+            p.add_argument(
+                "--out", dest="out", default=None, help="ingest.output: the shard directory (local or s3://...)"
+            )
     return parser
 
 

@@ -87,15 +87,35 @@ class StorageError(RuntimeError):
 
 # (what pyarrow's S3 client / botocore say, what it means for the operator)
 _CAUSES = (
-    (("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch", "EXPIRED_TOKEN", "ExpiredToken"),
-     "the storage service refused the credentials; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's role)"),
-    (("NO_SUCH_BUCKET", "NoSuchBucket", "To create buckets, enable"),
-     "the bucket does not exist (abpipe never creates buckets: create it, or fix the URI)"),
-    (("ACCESS_DENIED", "AccessDenied"),
-     "access denied: the credentials are refused or lack permission for this bucket/prefix"),
-    (("NETWORK_CONNECTION", "curlCode:", "Could not connect to server", "EndpointConnectionError"),  # the S3 clients' words only:
-     # a generic "Connection refused" may be torch.distributed's or MLflow's, not the storage's
-     "the storage endpoint is unreachable"),
+    (
+        (
+            "INVALID_ACCESS_KEY_ID",
+            "InvalidAccessKeyId",
+            "SIGNATURE_DOES_NOT_MATCH",
+            "SignatureDoesNotMatch",
+            "EXPIRED_TOKEN",
+            "ExpiredToken",
+        ),
+        "the storage service refused the credentials; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's role)",
+    ),
+    (
+        ("NO_SUCH_BUCKET", "NoSuchBucket", "To create buckets, enable"),
+        "the bucket does not exist (abpipe never creates buckets: create it, or fix the URI)",
+    ),
+    (
+        ("ACCESS_DENIED", "AccessDenied"),
+        "access denied: the credentials are refused or lack permission for this bucket/prefix",
+    ),
+    (
+        (
+            "NETWORK_CONNECTION",
+            "curlCode:",
+            "Could not connect to server",
+            "EndpointConnectionError",
+        ),  # the S3 clients' words only:
+        # a generic "Connection refused" may be torch.distributed's or MLflow's, not the storage's
+        "the storage endpoint is unreachable",
+    ),
 )
 _AWS_DETAIL = re.compile(r"AWS Error (\w+) during (\w+) operation")
 

@@ -102,7 +102,9 @@ def redact(value: Any) -> Any:
     return value
 
 
-def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+def start_run(
+    tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None
+) -> str:
     """Create a run, log the resolved config as params, return its id."""
     from mlflow.entities import Param, RunTag
 
@@ -135,7 +137,14 @@ class RunLogger:
 
     FIRST_REST_S = 5.0
 
-    def __init__(self, tracking_uri: str, run_id: str | None, enabled: bool = True, retry_after_s: float = 60.0, max_buffered: int = 100_000):
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str | None,
+        enabled: bool = True,
+        retry_after_s: float = 60.0,
+        max_buffered: int = 100_000,
+    ):
         self.run_id = run_id
         self.enabled = enabled and bool(run_id)
         self.tracking_uri = tracking_uri
@@ -171,7 +180,11 @@ class RunLogger:
             if self.failures <= 3 or self.failures % 100 == 0:
                 log.warning(
                     "MLflow %s failed (%d so far), training continues; %d metric points kept for the next try in %.0f s: %s",
-                    what, self.failures, len(self._pending), rest, exc,
+                    what,
+                    self.failures,
+                    len(self._pending),
+                    rest,
+                    exc,
                 )
             return False
         if self._in_a_row:
@@ -213,7 +226,10 @@ class RunLogger:
         self._call("log_metrics", self._flush)
 
     def artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        if not self._call("log_artifact", lambda c: c.log_artifact(self.run_id, local_path, artifact_path)) and self.enabled:
+        if (
+            not self._call("log_artifact", lambda c: c.log_artifact(self.run_id, local_path, artifact_path))
+            and self.enabled
+        ):
             self.unlogged += 1  # the file may be gone by the next try (checkpoints are temporary)
 
     def tags(self, values: dict[str, str]) -> None:
@@ -228,7 +244,11 @@ class RunLogger:
             self._call("log_metrics", self._flush, force=True)
         lost = self.unlogged + len(self._pending)
         if lost:
-            log.warning("MLflow run %s: %d metric points/artifacts could not be logged (tracking server away)", self.run_id, lost)
+            log.warning(
+                "MLflow run %s: %d metric points/artifacts could not be logged (tracking server away)",
+                self.run_id,
+                lost,
+            )
         self.unlogged, self._pending = lost, []
         return lost
 

@@ -79,7 +79,10 @@ def digit_shards(ray_cluster, digits_folder, session_tmp):
     from pipeline.ingest import run_ingest
 
     out = session_tmp / "train_shards"
-    cfg = Config(paths=PathsConfig(root=str(session_tmp / "ingest_root")), ingest=IngestConfig(input=str(digits_folder), output=str(out), samples_per_shard=100))
+    cfg = Config(
+        paths=PathsConfig(root=str(session_tmp / "ingest_root")),
+        ingest=IngestConfig(input=str(digits_folder), output=str(out), samples_per_shard=100),
+    )
     stats = run_ingest(cfg)
     assert stats["counts"]["ok"] == 300
     return out

@@ -76,7 +76,13 @@ class S3Server:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+            region_name="us-east-1",
+        )
 
     def _configure(self) -> None:
         """The test bucket, an IAM user allowed s3:* whose key pair is S3_ENV's, then auth on."""
@@ -86,7 +92,12 @@ class S3Server:
         from moto.core.authorization import ActionAuthenticatorMixin
         from moto.iam.models import iam_backends
 
-        kwargs = dict(endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+        kwargs = dict(
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="setup",
+            aws_secret_access_key="setup",
+        )
         boto3.client("s3", **kwargs).create_bucket(Bucket=BUCKET)
         iam = boto3.client("iam", **kwargs)
         iam.create_user(UserName="abpipe")
@@ -94,7 +105,10 @@ class S3Server:
         iam.put_user_policy(UserName="abpipe", PolicyName="s3-all", PolicyDocument=policy)
         iam.create_access_key(UserName="abpipe")
         key = iam_backends[DEFAULT_ACCOUNT_ID]["global"].users["abpipe"].access_keys[0]
-        key.access_key_id, key.secret_access_key = S3_ACCESS_KEY, S3_SECRET_KEY  # moto's keys are random; ours are known to Ray
+        key.access_key_id, key.secret_access_key = (
+            S3_ACCESS_KEY,
+            S3_SECRET_KEY,
+        )  # moto's keys are random; ours are known to Ray
         settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
         ActionAuthenticatorMixin.request_count = 0
         self._configured = True
@@ -104,7 +118,9 @@ class S3Server:
         out, token = [], None
         client = self.client()
         while True:
-            page = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
+            page = client.list_objects_v2(
+                Bucket=BUCKET, Prefix=prefix, **({"ContinuationToken": token} if token else {})
+            )
             out += [o["Key"] for o in page.get("Contents", [])]
             token = page.get("NextContinuationToken")
             if not token:
@@ -119,7 +135,10 @@ def postgres_bindir() -> str | None:
     found = shutil.which("initdb")
     if found:
         return os.path.dirname(os.path.realpath(found))
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     return os.path.dirname(candidates[-1]) if candidates else None
 
 
@@ -159,7 +178,9 @@ class PostgresServer:
         data = os.path.join(self.dir, "data")
         self._run("initdb", "-D", data, "-U", self.user, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync")
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        self._run("pg_ctl", "-D", data, "-l", os.path.join(self.dir, "server.log"), "-o", opts, "-w", "-t", "120", "start")
+        self._run(
+            "pg_ctl", "-D", data, "-l", os.path.join(self.dir, "server.log"), "-o", opts, "-w", "-t", "120", "start"
+        )
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database)
         return self
 

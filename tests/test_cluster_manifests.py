@@ -94,11 +94,21 @@ def test_runtime_env_is_accepted_by_ray():
 
 # The required fields and types of KubeRay's v1 CRDs (ray-operator/config/crd/bases at v1.7.0-rc), for
 # the parts these manifests use; no cluster or CRD download is available here to validate against.
-_CONTAINER = {"type": "object", "required": ["name", "image"], "properties": {"name": {"type": "string"}, "image": {"type": "string"}}}
+_CONTAINER = {
+    "type": "object",
+    "required": ["name", "image"],
+    "properties": {"name": {"type": "string"}, "image": {"type": "string"}},
+}
 _POD_TEMPLATE = {
     "type": "object",
     "required": ["spec"],
-    "properties": {"spec": {"type": "object", "required": ["containers"], "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}}}},
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}},
+        }
+    },
 }
 _START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
 _CLUSTER_SPEC = {
@@ -107,8 +117,19 @@ _CLUSTER_SPEC = {
     "properties": {
         "rayVersion": {"type": "string"},
         "enableInTreeAutoscaling": {"type": "boolean"},
-        "authOptions": {"type": "object", "properties": {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"}}},
-        "headGroupSpec": {"type": "object", "required": ["template"], "properties": {"rayStartParams": _START_PARAMS, "template": _POD_TEMPLATE, "serviceType": {"type": "string"}}},
+        "authOptions": {
+            "type": "object",
+            "properties": {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"}},
+        },
+        "headGroupSpec": {
+            "type": "object",
+            "required": ["template"],
+            "properties": {
+                "rayStartParams": _START_PARAMS,
+                "template": _POD_TEMPLATE,
+                "serviceType": {"type": "string"},
+            },
+        },
         "workerGroupSpecs": {
             "type": "array",
             "items": {
@@ -126,10 +147,17 @@ _CLUSTER_SPEC = {
         },
     },
 }
-_METADATA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}}}
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}},
+}
 KUBERAY_SCHEMAS = {
-    "RayCluster": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-                   "properties": {"apiVersion": {"const": "ray.io/v1"}, "metadata": _METADATA, "spec": _CLUSTER_SPEC}},
+    "RayCluster": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": "ray.io/v1"}, "metadata": _METADATA, "spec": _CLUSTER_SPEC},
+    },
     "RayJob": {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -212,13 +240,17 @@ def _cpu(quantity: str) -> float:
 
 def test_kuberay_gpu_group_sizing_and_rayjob_cluster_match():
     cluster, job = _yaml(CLUSTER / "kuberay" / "raycluster.yaml"), _yaml(CLUSTER / "kuberay" / "rayjob.yaml")
-    assert job["spec"]["rayClusterSpec"] == cluster["spec"], "rayjob.yaml must run the cluster raycluster.yaml describes"
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"], (
+        "rayjob.yaml must run the cluster raycluster.yaml describes"
+    )
     groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
     limits = groups["gpu-train"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     gpus, cpus = int(limits["nvidia.com/gpu"]), _cpu(limits["cpu"])
     paper = load_config(PAPER)
     assert (cpus - gpus * paper.train.cpus_per_worker) / gpus >= crop_cpus_per_gpu()
-    assert not any("nvidia.com/gpu" in c["resources"]["limits"] for c in groups["cpu-ingest"]["template"]["spec"]["containers"])
+    assert not any(
+        "nvidia.com/gpu" in c["resources"]["limits"] for c in groups["cpu-ingest"]["template"]["spec"]["containers"]
+    )
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     entry = job["spec"]["entrypoint"].split()
     assert entry[:2] == ["python", "jobs/pretrain.py"] and (REPO / entry[3]).is_file()
@@ -242,7 +274,9 @@ def _training_sections(path: Path) -> dict:
 
 def test_paper_configs_share_one_training_setting():
     paper = load_config(PAPER)
-    assert paper.model.encoder == "vit_small_patch16_224" and paper.views.view_size == 224 and paper.views.num_views == 4
+    assert (
+        paper.model.encoder == "vit_small_patch16_224" and paper.views.view_size == 224 and paper.views.num_views == 4
+    )
     assert paper.train.total_views == 800_000_000 and paper.train.max_failures > 0
     for name in DATASET_CONFIGS:
         assert _training_sections(REPO / "jobs" / "configs" / f"{name}.yaml") == _training_sections(PAPER), name
@@ -258,7 +292,9 @@ def test_paper_configs_share_one_training_setting():
 # ---------------------------------------------------------------- secrets
 
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|access[_-]?key|credential)", re.I)
-_SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@|-----BEGIN [A-Z ]*PRIVATE KEY|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,})")
+_SECRET_VALUE = re.compile(
+    r"(AKIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@|-----BEGIN [A-Z ]*PRIVATE KEY|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,})"
+)
 _NAMES_NOT_VALUES = {"secretName", "secretRef", "secretKeyRef", "valueFrom", "envFrom"}
 
 
@@ -271,7 +307,13 @@ def secret_findings(data, where: str = "") -> list[str]:
         for key, value in data.items():
             path = f"{where}.{key}"
             is_path = isinstance(value, str) and value.startswith(("/", "~", "./"))
-            if isinstance(value, (str, int)) and value != "" and _SECRET_KEY.search(str(key)) and str(key) not in _NAMES_NOT_VALUES and not is_path:
+            if (
+                isinstance(value, (str, int))
+                and value != ""
+                and _SECRET_KEY.search(str(key))
+                and str(key) not in _NAMES_NOT_VALUES
+                and not is_path
+            ):
                 found.append(path)
             found += secret_findings(value, path)
     elif isinstance(data, list):
@@ -287,8 +329,12 @@ def _all_config_files() -> list[Path]:
 
 
 def test_no_secrets_in_configs_or_manifests():
-    planted = {"tracking": {"password": "hunter2"}, "env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}],
-               "uri": "http://user:pw@mlflow:5000", "ok": {"secretName": "abpipe", "mode": "token", "/home/ray/.ray/auth_token": "~/.ray/auth_token"}}
+    planted = {
+        "tracking": {"password": "hunter2"},
+        "env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}],
+        "uri": "http://user:pw@mlflow:5000",
+        "ok": {"secretName": "abpipe", "mode": "token", "/home/ray/.ray/auth_token": "~/.ray/auth_token"},
+    }
     assert sorted(secret_findings(planted)) == [".env[0].AWS_SECRET_ACCESS_KEY", ".tracking.password", ".uri"]
     for path in _all_config_files():
         for doc in yaml.safe_load_all(path.read_text()):
@@ -301,16 +347,35 @@ def test_no_secrets_in_configs_or_manifests():
 # ---------------------------------------------------------------- entrypoints and defaults
 
 
-@pytest.mark.parametrize("job,command", [("ingest", "ingest"), ("pretrain", "train"), ("evaluate", "eval"), ("sweep", "sweep")])
+@pytest.mark.parametrize(
+    "job,command", [("ingest", "ingest"), ("pretrain", "train"), ("evaluate", "eval"), ("sweep", "sweep")]
+)
 def test_job_entrypoint_help(job, command):
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True, timeout=120, cwd="/")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
     assert out.returncode == 0, out.stderr
     assert f"jobs/{job}.py" in out.stdout and f"abpipe {command}" in out.stdout and "ray job submit" in out.stdout
 
 
 def test_job_entrypoint_forwards_to_the_abpipe_config_system():
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "ingest.py"), "--config", str(REPO / "jobs" / "configs" / "tiny.yaml"), "ingest.no_such_key=1"],
-                         capture_output=True, text=True, timeout=180, cwd="/")
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "ingest.py"),
+            "--config",
+            str(REPO / "jobs" / "configs" / "tiny.yaml"),
+            "ingest.no_such_key=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd="/",
+    )
     assert out.returncode == 2 and "unknown config key 'ingest.no_such_key'" in out.stderr
 
 

@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("package", ("pipeline",)),  # pipeline/__init__.py: the version string only
     ("config", ("pipeline.config",)),
-    ("storage", ("pipeline.storage",)),  # one filesystem for local paths and object storage, below every service using it
+    (
+        "storage",
+        ("pipeline.storage",),
+    ),  # one filesystem for local paths and object storage, below every service using it
     (
         "services",
         (

@@ -28,15 +28,29 @@ def _members(tar_file) -> dict[str, bytes]:
 
 
 @pytest.mark.ray
-def test_cli_ingest_to_s3_writes_the_same_shards_as_a_local_ingest(ray_cluster, s3_server, digits_folder, digit_shards, tmp_path, capsys):
+def test_cli_ingest_to_s3_writes_the_same_shards_as_a_local_ingest(
+    ray_cluster, s3_server, digits_folder, digit_shards, tmp_path, capsys
+):
     from pipeline.data.shards import load_manifest, load_stats, read_shards
 
     out = f"s3://{BUCKET}/shards/digits"
-    rc = _ingest(["image_folder", "--input", str(digits_folder), "--out", out, f"paths.root={tmp_path}", "ingest.samples_per_shard=100"])
+    rc = _ingest(
+        [
+            "image_folder",
+            "--input",
+            str(digits_folder),
+            "--out",
+            out,
+            f"paths.root={tmp_path}",
+            "ingest.samples_per_shard=100",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     keys = set(s3_server.keys("shards/digits/"))
     assert {f"shards/digits/shard-00000{i}.tar" for i in range(3)} <= keys
-    assert {"shards/digits/manifest.parquet", "shards/digits/_stats.json"} <= keys and not [k for k in keys if k.endswith(".tmp")]
+    assert {"shards/digits/manifest.parquet", "shards/digits/_stats.json"} <= keys and not [
+        k for k in keys if k.endswith(".tmp")
+    ]
     # one code path: the objects hold exactly what the local ingest of the same folder wrote
     client = s3_server.client()
     for i in range(3):
@@ -47,7 +61,9 @@ def test_cli_ingest_to_s3_writes_the_same_shards_as_a_local_ingest(ray_cluster, 
 
 
 @pytest.mark.ray
-def test_bad_credentials_and_a_missing_bucket_are_one_line_each(ray_cluster, s3_server, digits_folder, tmp_path, capsys, monkeypatch):
+def test_bad_credentials_and_a_missing_bucket_are_one_line_each(
+    ray_cluster, s3_server, digits_folder, tmp_path, capsys, monkeypatch
+):
     from pipeline.cli import main
 
     base = ["image_folder", "--input", str(digits_folder), f"paths.root={tmp_path}"]
@@ -86,13 +102,24 @@ def large_photos(tmp_path_factory, photo_files):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_endpoint_stopping_mid_ingest_is_one_line_and_a_rerun_resumes(ray_cluster, s3_server, large_photos, tmp_path, capsys):
+def test_endpoint_stopping_mid_ingest_is_one_line_and_a_rerun_resumes(
+    ray_cluster, s3_server, large_photos, tmp_path, capsys
+):
     from pipeline.data.shards import load_manifest
 
     listing = tmp_path / "paths.txt"
     listing.write_text("\n".join(large_photos[i % 4] for i in range(60)) + "\n")
     out, prefix = f"s3://{BUCKET}/shards/stopped", "shards/stopped/"
-    argv = ["files", "--input", str(listing), "--out", out, f"paths.root={tmp_path}", "ingest.samples_per_shard=3", "ingest.max_side=48"]
+    argv = [
+        "files",
+        "--input",
+        str(listing),
+        "--out",
+        out,
+        f"paths.root={tmp_path}",
+        "ingest.samples_per_shard=3",
+        "ingest.max_side=48",
+    ]
     result: dict = {}
     writer = threading.Thread(target=lambda: result.update(rc=_ingest(argv)), daemon=True)
     writer.start()
@@ -106,10 +133,20 @@ def test_endpoint_stopping_mid_ingest_is_one_line_and_a_rerun_resumes(ray_cluste
     s3_server.start()
     assert not writer.is_alive() and result["rc"] == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("abpipe")]
-    assert len(err) == 1 and "storage endpoint is unreachable" in err[0] and "re-run the same command to resume" in err[0], err
+    assert (
+        len(err) == 1 and "storage endpoint is unreachable" in err[0] and "re-run the same command to resume" in err[0]
+    ), err
 
-    finished = {k: s3_server.client().head_object(Bucket=BUCKET, Key=k)["ETag"] for k in s3_server.keys(prefix) if k.endswith(".tar")}
-    parts = {k.rsplit("/", 1)[1].replace(".parquet", ".tar") for k in s3_server.keys(prefix + "_parts/") if k.endswith(".parquet")}
+    finished = {
+        k: s3_server.client().head_object(Bucket=BUCKET, Key=k)["ETag"]
+        for k in s3_server.keys(prefix)
+        if k.endswith(".tar")
+    }
+    parts = {
+        k.rsplit("/", 1)[1].replace(".parquet", ".tar")
+        for k in s3_server.keys(prefix + "_parts/")
+        if k.endswith(".parquet")
+    }
     assert 0 < len(parts) < 20, f"the stop must land mid-way ({len(parts)} of 20 shards had finished)"
     assert _ingest(argv) == 0
     log = capsys.readouterr().out
@@ -123,7 +160,9 @@ def test_endpoint_stopping_mid_ingest_is_one_line_and_a_rerun_resumes(ray_cluste
     assert len(manifest) == 60 and manifest["key"].is_unique and (manifest["status"] == "ok").all()
     in_tars = []  # every item exactly once in the tars: no half-written shard was kept, none is missing
     for key in sorted(k for k in keys if k.endswith(".tar")):
-        with tarfile.open(fileobj=io.BytesIO(s3_server.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())) as tar:
+        with tarfile.open(
+            fileobj=io.BytesIO(s3_server.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        ) as tar:
             in_tars += [n.split(".")[0] for n in tar.getnames() if n.endswith(".json")]
     assert sorted(in_tars) == [f"{i:09d}" for i in range(60)]
     stats = json.loads(s3_server.client().get_object(Bucket=BUCKET, Key=prefix + "_stats.json")["Body"].read())

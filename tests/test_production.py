@@ -39,8 +39,12 @@ STEPS, MORE_STEPS, WORKERS = 8, 10, 2
 TRAIN_KEYS = ("loss", "loss_annotation", "loss_propagation", "lr", "ema_rate", "views_seen", "grad_norm_l2")
 
 
-def _server_config(root, uri: str, steps: int, run_name: str = "prod", workers: int = WORKERS, storage: str = STORAGE, **train):
-    cfg = micro_config(root, SHARDS, steps=steps, num_workers=workers, checkpoint_every_steps=4, run_name=run_name, **train)
+def _server_config(
+    root, uri: str, steps: int, run_name: str = "prod", workers: int = WORKERS, storage: str = STORAGE, **train
+):
+    cfg = micro_config(
+        root, SHARDS, steps=steps, num_workers=workers, checkpoint_every_steps=4, run_name=run_name, **train
+    )
     return dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, storage_path=storage),
@@ -97,7 +101,10 @@ def test_ingest_and_two_worker_pretraining_check_out_through_the_mlflow_client(p
     (run,) = client.search_runs([exp.experiment_id], "tags.`abpipe.kind` = 'pretrain' and attributes.run_name = 'prod'")
     assert run.info.run_id == first["run_id"] and run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == str(WORKERS) and run.data.params["data.shards"] == SHARDS
-    assert run.data.params["train.storage_path"] == STORAGE and run.data.tags["abpipe.checkpoint_path"] == second["checkpoint"]
+    assert (
+        run.data.params["train.storage_path"] == STORAGE
+        and run.data.tags["abpipe.checkpoint_path"] == second["checkpoint"]
+    )
     for key in TRAIN_KEYS:  # every step once: none lost to the kill, none repeated by the replay after it
         assert metric_steps(client, run.info.run_id, key) == list(range(1, MORE_STEPS + 1)), key
     views = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "views_seen")}
@@ -110,12 +117,23 @@ def test_ingest_and_two_worker_pretraining_check_out_through_the_mlflow_client(p
     assert stored in keys, "checkpoint artifacts land on the object store behind the server"
     ray_keys = s3_server.keys("prod/ray_results/prod/")
     assert f"prod/ray_results/prod/checkpoint_{MORE_STEPS:08d}/state.pt" in ray_keys
-    meta = json.loads(s3_server.client().get_object(Bucket=BUCKET, Key=f"prod/ray_results/prod/checkpoint_{MORE_STEPS:08d}/meta.json")["Body"].read())
+    meta = json.loads(
+        s3_server.client()
+        .get_object(Bucket=BUCKET, Key=f"prod/ray_results/prod/checkpoint_{MORE_STEPS:08d}/meta.json")["Body"]
+        .read()
+    )
     assert meta["step"] == MORE_STEPS and meta["mlflow_run_id"] == run.info.run_id and meta["world_size"] == WORKERS
 
 
 def _eval_config(prod_run, digits_folder):
-    ev = EvalConfig(tasks=["folder"], task_roots={"folder": str(digits_folder)}, probes=["knn"], max_per_split=40, batch_size=64, random_init=False)
+    ev = EvalConfig(
+        tasks=["folder"],
+        task_roots={"folder": str(digits_folder)},
+        probes=["knn"],
+        max_per_split=40,
+        batch_size=64,
+        random_init=False,
+    )
     return dataclasses.replace(prod_run["cfg"], eval=ev)
 
 
@@ -128,10 +146,18 @@ def test_eval_from_an_s3_checkpoint_and_from_an_mlflow_artifact_on_s3(prod_run, 
     client = MlflowClient(prod_run["uri"])
     from_storage = evaluate_checkpoint(cfg, prod_run["second"]["checkpoint"])
     from_artifact = evaluate_checkpoint(cfg, f"runs:/{run_id}/checkpoints/step_{STEPS:08d}")
-    assert (from_storage["checkpoint_key"], from_artifact["checkpoint_key"]) == (f"{run_id}@{MORE_STEPS}", f"{run_id}@{STEPS}")
-    for result, path in ((from_storage, prod_run["second"]["checkpoint"]), (from_artifact, f"runs:/{run_id}/checkpoints/step_{STEPS:08d}")):
+    assert (from_storage["checkpoint_key"], from_artifact["checkpoint_key"]) == (
+        f"{run_id}@{MORE_STEPS}",
+        f"{run_id}@{STEPS}",
+    )
+    for result, path in (
+        (from_storage, prod_run["second"]["checkpoint"]),
+        (from_artifact, f"runs:/{run_id}/checkpoints/step_{STEPS:08d}"),
+    ):
         eval_run = client.get_run(result["tasks"]["folder"]["run_id"])
-        assert eval_run.info.status == "FINISHED" and eval_run.data.tags["mlflow.parentRunId"] == run_id  # nested under pretraining
+        assert (
+            eval_run.info.status == "FINISHED" and eval_run.data.tags["mlflow.parentRunId"] == run_id
+        )  # nested under pretraining
         assert eval_run.data.tags["abpipe.checkpoint_path"] == path and 0 <= eval_run.data.metrics["knn_top1"] <= 1
         assert {a.path for a in client.list_artifacts(eval_run.info.run_id)} >= {"results.md", "results.png"}
 
@@ -148,7 +174,9 @@ def _sweep_process(prod_run, digits_folder, ray_address: str, out: Path) -> subp
 
 
 @pytest.mark.timeout(900)
-def test_two_sweeps_at_once_evaluate_each_pair_once_beside_a_training_run(prod_run, ray_cluster, digits_folder, tmp_path):
+def test_two_sweeps_at_once_evaluate_each_pair_once_beside_a_training_run(
+    prod_run, ray_cluster, digits_folder, tmp_path
+):
     from mlflow.tracking import MlflowClient
 
     from pipeline.train.trainer import run_pretrain
@@ -157,7 +185,9 @@ def test_two_sweeps_at_once_evaluate_each_pair_once_beside_a_training_run(prod_r
     address = ray_cluster.get_runtime_context().gcs_address
     sweeps = [_sweep_process(prod_run, digits_folder, address, tmp_path / f"sweep{i}.log") for i in range(2)]
     steps = 6
-    training = run_pretrain(_server_config(prod_run["root"], prod_run["uri"], steps, run_name="beside-sweeps", workers=1))
+    training = run_pretrain(
+        _server_config(prod_run["root"], prod_run["uri"], steps, run_name="beside-sweeps", workers=1)
+    )
     for proc in sweeps:
         proc.wait(timeout=600)
     logs = [(tmp_path / f"sweep{i}.log").read_text() for i in range(2)]
@@ -165,25 +195,37 @@ def test_two_sweeps_at_once_evaluate_each_pair_once_beside_a_training_run(prod_r
     assert all(p.returncode == 0 for p in sweeps), [log[-3000:] for log in logs]
 
     run_id = prod_run["first"]["run_id"]
-    pairs = {(f"{run_id}@{s}", "folder") for s in (4, 8, 10)}  # step 4 lives only as an MLflow artifact (keep_checkpoints=2)
+    pairs = {
+        (f"{run_id}@{s}", "folder") for s in (4, 8, 10)
+    }  # step 4 lives only as an MLflow artifact (keep_checkpoints=2)
     evaluated = [tuple(p) for r in results for p in r["evaluated"]]
     assert len(evaluated) == len(set(evaluated)) and set(evaluated) == pairs, results
     assert all(not r["failures"] for r in results), results
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     signature = None
     for key, task in pairs:
-        runs = client.search_runs([exp], f"tags.`abpipe.kind` = 'eval' and tags.`abpipe.checkpoint_key` = '{key}' and attributes.status = 'FINISHED'")
+        runs = client.search_runs(
+            [exp],
+            f"tags.`abpipe.kind` = 'eval' and tags.`abpipe.checkpoint_key` = '{key}' and attributes.status = 'FINISHED'",
+        )
         swept = [r for r in runs if r.data.params.get("eval.knn_k") == "5"]
         assert len(swept) == 1, f"{key} x {task} evaluated {len(swept)} times"
         signature = signature or swept[0].data.tags["abpipe.eval_signature"]
-        assert swept[0].data.metrics["knn_top1"] >= 0 and len(client.get_metric_history(swept[0].info.run_id, "knn_top1")) == 1
+        assert (
+            swept[0].data.metrics["knn_top1"] >= 0
+            and len(client.get_metric_history(swept[0].info.run_id, "knn_top1")) == 1
+        )
 
     # concurrent logging lost nothing: every training step of every key, once
     for key in TRAIN_KEYS:
         assert metric_steps(client, training["run_id"], key) == list(range(1, steps + 1)), key
     train_run = client.get_run(training["run_id"])
     sweep_runs = [client.get_run(r["run_id"]) for r in results]
-    overlap = [s for s in sweep_runs if s.info.start_time < train_run.info.end_time and train_run.info.start_time < s.info.end_time]
+    overlap = [
+        s
+        for s in sweep_runs
+        if s.info.start_time < train_run.info.end_time and train_run.info.start_time < s.info.end_time
+    ]
     assert overlap, "the sweeps and the training run did not log at the same time"
     for sweep in sweep_runs:
         assert sweep.data.metrics["pairs"] == 3 and len(client.get_metric_history(sweep.info.run_id, "pairs")) == 1
@@ -196,7 +238,14 @@ def test_tracking_server_outage_mid_training_costs_warnings_not_the_run_nor_metr
     from pipeline.train.trainer import run_pretrain
 
     steps = 30
-    cfg = _server_config(prod_run["root"], prod_run["uri"], steps, run_name="outage", workers=1, storage=str(prod_run["root"] / "ray_results"))
+    cfg = _server_config(
+        prod_run["root"],
+        prod_run["uri"],
+        steps,
+        run_name="outage",
+        workers=1,
+        storage=str(prod_run["root"] / "ray_results"),
+    )
     client = MlflowClient(prod_run["uri"])
     events: dict[str, float] = {}
 
@@ -204,7 +253,9 @@ def test_tracking_server_outage_mid_training_costs_warnings_not_the_run_nor_metr
         """Once a few steps are logged, the server dies (SIGKILL), stays away 5 s, and comes back."""
         deadline = time.time() + 400
         while time.time() < deadline:
-            runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], "attributes.run_name = 'outage'")
+            runs = client.search_runs(
+                [client.get_experiment_by_name(EXPERIMENT).experiment_id], "attributes.run_name = 'outage'"
+            )
             if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= 3:
                 break
             time.sleep(0.3)
@@ -246,7 +297,9 @@ def test_no_credential_value_in_mlflow_params_logs_or_checkpoints(prod_run, s3_s
     for key in s3_server.keys(""):  # shards, Ray Train checkpoints, MLflow artifacts: every object
         body = s3_server.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
         leaks += [key for s in secrets_ if s in body]
-    logs = [p for p in Path(session_tmp, "ray").rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt")]
+    logs = [
+        p for p in Path(session_tmp, "ray").rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt")
+    ]
     logs += list(Path(prod_run["root"]).rglob("*"))
     for path in logs:
         if path.is_file():
@@ -265,16 +318,25 @@ def test_a_pair_claim_yields_to_a_finished_run_or_a_live_claim_and_takes_a_stale
     uri, client = mlflow_server.uri, MlflowClient(mlflow_server.uri)
     exp = ensure_experiment(uri, "claims")
     claims = PairClaims(client, uri, [exp], ttl_s=60)
-    tags = lambda key: {"abpipe.kind": "eval", "abpipe.checkpoint_key": key, "abpipe.task": "folder", "abpipe.eval_signature": "sig"}
+    tags = lambda key: {
+        "abpipe.kind": "eval",
+        "abpipe.checkpoint_key": key,
+        "abpipe.task": "folder",
+        "abpipe.eval_signature": "sig",
+    }
     try:
         won = claims.start("claims", "eval/folder", {}, tags("run@1"))
         assert won and claims.taken("run@1", "folder", "sig") == f"being evaluated by eval run {won}"
-        assert claims.start("claims", "eval/folder", {}, tags("run@1")) is None, "a second claim on a live pair must yield"
+        assert claims.start("claims", "eval/folder", {}, tags("run@1")) is None, (
+            "a second claim on a live pair must yield"
+        )
         client.set_terminated(won, "FINISHED")
         assert claims.start("claims", "eval/folder", {}, tags("run@1")) is None, "a finished pair is never redone"
         # a claim whose sweep died (RUNNING, heartbeat older than the ttl) is taken over
         old = time.time() - 3600
-        stale = client.create_run(exp, start_time=int(old * 1000), tags={**tags("run@2"), HEARTBEAT_TAG: f"{old:.0f}"}).info.run_id
+        stale = client.create_run(
+            exp, start_time=int(old * 1000), tags={**tags("run@2"), HEARTBEAT_TAG: f"{old:.0f}"}
+        ).info.run_id
         assert claims.start("claims", "eval/folder", {}, tags("run@2")) not in (None, stale)
         # withdrawn claims leave no active run behind: exactly one FINISHED/RUNNING run per pair
         active = client.search_runs([exp], "tags.`abpipe.checkpoint_key` = 'run@1'")

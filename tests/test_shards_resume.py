@@ -60,7 +60,11 @@ def test_killed_ingest_resumes_without_rewriting_finished_shards(ray_cluster, bi
     (tmp_path / "items.json").write_text(json.dumps(items))
     out = tmp_path / "shards"
     address = ray_cluster.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-c", WRITE_IN_SUBPROCESS, address, str(tmp_path / "items.json"), str(out), str(REPO)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITE_IN_SUBPROCESS, address, str(tmp_path / "items.json"), str(out), str(REPO)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 180
     while len(list((out / "_parts").glob("*.parquet"))) < 3:
         assert proc.poll() is None, f"the ingest subprocess ended early: {proc.stderr.read().decode()[-2000:]}"
@@ -77,7 +81,9 @@ def test_killed_ingest_resumes_without_rewriting_finished_shards(ray_cluster, bi
     log = capsys.readouterr().out
     assert f"{len(finished)} of {n_shards} shards already finished" in log
     for stem, (part_id, tar_id) in finished.items():
-        assert _identity(out / "_parts" / f"{stem}.parquet") == part_id and _identity(out / f"{stem}.tar") == tar_id, f"{stem} was rewritten"
+        assert _identity(out / "_parts" / f"{stem}.parquet") == part_id and _identity(out / f"{stem}.tar") == tar_id, (
+            f"{stem} was rewritten"
+        )
     assert stats["counts"] == {"ok": 120} and len(stats["shards"]) == n_shards
     keys = _tar_keys(out)
     assert sorted(keys) == [f"{i:09d}" for i in range(120)], "every item exactly once: no duplicates, no gaps"
@@ -107,11 +113,22 @@ def test_every_sample_meta_field_reaches_the_json(photo_files, tmp_path):
 
     width, height = Image.open(photo_files[0]).size
     item = {
-        "key": "000000000", "input": str(photo_files[0]), "id": "x", "labels": ["a", "b"], "captions": ["one", "two"],
-        "boxes": [[10.0, 20.0, 110.0, 70.0], [0.0, 0.0, float(width), float(height)]], "video": "P01_01", "frame": 31,
+        "key": "000000000",
+        "input": str(photo_files[0]),
+        "id": "x",
+        "labels": ["a", "b"],
+        "captions": ["one", "two"],
+        "boxes": [[10.0, 20.0, 110.0, 70.0], [0.0, 0.0, float(width), float(height)]],
+        "video": "P01_01",
+        "frame": 31,
         "action": {"verb": "take", "noun": "cup", "narration": "take cup"},
     }
-    manifest = shards._write_one_shard({"shard_index": 0, "items_json": json.dumps([item])}, str(tmp_path), "src", dataclasses.asdict(IngestConfig(max_side=128)))
+    manifest = shards._write_one_shard(
+        {"shard_index": 0, "items_json": json.dumps([item])},
+        str(tmp_path),
+        "src",
+        dataclasses.asdict(IngestConfig(max_side=128)),
+    )
     assert manifest[0]["status"] == "ok"
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:
         meta = json.loads(tar.extractfile("000000000.json").read())
@@ -120,7 +137,18 @@ def test_every_sample_meta_field_reaches_the_json(photo_files, tmp_path):
     assert max(meta["width"], meta["height"]) == 128 and meta["height"] == round(height * s)
     assert meta["boxes"][0] == pytest.approx([10 * s, 20 * s, 110 * s, 70 * meta["height"] / height])
     assert meta["boxes"][1] == [0.0, 0.0, meta["width"], meta["height"]]
-    assert {k: meta[k] for k in ("labels", "captions", "video", "frame", "action", "source", "id")} == {k: item.get(k, v) for k, v in [("labels", 0), ("captions", 0), ("video", 0), ("frame", 0), ("action", 0), ("source", "src"), ("id", 0)]}
+    assert {k: meta[k] for k in ("labels", "captions", "video", "frame", "action", "source", "id")} == {
+        k: item.get(k, v)
+        for k, v in [
+            ("labels", 0),
+            ("captions", 0),
+            ("video", 0),
+            ("frame", 0),
+            ("action", 0),
+            ("source", "src"),
+            ("id", 0),
+        ]
+    }
     assert (tmp_path / "_parts" / "shard-000000.parquet").is_file()
 
 

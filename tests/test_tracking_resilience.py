@@ -87,7 +87,9 @@ def test_restarted_logger_skips_steps_an_earlier_attempt_logged(tmp_path):
     assert [m.value for m in client.get_metric_history(run_id, "bad_steps")] == [1, 2]
 
 
-def test_training_finishes_with_a_warning_when_mlflow_is_unreachable(ray_cluster, digit_shards, tmp_path, closed_port_uri, capsys):
+def test_training_finishes_with_a_warning_when_mlflow_is_unreachable(
+    ray_cluster, digit_shards, tmp_path, closed_port_uri, capsys
+):
     from pipeline.train.trainer import run_pretrain
 
     steps = 3
@@ -104,8 +106,13 @@ def test_training_finishes_with_a_warning_when_mlflow_is_unreachable(ray_cluster
 def test_a_password_in_a_uri_is_masked_in_params_and_tags(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     secret_uri = "postgresql://mlflow:hunter2@db.internal:5432/mlflow"
-    assert tracking.redact({"a": [secret_uri, "s3://bucket/x"], "n": 3}) == {"a": ["postgresql://mlflow:***@db.internal:5432/mlflow", "s3://bucket/x"], "n": 3}
-    run_id = tracking.start_run(uri, "unit", "masked", {"tracking.tracking_uri": secret_uri}, {"abpipe.output": "s3://AKIAKEY:sk@bucket/x"})
+    assert tracking.redact({"a": [secret_uri, "s3://bucket/x"], "n": 3}) == {
+        "a": ["postgresql://mlflow:***@db.internal:5432/mlflow", "s3://bucket/x"],
+        "n": 3,
+    }
+    run_id = tracking.start_run(
+        uri, "unit", "masked", {"tracking.tracking_uri": secret_uri}, {"abpipe.output": "s3://AKIAKEY:sk@bucket/x"}
+    )
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.params["tracking.tracking_uri"] == "postgresql://mlflow:***@db.internal:5432/mlflow"
     assert run.data.tags["abpipe.output"] == "s3://AKIAKEY:***@bucket/x" and "hunter2" not in str(run.data)

@@ -32,7 +32,16 @@ from pipeline.config import IngestConfig, section_from_dict
 from pipeline.data.schema import MANIFEST_COLUMNS, MISSING, OK, STATUSES, TOO_SMALL, BadImage, SampleMeta, decode_rgb
 from pipeline.storage import StorageError, check_access, explain, filesystem, read_bytes, write_atomic
 
-__all__ = ["filesystem", "read_bytes", "encode_sample", "shard_name", "write_shards", "load_stats", "load_manifest", "read_shards"]
+__all__ = [
+    "filesystem",
+    "read_bytes",
+    "encode_sample",
+    "shard_name",
+    "write_shards",
+    "load_stats",
+    "load_manifest",
+    "read_shards",
+]
 
 MANIFEST_FILE = "manifest.parquet"
 STATS_FILE = "_stats.json"
@@ -143,7 +152,12 @@ def _scaled_boxes(item: dict, pixels: bytes | np.ndarray, width: int, height: in
         frame_w, frame_h = Image.open(io.BytesIO(pixels)).size
     sx, sy = width / float(frame_w), height / float(frame_h)
     return [
-        [min(max(x0 * sx, 0.0), width), min(max(y0 * sy, 0.0), height), min(max(x1 * sx, 0.0), width), min(max(y1 * sy, 0.0), height)]
+        [
+            min(max(x0 * sx, 0.0), width),
+            min(max(y0 * sy, 0.0), height),
+            min(max(x1 * sx, 0.0), width),
+            min(max(y1 * sy, 0.0), height),
+        ]
         for x0, y0, x1, y1 in boxes
     ]
 
@@ -184,11 +198,20 @@ def _write_one_shard(row: dict[str, Any], out_dir: str, source: str, cfg_dict: d
     name = shard_name(index)
     fs, base = filesystem(out_dir)
     rows, written = {}, 0
-    tmp_path = posixpath.join(base, f"{name}.{uuid.uuid4().hex[:8]}.tmp")  # unique: a killed run's task may still be writing
+    tmp_path = posixpath.join(
+        base, f"{name}.{uuid.uuid4().hex[:8]}.tmp"
+    )  # unique: a killed run's task may still be writing
     with fs.open_output_stream(tmp_path) as stream:
         writer = wds.TarWriter(stream)
         for item, pixels in _load_pixels(items):
-            entry = {"key": item["key"], "shard": "", "source": source, "status": OK, "detail": "", "input": _input_label(item)}
+            entry = {
+                "key": item["key"],
+                "shard": "",
+                "source": source,
+                "status": OK,
+                "detail": "",
+                "input": _input_label(item),
+            }
             try:
                 if isinstance(pixels, BadImage):
                     raise pixels
@@ -259,10 +282,16 @@ def _prepare_out_dir(fs, base: str, out_dir: str, fingerprint: str, n_shards: in
         except (ValueError, OSError):
             plan = None
     if plan and plan.get("fingerprint") == fingerprint:
-        done = {int(m.group(1)) for info in parts if (m := _SHARD_PART.fullmatch(info.base_name))} & set(range(n_shards))
+        done = {int(m.group(1)) for info in parts if (m := _SHARD_PART.fullmatch(info.base_name))} & set(
+            range(n_shards)
+        )
         for info in list(entries) + list(parts):  # leftovers of killed tasks: temporaries, tars without a part
             tar = _SHARD_TAR.fullmatch(info.base_name)
-            if info.base_name.endswith(".tmp") or (tar and int(tar.group(1)) not in done) or info.base_name in (MANIFEST_FILE, STATS_FILE):
+            if (
+                info.base_name.endswith(".tmp")
+                or (tar and int(tar.group(1)) not in done)
+                or info.base_name in (MANIFEST_FILE, STATS_FILE)
+            ):
                 fs.delete_file(info.path)
         _log(f"resuming {out_dir}: {len(done)} of {n_shards} shards already finished, writing {n_shards - len(done)}")
         return done
@@ -274,7 +303,9 @@ def _prepare_out_dir(fs, base: str, out_dir: str, fingerprint: str, n_shards: in
                 fs.delete_file(info.path)
         if parts:
             fs.delete_dir(parts_dir)
-    write_atomic(fs, posixpath.join(base, PLAN_FILE), json.dumps({"fingerprint": fingerprint, "shards": n_shards}).encode())
+    write_atomic(
+        fs, posixpath.join(base, PLAN_FILE), json.dumps({"fingerprint": fingerprint, "shards": n_shards}).encode()
+    )
     return set()
 
 
@@ -327,7 +358,9 @@ def write_shards(items: list[dict[str, Any]], out_dir: str, source: str, cfg: In
     todo = [{"shard_index": s, "items_json": text} for s, text in enumerate(groups) if s not in done]
     if todo:
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        ds = ds.flat_map(_write_one_shard, fn_kwargs={"out_dir": out_dir, "source": source, "cfg_dict": dataclasses.asdict(cfg)})
+        ds = ds.flat_map(
+            _write_one_shard, fn_kwargs={"out_dir": out_dir, "source": source, "cfg_dict": dataclasses.asdict(cfg)}
+        )
         try:
             ds.materialize()  # the rows also sit in the parts; only completion matters here
         except Exception as exc:
@@ -366,7 +399,9 @@ def load_stats(shard_dir: str) -> dict[str, Any]:
     try:
         return json.loads(read_bytes(posixpath.join(str(shard_dir), STATS_FILE)))
     except FileNotFoundError:
-        raise FileNotFoundError(f"no {STATS_FILE} in {shard_dir}: run `abpipe ingest` first (or check data.shards)") from None
+        raise FileNotFoundError(
+            f"no {STATS_FILE} in {shard_dir}: run `abpipe ingest` first (or check data.shards)"
+        ) from None
     except OSError as exc:
         raise explain(exc, shard_dir, f"reading {STATS_FILE}") or exc from None
 

@@ -40,7 +40,15 @@ SPLITS = ("train", "test")
 # eval.* settings that do not change a result: left out of the signature that marks a pair done
 _NOT_IN_SIGNATURE = ("checkpoint", "dataset", "tasks", "task_roots", "cache_dir", "use_gpu", "batch_size")
 
-__all__ = ["EvalError", "RANDOM_PREFIX", "check_probe_names", "evaluate_checkpoint", "resolve_checkpoint", "run_eval", "task_roots"]
+__all__ = [
+    "EvalError",
+    "RANDOM_PREFIX",
+    "check_probe_names",
+    "evaluate_checkpoint",
+    "resolve_checkpoint",
+    "run_eval",
+    "task_roots",
+]
 
 
 class EvalError(RuntimeError):
@@ -63,7 +71,9 @@ def task_roots(ev: EvalConfig) -> dict[str, str]:
     missing = [t for t in tasks if not roots.get(t)]
     if missing:
         hint = " (or eval.dataset)" if DEFAULT_TASK in missing else ""
-        raise ConfigError(f"eval.task_roots: no dataset root for task(s) {missing}{hint}; give eval.task_roots.<task>=PATH")
+        raise ConfigError(
+            f"eval.task_roots: no dataset root for task(s) {missing}{hint}; give eval.task_roots.<task>=PATH"
+        )
     return {t: roots[t] for t in tasks}
 
 
@@ -107,7 +117,11 @@ def check_class_ids(data, root: str, max_per_split: int = 0) -> None:
             raise TaskFormatError(f"{root}: task '{data.info.name}' has no {split} examples")
         seen = ids.setdefault(split, set())
         for ex in examples:
-            labels = [ex.label] if ex.label is not None else np.asarray(ex.box_labels if ex.box_labels is not None else [], np.int64).tolist()
+            labels = (
+                [ex.label]
+                if ex.label is not None
+                else np.asarray(ex.box_labels if ex.box_labels is not None else [], np.int64).tolist()
+            )
             for label in labels:
                 if not 0 <= int(label) < n:
                     raise TaskFormatError(f"{ex.input}: class id {label} outside the task's {n} classes ({root})")
@@ -132,9 +146,15 @@ def _probe_split(examples, kept: np.ndarray, pooled: np.ndarray, tokens: np.ndar
             pooled=np.asarray(pooled),
             tokens=None if tokens is None else np.asarray(tokens),
             boxes=[np.asarray(ex.boxes, np.float32) if ex.boxes is not None else empty_boxes for ex in rows],
-            box_labels=[np.asarray(ex.box_labels, np.int64) if ex.box_labels is not None else empty_labels for ex in rows],
+            box_labels=[
+                np.asarray(ex.box_labels, np.int64) if ex.box_labels is not None else empty_labels for ex in rows
+            ],
         )
-    return ProbeSplit(pooled=np.asarray(pooled), tokens=None if tokens is None else np.asarray(tokens), labels=np.asarray([ex.label for ex in rows], np.int64))
+    return ProbeSplit(
+        pooled=np.asarray(pooled),
+        tokens=None if tokens is None else np.asarray(tokens),
+        labels=np.asarray([ex.label for ex in rows], np.int64),
+    )
 
 
 # ------------------------------------------------------------------------------------- one task's run
@@ -193,7 +213,16 @@ def _open_task(tr: _TaskRun, ev: EvalConfig) -> None:
     tr.resize = "stretch" if tr.data.info.kind in BOX_TASK_KINDS else "crop"
 
 
-def _gather_features(runs: list[_TaskRun], encoders: list[_Encoder], model_cfg: Config, image_size: int, ev: EvalConfig, use_gpu: bool, cache, tmp: str) -> None:
+def _gather_features(
+    runs: list[_TaskRun],
+    encoders: list[_Encoder],
+    model_cfg: Config,
+    image_size: int,
+    ev: EvalConfig,
+    use_gpu: bool,
+    cache,
+    tmp: str,
+) -> None:
     """Phase 2: cache hits, then one extraction pass over every task split that missed."""
     from pipeline.eval.cache import CachedFeatures, make_key
     from pipeline.eval.features import extract_features_multi
@@ -203,7 +232,9 @@ def _gather_features(runs: list[_TaskRun], encoders: list[_Encoder], model_cfg: 
         for enc in encoders:
             for split in SPLITS:
                 inputs = [ex.input for ex in getattr(tr.data, split)]
-                keys[(tr.task, enc.name, split)] = make_key(enc.fingerprint, ev.weights, tr.task, tr.root, split, inputs, image_size, tr.resize)
+                keys[(tr.task, enc.name, split)] = make_key(
+                    enc.fingerprint, ev.weights, tr.task, tr.root, split, inputs, image_size, tr.resize
+                )
                 tr.features.setdefault(enc.name, {})[split] = cache.get(keys[(tr.task, enc.name, split)], tr.tokens)
                 if tr.features[enc.name][split] is None:
                     misses.append((tr, enc))
@@ -244,7 +275,9 @@ def _gather_features(runs: list[_TaskRun], encoders: list[_Encoder], model_cfg: 
                 if tr.features[enc.name][split] is not None:
                     continue
                 tokens = got.tokens[enc.name][rows] if tr.tokens else None
-                feats = CachedFeatures(got.pooled[enc.name][rows], tokens, got.kept[rows] - lo, got.skipped_between(lo, hi))
+                feats = CachedFeatures(
+                    got.pooled[enc.name][rows], tokens, got.kept[rows] - lo, got.skipped_between(lo, hi)
+                )
                 cache.put(keys[(tr.task, enc.name, split)], feats)
                 tr.features[enc.name][split] = feats
 
@@ -259,14 +292,21 @@ def _submit_probes(tr: _TaskRun, probe_ev: EvalConfig, use_gpu: bool) -> None:
     for encoder, prefix in (("pretrained", ""), ("random", RANDOM_PREFIX)):
         if encoder not in tr.features:
             continue
-        splits = {s: _probe_split(getattr(tr.data, s), f.kept, f.pooled, f.tokens, kind) for s, f in tr.features[encoder].items()}
+        splits = {
+            s: _probe_split(getattr(tr.data, s), f.kept, f.pooled, f.tokens, kind)
+            for s, f in tr.features[encoder].items()
+        }
         for s, split in splits.items():
             if len(split) == 0:
-                raise ValueError(f"{tr.root}: no readable image in the {s} split of task '{tr.task}' (skipped: {tr.features[encoder][s].skipped})")
+                raise ValueError(
+                    f"{tr.root}: no readable image in the {s} split of task '{tr.task}' (skipped: {tr.features[encoder][s].skipped})"
+                )
         train, test = ray.put(splits["train"]), ray.put(splits["test"])
         for probe in tr.probes:
             gpu = 1 if use_gpu and PROBES[probe].needs_tokens else 0
-            ref = _probe_task.options(num_cpus=1, num_gpus=gpu, name=f"probe-{probe}-{tr.task}").remote(probe, train, test, tr.data.info, probe_ev)
+            ref = _probe_task.options(num_cpus=1, num_gpus=gpu, name=f"probe-{probe}-{tr.task}").remote(
+                probe, train, test, tr.data.info, probe_ev
+            )
             tr.pending.append((prefix, probe, ref))
 
 
@@ -296,7 +336,9 @@ def _finish_task(tr: _TaskRun, info_base: dict[str, Any], step: int, tmp: str) -
                 metrics[f"{prefix}{name}"] = float(value)
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            errors.append(f"probe '{probe}' ({'random init' if prefix else 'pretrained'}): {type(cause).__name__}: {cause}")
+            errors.append(
+                f"probe '{probe}' ({'random init' if prefix else 'pretrained'}): {type(cause).__name__}: {cause}"
+            )
     if errors:
         raise RuntimeError("; ".join(errors))
     pre = tr.features["pretrained"]
@@ -327,7 +369,12 @@ def _finish_task(tr: _TaskRun, info_base: dict[str, Any], step: int, tmp: str) -
     for path in paths:
         tr.logger.artifact(path)
     tr.logger.finish()
-    return {"run_id": tr.run_id, "metrics": metrics, "rows": rows, **{k: info[k] for k in ("kind", "n_train", "n_test", "n_classes", "skipped", "cached")}}
+    return {
+        "run_id": tr.run_id,
+        "metrics": metrics,
+        "rows": rows,
+        **{k: info[k] for k in ("kind", "n_train", "n_test", "n_classes", "skipped", "cached")},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- job
@@ -355,7 +402,9 @@ def _parent_info(uri: str, parent: str | None) -> tuple[str | None, str, dict[st
         return None, "", {}
 
 
-def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = None, key: str | None = None, start=None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    cfg: Config, ref: str, tasks: dict[str, str] | None = None, key: str | None = None, start=None
+) -> dict[str, Any]:
     """Probe checkpoint `ref` on `tasks` (name -> root; default from eval.tasks); one MLflow run per task.
 
     `start(experiment, run_name, params, tags) -> run id | None` opens each task's run (default:
@@ -388,7 +437,9 @@ def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = No
 
     with tempfile.TemporaryDirectory(prefix="abpipe-eval-") as tmp:
         ckpt_dir, source_run, recorded_path = resolve_checkpoint(ref, uri, os.path.join(tmp, "download"))
-        _, model_cfg = load_frozen_model(ckpt_dir, which=ev.weights)  # validates the weights on the driver: clear errors
+        _, model_cfg = load_frozen_model(
+            ckpt_dir, which=ev.weights
+        )  # validates the weights on the driver: clear errors
         meta = read_meta(ckpt_dir)
         fingerprint = weights_fingerprint(ckpt_dir)
         key = key or checkpoint_key(meta, source_run, fingerprint)
@@ -396,7 +447,11 @@ def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = No
         experiment, parent_name, parent_tags = _parent_info(uri, parent)
         image_size = model_cfg.views.view_size  # the ViT's position embeddings fix its input size
         if ev.image_size and ev.image_size != image_size:
-            log.warning("eval.image_size=%d ignored: the checkpoint's encoder takes %d px inputs (views.view_size)", ev.image_size, image_size)
+            log.warning(
+                "eval.image_size=%d ignored: the checkpoint's encoder takes %d px inputs (views.view_size)",
+                ev.image_size,
+                image_size,
+            )
         encoders = [_Encoder("pretrained", fingerprint, ckpt_dir)]
         if ev.random_init:
             encoders.append(_Encoder("random", random_init_fingerprint(model_cfg), None))
@@ -412,15 +467,29 @@ def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = No
             tags["abpipe.parent_run_id"] = parent
             if experiment:
                 tags["mlflow.parentRunId"] = parent  # nested in the MLflow UI (same experiment)
-        params = {k: v for k, v in cfg.flat().items() if k.startswith("eval.") and k not in ("eval.tasks", "eval.task_roots", "eval.dataset")}
+        params = {
+            k: v
+            for k, v in cfg.flat().items()
+            if k.startswith("eval.") and k not in ("eval.tasks", "eval.task_roots", "eval.dataset")
+        }
         params.update({"eval.image_size": image_size, "eval.use_gpu": use_gpu})
 
         runs: list[_TaskRun] = []
         claimed_elsewhere = []
         start = start or (lambda *args: start_run(uri, *args))
         for task, root in tasks.items():
-            run_tags = {**tags, "abpipe.task": task, "abpipe.task_root": root, "abpipe.eval_signature": eval_signature(ev, task, root)}
-            run_id = start(experiment or cfg.tracking.experiment, f"eval/{task}", {**params, "eval.task": task, "eval.task_root": root}, run_tags)
+            run_tags = {
+                **tags,
+                "abpipe.task": task,
+                "abpipe.task_root": root,
+                "abpipe.eval_signature": eval_signature(ev, task, root),
+            }
+            run_id = start(
+                experiment or cfg.tracking.experiment,
+                f"eval/{task}",
+                {**params, "eval.task": task, "eval.task_root": root},
+                run_tags,
+            )
             if run_id is None:
                 claimed_elsewhere.append(task)
                 continue
@@ -432,7 +501,9 @@ def evaluate_checkpoint(cfg: Config, ref: str, tasks: dict[str, str] | None = No
                 tr.fail(exc)
         results: dict[str, dict[str, Any]] = {}
         try:
-            _gather_features([tr for tr in runs if not tr.error], encoders, model_cfg, image_size, ev, use_gpu, cache, tmp)
+            _gather_features(
+                [tr for tr in runs if not tr.error], encoders, model_cfg, image_size, ev, use_gpu, cache, tmp
+            )
             for tr in runs:
                 if not tr.error:
                     try:
@@ -477,7 +548,9 @@ def _print_summary(checkpoint: str, results: dict[str, dict], failures: dict[str
     print(f"[abpipe] eval of {checkpoint}")
     for task, res in results.items():
         cached = f", features from cache: {', '.join(res['cached'])}" if res["cached"] else ""
-        print(f"  task {task}: {res['n_train']} train / {res['n_test']} test, skipped {res['skipped'] or 'none'}{cached}")
+        print(
+            f"  task {task}: {res['n_train']} train / {res['n_test']} test, skipped {res['skipped'] or 'none'}{cached}"
+        )
         print(f"    {'metric':<22}{'pretrained':>11}{'random init':>13}")
         for key, value, ref in res["rows"]:
             print(f"    {key:<22}{value:>11.4f}{'' if ref is None else f'{ref:>13.4f}'}")
@@ -489,7 +562,9 @@ def run_eval(cfg: Config) -> dict[str, Any]:
     """`abpipe eval`: probe `eval.checkpoint` on `eval.tasks`; raises EvalError if any task failed."""
     cfg = cfg.resolved()
     if not cfg.eval.checkpoint:
-        raise ConfigError("eval.checkpoint: give a checkpoint directory, runs:/<run id>/<dir>, or a pretraining MLflow run id")
+        raise ConfigError(
+            "eval.checkpoint: give a checkpoint directory, runs:/<run id>/<dir>, or a pretraining MLflow run id"
+        )
     tasks = task_roots(cfg.eval)
     result = evaluate_checkpoint(cfg, cfg.eval.checkpoint, tasks)
     if result["failures"]:

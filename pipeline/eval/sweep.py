@@ -60,7 +60,11 @@ def run_checkpoints(client, run, latest_only: bool = False) -> list[CheckpointRe
     """A pretraining run's checkpoints: Ray Train storage dirs, then MLflow artifacts of other steps."""
     run_id = run.info.run_id
     tags, params = run.data.tags, run.data.params
-    row = _row_label(tags.get("abpipe.objective", params.get("objective.name", "?")), run.info.run_name or params.get("train.run_name", ""), run_id)
+    row = _row_label(
+        tags.get("abpipe.objective", params.get("objective.name", "?")),
+        run.info.run_name or params.get("train.run_name", ""),
+        run_id,
+    )
     storage = tags.get("abpipe.storage_path") or params.get("train.storage_path", "")
     name = params.get("train.run_name") or run.info.run_name or ""
     by_step: dict[int, CheckpointRef] = {}
@@ -96,7 +100,11 @@ def _storage_checkpoints(storage: str, name: str) -> list[str]:
     except OSError as exc:  # unreachable storage must not hide the MLflow artifacts
         log.warning("cannot list %s/%s: %s", storage, name, exc)
         return []
-    return sorted(join(storage, name, i.base_name) for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    return sorted(
+        join(storage, name, i.base_name)
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
 
 
 def dir_checkpoints(path: str, latest_only: bool = False) -> list[CheckpointRef]:
@@ -113,7 +121,11 @@ def dir_checkpoints(path: str, latest_only: bool = False) -> list[CheckpointRef]
             meta = read_meta(d)
             cfg = meta.get("config", {})
             run_id, step = meta.get("mlflow_run_id"), int(meta.get("step", -1 if step is None else step))
-            row = _row_label(cfg.get("objective", {}).get("name", "?"), cfg.get("train", {}).get("run_name", os.path.basename(path)), run_id)
+            row = _row_label(
+                cfg.get("objective", {}).get("name", "?"),
+                cfg.get("train", {}).get("run_name", os.path.basename(path)),
+                run_id,
+            )
             key = checkpoint_key(meta, None, weights_fingerprint(d))  # what `abpipe eval` of this dir tags
         except (CheckpointError, OSError, ValueError, TypeError, AttributeError):
             row, key = os.path.abspath(path), f"path:{os.path.abspath(d)}"
@@ -211,7 +223,9 @@ class PairClaims:
         with self._lock:
             self._mine.clear()
 
-    def _others(self, experiment_ids: list[str], key: str, task: str, signature: str, mine: str | None = None) -> tuple[list, list]:
+    def _others(
+        self, experiment_ids: list[str], key: str, task: str, signature: str, mine: str | None = None
+    ) -> tuple[list, list]:
         """(FINISHED runs, live claims) of the pair other than `mine`."""
         query = f"tags.`abpipe.kind` = 'eval' and tags.`abpipe.task` = '{task}'"
         if "'" not in key:
@@ -219,7 +233,11 @@ class PairClaims:
         finished, live, now = [], [], time.time()
         for run in _search(self.client, experiment_ids, query):
             t = run.data.tags
-            if run.info.run_id == mine or t.get("abpipe.checkpoint_key") != key or t.get("abpipe.eval_signature") != signature:
+            if (
+                run.info.run_id == mine
+                or t.get("abpipe.checkpoint_key") != key
+                or t.get("abpipe.eval_signature") != signature
+            ):
                 continue
             if run.info.status == "FINISHED":
                 finished.append(run)
@@ -301,7 +319,9 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     cfg = cfg.resolved()
     sc, ev = cfg.sweep, cfg.eval
     if not (sc.runs or sc.experiments or sc.checkpoints):
-        raise ConfigError("sweep: give sweep.runs (pretraining run ids), sweep.experiments and/or sweep.checkpoints (dirs)")
+        raise ConfigError(
+            "sweep: give sweep.runs (pretraining run ids), sweep.experiments and/or sweep.checkpoints (dirs)"
+        )
     tasks = task_roots(ev)
     check_probe_names(ev)
     uri = cfg.tracking.tracking_uri
@@ -314,7 +334,11 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         if not found:  # a missing checkpoint is a recorded failure, never a silently empty row
             where = f"{run.data.tags.get('abpipe.storage_path') or run.data.params.get('train.storage_path', '?')}/{run.data.params.get('train.run_name') or run.info.run_name}/checkpoint_*"
             ref = CheckpointRef(run.info.run_id, f"{run.info.run_id}@?", run.info.run_name or run.info.run_id, -1)
-            failures.append(_failure(ref, "*", f"run {run.info.run_id}: no checkpoint in {where} nor MLflow artifacts checkpoints/step_*"))
+            failures.append(
+                _failure(
+                    ref, "*", f"run {run.info.run_id}: no checkpoint in {where} nor MLflow artifacts checkpoints/step_*"
+                )
+            )
         refs += found
     for path in sc.checkpoints:
         refs += dir_checkpoints(path, sc.latest_only)
@@ -324,7 +348,13 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     done = _finished_evals(client, experiments)
 
     started = time.perf_counter()
-    sweep_run = start_run(uri, cfg.tracking.experiment, "sweep", {k: v for k, v in cfg.flat().items() if k.startswith(("sweep.", "eval."))}, {"abpipe.kind": "sweep"})
+    sweep_run = start_run(
+        uri,
+        cfg.tracking.experiment,
+        "sweep",
+        {k: v for k, v in cfg.flat().items() if k.startswith(("sweep.", "eval."))},
+        {"abpipe.kind": "sweep"},
+    )
     logger = RunLogger(uri, sweep_run)
     evaluated, skipped = [], []
     claims = PairClaims(client, uri, _experiment_ids(client, cfg, runs), sc.claim_ttl_s)
@@ -356,17 +386,46 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
             for task in tasks:
                 run = done.get((ref.key, task, signatures[task]))
                 if run is not None:
-                    records.append({"row": ref.row, "step": ref.step, "task": task, "checkpoint": ref.ref, "eval_run_id": run.info.run_id, "metrics": _probe_metrics(run.data.metrics)})
+                    records.append(
+                        {
+                            "row": ref.row,
+                            "step": ref.step,
+                            "task": task,
+                            "checkpoint": ref.ref,
+                            "eval_run_id": run.info.run_id,
+                            "metrics": _probe_metrics(run.data.metrics),
+                        }
+                    )
         header, rows = comparison_table(records)
-        out_dir = os.path.join(sc.output or cfg.paths.under("sweeps"), time.strftime("%Y%m%d-%H%M%S") + f"-{sweep_run[:8]}")
-        paths = write_comparison(out_dir, header, rows, f"abpipe sweep {sweep_run}: {len(refs)} checkpoints x {len(tasks)} tasks")
+        out_dir = os.path.join(
+            sc.output or cfg.paths.under("sweeps"), time.strftime("%Y%m%d-%H%M%S") + f"-{sweep_run[:8]}"
+        )
+        paths = write_comparison(
+            out_dir, header, rows, f"abpipe sweep {sweep_run}: {len(refs)} checkpoints x {len(tasks)} tasks"
+        )
         if failures:
             with open(paths[0], "a") as fh:
-                items = [f"- `{f['checkpoint']}` x `{f['task']}`: " + f["error"].replace("\n", "\n  ") for f in failures]
+                items = [
+                    f"- `{f['checkpoint']}` x `{f['task']}`: " + f["error"].replace("\n", "\n  ") for f in failures
+                ]
                 fh.write("\n## Failed pairs\n\n" + "\n".join(items) + "\n")
-        long = [{**{k: r[k] for k in ("row", "step", "task", "checkpoint", "eval_run_id")}, "metric": m, "value": v} for r in records for m, v in sorted(r["metrics"].items())]
-        paths.append(write_records(os.path.join(out_dir, "all_checkpoints.csv"), long, ["row", "step", "task", "metric", "value", "checkpoint", "eval_run_id"]))
-        paths.append(write_records(os.path.join(out_dir, "failures.csv"), failures, ["checkpoint", "key", "row", "task", "error"]))
+        long = [
+            {**{k: r[k] for k in ("row", "step", "task", "checkpoint", "eval_run_id")}, "metric": m, "value": v}
+            for r in records
+            for m, v in sorted(r["metrics"].items())
+        ]
+        paths.append(
+            write_records(
+                os.path.join(out_dir, "all_checkpoints.csv"),
+                long,
+                ["row", "step", "task", "metric", "value", "checkpoint", "eval_run_id"],
+            )
+        )
+        paths.append(
+            write_records(
+                os.path.join(out_dir, "failures.csv"), failures, ["checkpoint", "key", "row", "task", "error"]
+            )
+        )
         plot = plot_sweep(os.path.join(out_dir, "metrics_vs_step.png"), records)
         paths += [plot] if plot else []
         for path in paths:

@@ -54,11 +54,17 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     # The one-line-per-interval training log is the progress display here; Ray Data's bars from
     # the split coordinator would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    images_needed = Budget.from_config(cfg, cfg.train.num_workers).total_steps * cfg.train.batch_size * cfg.train.num_workers
+    images_needed = (
+        Budget.from_config(cfg, cfg.train.num_workers).total_steps * cfg.train.batch_size * cfg.train.num_workers
+    )
 
     def stream(shards: str, mixture: dict[str, float], views, seed: int):
         passes = passes_needed(images_needed, stream_size(shards, mixture), cfg.data.max_passes_per_execution)
-        readers = default_read_concurrency(crop_pool_size(views)) if cfg.data.read_concurrency is None else cfg.data.read_concurrency
+        readers = (
+            default_read_concurrency(crop_pool_size(views))
+            if cfg.data.read_concurrency is None
+            else cfg.data.read_concurrency
+        )
         return stream_dataset(shards, mixture, cfg.data.read_cpus, passes, readers, seed)
 
     name = f"crop-stats-{cfg.train.run_name}"
@@ -68,7 +74,9 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     # Two actor pools share what training leaves; each gets a fixed half so neither can take all
     # CPUs and starve the other (the trainer needs a batch from both every step).
     free = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker - 2 * cfg.data.read_cpus
-    per_stream = max(1, int(free / 2 / cfg.views.cpus_per_actor)) if cfg.views.concurrency is None else cfg.views.concurrency
+    per_stream = (
+        max(1, int(free / 2 / cfg.views.cpus_per_actor)) if cfg.views.concurrency is None else cfg.views.concurrency
+    )
     crop_views = dataclasses.replace(cfg.views, annotation_views=0, concurrency=per_stream)
     ann_views = dataclasses.replace(cfg.views, num_views=0, concurrency=per_stream)
     crops = stream(cfg.data.shards, cfg.data.mixture, crop_views, cfg.train.seed)
@@ -104,13 +112,19 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     if cfg.train.init_from and not previous:
         from pipeline.train.init_from import resolve_init_source
 
-        init = resolve_init_source(cfg.train.init_from, cfg.tracking.tracking_uri, cfg.paths.under("init_from", cfg.train.run_name))
+        init = resolve_init_source(
+            cfg.train.init_from, cfg.tracking.tracking_uri, cfg.paths.under("init_from", cfg.train.run_name)
+        )
     if not run_id:
         run_id = _start_mlflow_run(cfg, init.tags(cfg.train.init_from) if init else None)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from_dir": init.directory if init else None},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": run_id,
+            "init_from_dir": init.directory if init else None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -134,12 +148,16 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         if error is not None:  # storage lost mid-run: one line; resubmitting resumes from the last checkpoint
             raise StorageError(f"{error}; resubmit the same job to resume") from None
         raise
-    checkpoint_path = join(storage, cfg.train.run_name, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    checkpoint_path = (
+        join(storage, cfg.train.run_name, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    )
     failed, unlogged = (int(result.metrics.get(k, 0) or 0) for k in ("mlflow_failed_calls", "mlflow_unlogged_points"))
     if failed:  # the gap, counted and reported: late points arrived, lost ones are named by number
         print(f"[abpipe] WARNING: the MLflow tracking server was away during training ({failed} failed calls); "
               f"{unlogged} metric points/artifacts never reached it", flush=True)  # fmt: skip
-        logger.metrics({"mlflow_failed_calls": failed, "mlflow_unlogged_points": unlogged}, int(result.metrics.get("step", 0)))
+        logger.metrics(
+            {"mlflow_failed_calls": failed, "mlflow_unlogged_points": unlogged}, int(result.metrics.get("step", 0))
+        )
     logger.tags({"abpipe.checkpoint_path": checkpoint_path or "", "abpipe.storage_path": storage})
     logger.metrics({"wall_time_s": time.perf_counter() - started}, int(result.metrics.get("step", 0)))
     logger.finish()
@@ -166,7 +184,9 @@ def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> 
                 "abpipe.kind": "pretrain",
                 "abpipe.objective": cfg.objective.name,
                 "abpipe.shards": ",".join(cfg.data.mixture) or cfg.data.shards,
-                "abpipe.annotation_shards": ",".join(cfg.data.annotation_mixture) or cfg.data.annotation_shards or "(same as shards)",
+                "abpipe.annotation_shards": ",".join(cfg.data.annotation_mixture)
+                or cfg.data.annotation_shards
+                or "(same as shards)",
                 **(extra_tags or {}),  # lineage of a staged (MAWS) run: parent run, checkpoint sha256
             },
         )

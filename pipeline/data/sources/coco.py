@@ -68,10 +68,17 @@ def _captions(uri: str) -> dict[Any, list[str]]:
 def _image_item(image: Any, images_dir: str, seen: set) -> dict[str, Any]:
     """The item for one `images[]` entry (or a `bad_annotation` skip naming what is wrong with it)."""
     if not isinstance(image, dict):
-        return {"input": str(image)[:200], "id": str(image)[:200], "skip": [BAD_ANNOTATION, "images[] entry is not an object"]}
+        return {
+            "input": str(image)[:200],
+            "id": str(image)[:200],
+            "skip": [BAD_ANNOTATION, "images[] entry is not an object"],
+        }
     image_id, file_name = image.get("id"), image.get("file_name")
     label = file_name if isinstance(file_name, str) and file_name else f"image id {image_id}"
-    item: dict[str, Any] = {"input": join(images_dir, file_name) if isinstance(file_name, str) and file_name else label, "id": str(image_id)}
+    item: dict[str, Any] = {
+        "input": join(images_dir, file_name) if isinstance(file_name, str) and file_name else label,
+        "id": str(image_id),
+    }
     problem = ""
     if image_id is None:
         problem = "no id"
@@ -97,7 +104,9 @@ def list_items(cfg: IngestConfig) -> list[dict[str, Any]]:
     data = _load_json(coco.instances, "ingest.coco.instances")
     images = _section(data, "images", coco.instances)
     annotations = _section(data, "annotations", coco.instances)
-    categories = {c.get("id"): str(c.get("name")) for c in _section(data, "categories", coco.instances) if isinstance(c, dict)}
+    categories = {
+        c.get("id"): str(c.get("name")) for c in _section(data, "categories", coco.instances) if isinstance(c, dict)
+    }
     captions = _captions(coco.captions) if coco.captions else {}
 
     by_image: dict[Any, list[dict]] = {}
@@ -116,13 +125,23 @@ def list_items(cfg: IngestConfig) -> list[dict[str, Any]]:
         items.append(item)
     orphans = sum(len(anns) for image_id, anns in by_image.items() if image_id not in seen)
     if orphans:
-        print(f"[abpipe] ingest coco: {orphans} annotations name an image id absent from 'images' in {coco.instances}; ignored", flush=True)
+        print(
+            f"[abpipe] ingest coco: {orphans} annotations name an image id absent from 'images' in {coco.instances}; ignored",
+            flush=True,
+        )
     return sorted(items, key=lambda it: (it["input"], it["id"]))
 
 
 def _attach_annotations(item: dict, image: dict, anns: list[dict], categories: dict, coco) -> None:
     width, height = float(image["width"]), float(image["height"])
-    counts = {"boxes_kept": 0, "boxes_kept_crowd": 0, "boxes_clipped": 0, "boxes_dropped_crowd": 0, "boxes_dropped_degenerate": 0, "boxes_dropped_unknown_category": 0}
+    counts = {
+        "boxes_kept": 0,
+        "boxes_kept_crowd": 0,
+        "boxes_clipped": 0,
+        "boxes_dropped_crowd": 0,
+        "boxes_dropped_degenerate": 0,
+        "boxes_dropped_unknown_category": 0,
+    }
     boxes, labels = [], []
     for ann in anns:  # file order: boxes[i] and labels[i] follow the json
         crowd = bool(ann.get("iscrowd", 0))

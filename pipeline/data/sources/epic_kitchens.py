@@ -28,7 +28,23 @@ from pipeline.data.sources.frames import tar_frame_members, video_frame_count
 from pipeline.storage import join, list_dir, read_bytes
 
 VIDEO_SUFFIXES = (".mp4", ".MP4")
-CSV_COLUMNS = ("narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp", "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun", "noun_class", "all_nouns", "all_noun_classes")
+CSV_COLUMNS = (
+    "narration_id",
+    "participant_id",
+    "video_id",
+    "narration_timestamp",
+    "start_timestamp",
+    "stop_timestamp",
+    "start_frame",
+    "stop_frame",
+    "narration",
+    "verb",
+    "verb_class",
+    "noun",
+    "noun_class",
+    "all_nouns",
+    "all_noun_classes",
+)
 NEEDED_COLUMNS = ("narration_id", "video_id", "start_frame", "stop_frame", "narration", "verb", "noun")
 FRAME_NUMBER = re.compile(r"frame_(\d+)\.(?:jpg|png)$")
 
@@ -52,22 +68,35 @@ class ActionIndex:
             raise FileNotFoundError(f"ingest.epic.annotations_csv: file not found: {csv_uri}") from None
         absent = [c for c in NEEDED_COLUMNS if c not in table.columns]
         if absent:
-            raise ValueError(f"{csv_uri}: missing columns {absent}; an EPIC_100 annotations csv has {list(CSV_COLUMNS)}")
+            raise ValueError(
+                f"{csv_uri}: missing columns {absent}; an EPIC_100 annotations csv has {list(CSV_COLUMNS)}"
+            )
         table["start_frame"] = pd.to_numeric(table["start_frame"], errors="coerce")
         table["stop_frame"] = pd.to_numeric(table["stop_frame"], errors="coerce")
         bad = table["start_frame"].isna() | table["stop_frame"].isna() | (table["start_frame"] > table["stop_frame"])
         if bad.any():
-            _warn(f"{int(bad.sum())} rows of {csv_uri} have unusable start/stop frames and are ignored: {list(table.loc[bad, 'narration_id'][:5])}")
+            _warn(
+                f"{int(bad.sum())} rows of {csv_uri} have unusable start/stop frames and are ignored: {list(table.loc[bad, 'narration_id'][:5])}"
+            )
         table = table[~bad].reset_index(drop=True)
         self.videos: dict[str, tuple[np.ndarray, np.ndarray, list[dict]]] = {}
         for video_id, rows in table.groupby("video_id", sort=False):
             rows = rows.sort_values("start_frame", kind="stable")
             actions = [self._action(r) for r in rows.to_dict("records")]
-            self.videos[str(video_id)] = (rows["start_frame"].to_numpy(np.int64), rows["stop_frame"].to_numpy(np.int64), actions)
+            self.videos[str(video_id)] = (
+                rows["start_frame"].to_numpy(np.int64),
+                rows["stop_frame"].to_numpy(np.int64),
+                actions,
+            )
 
     @staticmethod
     def _action(row: dict) -> dict[str, Any]:
-        action = {"narration_id": str(row["narration_id"]), "verb": str(row["verb"]), "noun": str(row["noun"]), "narration": str(row["narration"])}
+        action = {
+            "narration_id": str(row["narration_id"]),
+            "verb": str(row["verb"]),
+            "noun": str(row["noun"]),
+            "narration": str(row["narration"]),
+        }
         for key in ("verb_class", "noun_class"):
             if key in row and row[key] == row[key]:  # present and not NaN
                 action[key] = int(row[key])
@@ -119,7 +148,9 @@ def load_visor(epic) -> dict[str, dict[int, dict[str, Any]]]:
         except FileNotFoundError:
             raise FileNotFoundError(f"ingest.epic.visor_json: file not found: {uri}") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{uri}: not a VISOR annotation file (expected {{'video_annotations': [...]}}): {exc}") from None
+            raise ValueError(
+                f"{uri}: not a VISOR annotation file (expected {{'video_annotations': [...]}}): {exc}"
+            ) from None
         for entry in entries:
             image = entry.get("image", {}) if isinstance(entry, dict) else {}
             name = str(image.get("name", ""))
@@ -130,7 +161,9 @@ def load_visor(epic) -> dict[str, dict[int, dict[str, Any]]]:
             if not match:
                 unmapped += 1
                 continue
-            frame = out.setdefault(video_id, {}).setdefault(int(match.group(1)), {"boxes": [], "labels": [], "dropped": 0})
+            frame = out.setdefault(video_id, {}).setdefault(
+                int(match.group(1)), {"boxes": [], "labels": [], "dropped": 0}
+            )
             for ann in entry.get("annotations", []):
                 box = polygon_box(ann.get("segments"))
                 if box is None:
@@ -139,7 +172,9 @@ def load_visor(epic) -> dict[str, dict[int, dict[str, Any]]]:
                     frame["boxes"].append(box)
                     frame["labels"].append(str(ann.get("name", "")))
     if unmapped:
-        _warn(f"{unmapped} VISOR frames have no rgb_frames number (name not parseable or absent from the frame mapping); ignored")
+        _warn(
+            f"{unmapped} VISOR frames have no rgb_frames number (name not parseable or absent from the frame mapping); ignored"
+        )
     return out
 
 
@@ -177,7 +212,9 @@ def _containers(root: str, layout: str) -> list[tuple[str, str, str]]:
     tars = {vid for vid, _, kind in found if kind == "tar"}
     found = [f for f in found if not (f[2] == "dir" and f[0] in tars)]  # a tar and its extracted folder: one video
     if not found:
-        raise FileNotFoundError(f"ingest.input: no {layout} found in {root} (expected {root}/P01/{layout}/... or the {layout} folder itself)")
+        raise FileNotFoundError(
+            f"ingest.input: no {layout} found in {root} (expected {root}/P01/{layout}/... or the {layout} folder itself)"
+        )
     return sorted(found)
 
 
@@ -188,7 +225,9 @@ def _frames_of(uri: str, kind: str) -> tuple[int, dict[int, str]]:
     if kind == "tar":
         members = tar_frame_members(uri)
     else:
-        members = {int(m.group(1)): info.base_name for info in list_dir(uri) if (m := FRAME_NUMBER.search(info.base_name))}
+        members = {
+            int(m.group(1)): info.base_name for info in list_dir(uri) if (m := FRAME_NUMBER.search(info.base_name))
+        }
     return (max(members) if members else 0), members
 
 
@@ -232,8 +271,12 @@ def list_items(cfg: IngestConfig) -> list[dict[str, Any]]:
             counts["frames_with_action" if action else "frames_without_action"] = 1
             if number in annotated:
                 entry = annotated[number]
-                item.update(boxes=entry["boxes"], labels=entry["labels"], box_frame=[epic.visor_width, epic.visor_height])
-                counts.update(visor_frames=1, visor_boxes_kept=len(entry["boxes"]), visor_boxes_dropped_empty=entry["dropped"])
+                item.update(
+                    boxes=entry["boxes"], labels=entry["labels"], box_frame=[epic.visor_width, epic.visor_height]
+                )
+                counts.update(
+                    visor_frames=1, visor_boxes_kept=len(entry["boxes"]), visor_boxes_dropped_empty=entry["dropped"]
+                )
             item["counts"] = counts
             items.append(item)
     return items

@@ -84,7 +84,9 @@ def iter_video_frames(uri: str, indices: Iterable[int]) -> Iterator[tuple[int, n
     try:
         width, height = stream.codec_context.width, stream.codec_context.height
         if width * height > Image.MAX_IMAGE_PIXELS:
-            raise BadImage(TOO_LARGE, f"{uri}: {width}x{height} frames exceed Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels")
+            raise BadImage(
+                TOO_LARGE, f"{uri}: {width}x{height} frames exceed Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels"
+            )
         stream.thread_type = "AUTO"
         rate = Fraction(stream.average_rate or stream.guessed_rate or 0)
         start = stream.start_time or 0
@@ -97,7 +99,9 @@ def iter_video_frames(uri: str, indices: Iterable[int]) -> Iterator[tuple[int, n
             if frames is None or (can_seek and target - position > SEEK_GAP and sought != target):
                 sought = target  # one seek per target: it lands on the keyframe before, decode from there
                 if can_seek and target > SEEK_GAP:
-                    container.seek(start + int(target / rate / time_base), stream=stream, backward=True, any_frame=False)
+                    container.seek(
+                        start + int(target / rate / time_base), stream=stream, backward=True, any_frame=False
+                    )
                 elif frames is not None:
                     container.seek(start, stream=stream, backward=True, any_frame=False)
                 frames = container.decode(stream)
@@ -117,7 +121,10 @@ def iter_video_frames(uri: str, indices: Iterable[int]) -> Iterator[tuple[int, n
                 yield position, frame.to_ndarray(format="rgb24")
                 delivered += 1
         for index in wanted[delivered:]:
-            yield index, BadImage(MISSING, f"{uri}: frame index {index} is past the video's end (last decoded: {position})")
+            yield (
+                index,
+                BadImage(MISSING, f"{uri}: frame index {index} is past the video's end (last decoded: {position})"),
+            )
         delivered = len(wanted)
     except BadImage as exc:
         for index in wanted[delivered:]:
