@@ -15,7 +15,6 @@ and imports nothing of theirs (models build the encoder a checkpoint holds: `mod
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config, config_from_dict
+from pipeline.storage import copy_to_local, explain, filesystem, join
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -105,6 +105,8 @@ def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[
     if os.path.isdir(ref):
         read_meta(ref)
         return ref, None, os.path.abspath(ref)
+    if "://" in ref and not ref.startswith("runs:/"):  # s3://, gs://, any storage Ray Train writes to
+        return _copy_from_storage(ref, download_dir), None, ref
     runs_uri = _RUNS_URI.fullmatch(ref)
     if runs_uri:
         return _download(runs_uri.group(1), runs_uri.group(2), tracking_uri, download_dir), runs_uri.group(1), ref
@@ -123,6 +125,8 @@ def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[
     local = tags.get("abpipe.checkpoint_path", "")
     if local and os.path.isfile(os.path.join(local, META_FILE)):
         return local, ref, local
+    if "://" in local:
+        return _copy_from_storage(local, download_dir), ref, local
     artifact = tags.get("abpipe.checkpoint_artifact", "")
     if not artifact:
         raise CheckpointError(
@@ -130,6 +134,17 @@ def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[
             "abpipe.checkpoint_artifact tag"
         )
     return _download(ref, artifact, tracking_uri, download_dir), ref, f"runs:/{ref}/{artifact}"
+
+
+def _copy_from_storage(uri: str, download_dir: str) -> str:
+    """A checkpoint folder on object storage, copied to `download_dir` through the storage filesystem."""
+    target = os.path.join(download_dir, uri.rstrip("/").rsplit("/", 1)[-1])
+    try:
+        copy_to_local(uri, target)
+    except OSError as exc:
+        raise CheckpointError(f"cannot copy checkpoint {uri}: {explain(exc, uri) or exc}") from None
+    read_meta(target)
+    return target
 
 
 def _download(run_id: str, artifact: str, tracking_uri: str, download_dir: str) -> str:
@@ -169,16 +184,30 @@ def checkpoint_key(meta: dict[str, Any], source_run: str | None, fingerprint: st
     return fingerprint[:27]
 
 
-def latest_checkpoint_dir(storage_path: str, run_name: str) -> str | None:
-    """The newest complete checkpoint of a run (by step), or None for a fresh run."""
+_CHECKPOINT_DIR = re.compile(r"checkpoint_\d+")
+
+
+def latest_checkpoint(storage_path: str, run_name: str) -> tuple[str, dict[str, Any]] | None:
+    """(path or URI, meta) of a run's newest complete checkpoint (by step), or None for a fresh run.
+
+    Listed through the storage's own filesystem, so a job resubmitted on s3:// (or any pyarrow /
+    fsspec storage) finds the MLflow run id its checkpoints carry, as a local one does. A checkpoint
+    folder without a readable meta.json was cut short and does not count."""
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(storage_path)
     best, best_step = None, -1
-    for meta_path in glob.glob(os.path.join(storage_path, run_name, "checkpoint_*", META_FILE)):
+    for info in fs.get_file_info(pafs.FileSelector(f"{base.rstrip('/')}/{run_name}", allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or not _CHECKPOINT_DIR.fullmatch(info.base_name):
+            continue
         try:
-            step = int(read_meta(os.path.dirname(meta_path))["step"])
-        except (CheckpointError, OSError, ValueError, KeyError):
+            with fs.open_input_stream(f"{info.path}/{META_FILE}") as stream:
+                meta = json.loads(stream.read())
+            step = int(meta["step"])
+        except (OSError, ValueError, KeyError, TypeError):
             continue
         if step > best_step:
-            best, best_step = os.path.dirname(meta_path), step
+            best, best_step = (join(storage_path, run_name, info.base_name), meta), step
     return best
 
 
@@ -221,3 +250,9 @@ def write_run_record(storage_path: str, run_name: str, record: dict[str, Any]) -
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def latest_checkpoint_dir(storage_path: str, run_name: str) -> str | None:
+    """The newest complete checkpoint of a run (by step), or None for a fresh run."""
+    found = latest_checkpoint(storage_path, run_name)
+    return found[0] if found else None

@@ -280,6 +280,9 @@ def failure_line(exc: BaseException) -> tuple[str, int] | None:
         return f"error: {_one_line(exc)}", 1
     if isinstance(exc, RayStartError):
         return _one_line(exc), 1
+    storage = sys.modules.get("pipeline.storage")  # credentials, bucket, endpoint: the line says which
+    if storage is not None and isinstance(exc, storage.StorageError):
+        return f"storage error: {_one_line(exc)}", 2
     train = sys.modules.get("ray.train")
     if train is not None and isinstance(exc, train.TrainingFailedError):
         from pipeline.runtime import ray_logs_dir

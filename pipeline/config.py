@@ -376,6 +376,7 @@ class SweepConfig:
     checkpoints: list[str] = field(default_factory=list)  # checkpoint dirs, or Ray Train run dirs of checkpoint_*
     latest_only: bool = False  # only each run's newest checkpoint
     output: str = ""  # comparison tables; default <paths.root>/sweeps
+    claim_ttl_s: float = 600.0  # a pair claimed by a sweep that stopped heart-beating this long ago is free again
 
 
 @dataclass

@@ -213,9 +213,15 @@ class Progress:
     def line(self) -> str:
         now = time.monotonic()
         return tqdm.format_meter(
-            self.n, self.total, now - self._start, prefix=self.desc, unit=self.unit,
-            rate=self._rate(now), postfix=_postfix(self.fields) or None, bar_format=_PLAIN if self.total else None,
-        )  # fmt: skip
+            self.n,
+            self.total,
+            now - self._start,
+            prefix=self.desc,
+            unit=self.unit,
+            rate=self._rate(now),
+            postfix=_postfix(self.fields) or None,
+            bar_format=_PLAIN if self.total else None,
+        )
 
     def _print_line(self, now: float) -> None:
         self._last_line = now

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -59,7 +60,12 @@ def _client(tracking_uri: str):
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | None = None) -> str:
-    """Experiment id for `name`, created with a local artifact root next to a sqlite store."""
+    """Experiment id for `name`, created with a local artifact root next to a sqlite store.
+
+    Two jobs starting at once against one server may both try to create it: the loser reads the
+    winner's (the store's unique name constraint decides)."""
+    from mlflow.exceptions import MlflowException
+
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -70,7 +76,30 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | None = 
     if artifact_root:
         os.makedirs(artifact_root, exist_ok=True)
         location = f"file://{os.path.abspath(artifact_root)}"
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        exp = client.get_experiment_by_name(name) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)([^/@\s:]+):([^/@\s]+)@")
+
+
+def redact(value: Any) -> Any:
+    """`scheme://user:password@host` -> `scheme://user:***@host` in strings, dicts and lists.
+
+    Credentials belong in the environment, never in configs; this keeps one pasted into a URI out
+    of MLflow params and checkpoint metadata all the same."""
+    if isinstance(value, str):
+        return _USERINFO.sub(r"\1\2:***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
 
 
 def start_run(
@@ -81,8 +110,9 @@ def start_run(
 
     client = _client(tracking_uri)
     exp_id = ensure_experiment(tracking_uri, experiment)
-    run = client.create_run(exp_id, run_name=run_name, tags=tags or {})
-    items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+    tags = redact(dict(tags or {}))
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    items = [Param(k, redact(str(v))[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     if tags:
@@ -96,65 +126,133 @@ class RunLogger:
     Restart-safe: a run resumed from a checkpoint replays the steps after that checkpoint, which an
     earlier attempt may already have logged; a metric is only logged for steps above the highest
     step this run held for it when the logger started, so no step appears twice in MLflow.
-    After a failed call the logger rests `retry_after_s` (dropping, and counting, what comes in).
+
+    Outage-safe: metric points are buffered (with their own steps and timestamps) until the server
+    takes them, so a tracking server that goes away and comes back costs warnings, not points.
+    After a failed call the logger rests (5 s, doubling up to `retry_after_s`) without touching the
+    network; calls meanwhile are deferred, not attempted. Whatever cannot be delivered (a buffer
+    over `max_buffered` points, artifacts whose files are gone, a server still away at `close`) is
+    counted in `unlogged` and reported.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str | None, enabled: bool = True, retry_after_s: float = 60.0):
+    FIRST_REST_S = 5.0
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str | None,
+        enabled: bool = True,
+        retry_after_s: float = 60.0,
+        max_buffered: int = 100_000,
+    ):
         self.run_id = run_id
         self.enabled = enabled and bool(run_id)
         self.tracking_uri = tracking_uri
         self.retry_after_s = retry_after_s
+        self.max_buffered = max_buffered
         self._client = None
         self._resting_until = 0.0
+        self._in_a_row = 0  # consecutive failures: the rest doubles with each
         self._logged_before: dict[str, int] = {}  # metric key -> highest step logged by earlier attempts
+        self._pending: list = []  # mlflow Metric points not yet taken by the server
+        self._pending_tags: dict[str, str] = {}
         self.failures = 0
-        self.dropped = 0  # calls not attempted while resting after a failure
+        self.deferred = 0  # calls not attempted while resting after a failure
         self.replayed = 0  # metric values not logged because an earlier attempt logged that step
+        self.unlogged = 0  # metric points and artifacts that never reached the server
+        self.recovered = 0  # buffered points delivered after an outage
 
-    def _call(self, what: str, fn, *args, **kwargs) -> None:
+    def _call(self, what: str, fn, *args, force: bool = False, **kwargs) -> bool:
         if not self.enabled:
-            return
-        if time.monotonic() < self._resting_until:
-            self.dropped += 1
-            return
+            return False
+        if time.monotonic() < self._resting_until and not force:
+            self.deferred += 1
+            return False
         try:
             if self._client is None:
                 self._client = _client(self.tracking_uri)
             fn(self._client, *args, **kwargs)
         except Exception as exc:  # tracking must never stop training
             self.failures += 1
-            self._resting_until = time.monotonic() + self.retry_after_s
+            self._in_a_row += 1
+            rest = min(self.retry_after_s, self.FIRST_REST_S * 2 ** (self._in_a_row - 1))
+            self._resting_until = time.monotonic() + rest
             if self.failures <= 3 or self.failures % 100 == 0:
                 log.warning(
-                    "MLflow %s failed (%d so far), training continues without tracking for %.0f s: %s",
+                    "MLflow %s failed (%d so far), training continues; %d metric points kept for the next try "
+                    "in %.0f s: %s",
                     what,
                     self.failures,
-                    self.retry_after_s,
+                    len(self._pending),
+                    rest,
                     exc,
                 )
+            return False
+        if self._in_a_row:
+            log.warning("MLflow is back after %d failed calls", self._in_a_row)
+        self._in_a_row = 0
+        return True
+
+    def _flush(self, client) -> None:
+        """Deliver the buffered points (oldest first, 1000 per request) and tags."""
+        for key in {m.key for m in self._pending} - set(self._logged_before):
+            history = client.get_metric_history(self.run_id, key)
+            self._logged_before[key] = max((m.step for m in history), default=-1)
+        fresh = [m for m in self._pending if m.step > self._logged_before[m.key]]
+        self.replayed += len(self._pending) - len(fresh)
+        self._pending = fresh
+        while self._pending:
+            batch = self._pending[:1000]
+            client.log_batch(self.run_id, metrics=batch)  # the store drops exact duplicates of a retried batch
+            self._pending = self._pending[len(batch) :]
+            if self._in_a_row:
+                self.recovered += len(batch)
+        if self._pending_tags:
+            from mlflow.entities import RunTag
+
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._pending_tags.items()])
+            self._pending_tags = {}
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if not self.enabled:
+            return
         ts = int(time.time() * 1000)
-
-        def log_new(client) -> None:
-            for key in values:
-                if key not in self._logged_before:
-                    history = client.get_metric_history(self.run_id, key)
-                    self._logged_before[key] = max((m.step for m in history), default=-1)
-            batch = [Metric(k, float(v), ts, step) for k, v in values.items() if step > self._logged_before[k]]
-            self.replayed += len(values) - len(batch)
-            if batch:
-                client.log_batch(self.run_id, metrics=batch)
-
-        self._call("log_metrics", log_new)
+        self._pending += [Metric(k, float(v), ts, step) for k, v in values.items()]
+        overflow = len(self._pending) - self.max_buffered
+        if overflow > 0:  # a very long outage: keep the newest points, count the rest
+            self.unlogged += overflow
+            self._pending = self._pending[overflow:]
+        self._call("log_metrics", self._flush)
 
     def artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", lambda c: c.log_artifact(self.run_id, local_path, artifact_path))
+        if (
+            not self._call("log_artifact", lambda c: c.log_artifact(self.run_id, local_path, artifact_path))
+            and self.enabled
+        ):
+            self.unlogged += 1  # the file may be gone by the next try (checkpoints are temporary)
 
     def tags(self, values: dict[str, str]) -> None:
-        self._call("set_tag", lambda c: [c.set_tag(self.run_id, k, str(v)) for k, v in values.items()])
+        if not self.enabled:
+            return
+        self._pending_tags.update({k: str(v) for k, v in redact(values).items()})
+        self._call("set_tag", self._flush)
+
+    def close(self) -> int:
+        """Last delivery attempt (even while resting); returns and reports the points that never arrived."""
+        if self.enabled and (self._pending or self._pending_tags):
+            self._call("log_metrics", self._flush, force=True)
+        lost = self.unlogged + len(self._pending)
+        if lost:
+            log.warning(
+                "MLflow run %s: %d metric points/artifacts could not be logged (tracking server away)",
+                self.run_id,
+                lost,
+            )
+        self.unlogged, self._pending = lost, []
+        return lost
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._call("set_terminated", lambda c: c.set_terminated(self.run_id, status))
+        self.close()
+        self._call("set_terminated", lambda c: c.set_terminated(self.run_id, status), force=True)

@@ -28,6 +28,13 @@ os.environ.update(
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own sqlite stores
 (_SESSION_TMP / "home").mkdir(exist_ok=True)
+# Object-storage credentials and endpoint as an operator exports them, before Ray starts so that
+# every worker inherits them; the S3 server behind them starts on first use (fixture s3_server).
+from tests.servers import S3_ENV  # noqa: E402
+
+for _key in [k for k in os.environ if k.startswith("AWS_")]:
+    del os.environ[_key]  # a developer's real AWS settings never reach a test
+os.environ.update(S3_ENV)
 
 
 # The fast tier is `pytest -m "not ray"`. Every test that starts Ray (through the shared cluster fixture,
@@ -89,3 +96,42 @@ def digit_shards(ray_cluster, digits_folder, session_tmp):
     stats = run_ingest(cfg)
     assert stats["counts"]["ok"] == 300
     return out
+
+
+# ---------------------------------------------------------------- production-path servers
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 on 127.0.0.1 (IAM auth on), bucket tests.servers.BUCKET; S3_ENV points at it."""
+    from tests.servers import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL cluster from the system's binaries (`apt-get install postgresql`; .ci/run does)."""
+    from tests.servers import PostgresServer, postgres_bindir
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        message = "PostgreSQL server binaries not found (apt-get install postgresql)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs them: their absence is a broken set-up, not a skip
+        pytest.skip(message)
+    server = PostgresServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, s3_server, session_tmp):
+    """`mlflow server` on the PostgreSQL store, artifacts proxied to s3://<bucket>/mlartifacts."""
+    from tests.servers import BUCKET, MlflowServer
+
+    server = MlflowServer(postgres.uri, f"s3://{BUCKET}/mlartifacts", str(session_tmp / "mlflow-server.log")).start()
+    yield server
+    server.stop()

@@ -224,6 +224,44 @@ def test_kuberay_manifest_has_what_the_v1_crd_requires(name):
         jsonschema.validate(broken, schema)
 
 
+# Every pod gets the production settings from the environment (docs/operations.md): the tracking
+# server's address as a value, credentials only through secretKeyRef.
+POD_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "abpipe-storage",
+    "AWS_SECRET_ACCESS_KEY": "abpipe-storage",
+    "AWS_ENDPOINT_URL": "abpipe-storage",
+    "MLFLOW_TRACKING_USERNAME": "abpipe-mlflow",
+    "MLFLOW_TRACKING_PASSWORD": "abpipe-mlflow",
+}
+
+
+def pod_env_findings(spec: dict) -> list[str]:
+    """What is wrong with the env of every container of a RayCluster spec (empty: nothing)."""
+    found = []
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    for name, group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            if not str(env.get("MLFLOW_TRACKING_URI", {}).get("value", "")).startswith("http"):
+                found.append(f"{name}: MLFLOW_TRACKING_URI is not a tracking server address")
+            for var, secret in POD_SECRETS.items():
+                ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef", {})
+                if "value" in env.get(var, {}) or ref.get("name") != secret:
+                    found.append(f"{name}: {var} must come from secretKeyRef {secret}")
+    return found
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_pods_take_credentials_from_secrets_and_the_tracking_server_from_env(name):
+    manifest = _yaml(CLUSTER / "kuberay" / name)
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    assert pod_env_findings(spec) == []
+    broken = copy.deepcopy(spec)
+    env = broken["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+    next(e for e in env if e["name"] == "AWS_SECRET_ACCESS_KEY").update(value="inline", valueFrom={})
+    assert pod_env_findings(broken) == ["gpu-train: AWS_SECRET_ACCESS_KEY must come from secretKeyRef abpipe-storage"]
+
+
 def _cpu(quantity: str) -> float:
     return float(quantity[:-1]) / 1000 if str(quantity).endswith("m") else float(quantity)
 

@@ -18,6 +18,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("package", ("pipeline",)),  # pipeline/__init__.py: the version string only
     ("config", ("pipeline.config",)),
     ("console", ("pipeline.console",)),  # what a person sees: notes, bars, tables (no pipeline imports)
+    ("storage", ("pipeline.storage",)),  # local paths and URIs through one filesystem layer
+    (
+        "storage",
+        ("pipeline.storage",),
+    ),  # one filesystem for local paths and object storage, below every service using it
     (
         "services",
         (

@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.config import IngestConfig
 from pipeline.data import shards
 from pipeline.data.shards import load_manifest, write_shards
-from pipeline.data.storage import filesystem
+from pipeline.storage import filesystem
 
 REPO = Path(__file__).resolve().parents[1]
 WRITE_IN_SUBPROCESS = """

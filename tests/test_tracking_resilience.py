@@ -61,7 +61,7 @@ def test_logger_warns_once_then_rests_instead_of_stalling_each_step(closed_port_
         for step in range(2, 12):
             logger.metrics({"loss": 1.0}, step=step)
         resting = time.perf_counter() - started
-    assert logger.failures == 1 and logger.dropped == 10
+    assert logger.failures == 1 and logger.deferred == 10
     assert resting < 0.5, "calls while resting must not touch the network"
     assert [r for r in caplog.records if "training continues" in r.getMessage()], "no warning was logged"
 
@@ -101,3 +101,18 @@ def test_training_finishes_with_a_warning_when_mlflow_is_unreachable(
     assert result["run_id"] is None
     meta = read_meta(result["checkpoint"])  # checkpoints, the source of truth, are all there
     assert meta["step"] == steps and meta["views_seen"] == steps * BATCH * (M + A)
+
+
+def test_a_password_in_a_uri_is_masked_in_params_and_tags(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    secret_uri = "postgresql://mlflow:hunter2@db.internal:5432/mlflow"
+    assert tracking.redact({"a": [secret_uri, "s3://bucket/x"], "n": 3}) == {
+        "a": ["postgresql://mlflow:***@db.internal:5432/mlflow", "s3://bucket/x"],
+        "n": 3,
+    }
+    run_id = tracking.start_run(
+        uri, "unit", "masked", {"tracking.tracking_uri": secret_uri}, {"abpipe.output": "s3://AKIAKEY:sk@bucket/x"}
+    )
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params["tracking.tracking_uri"] == "postgresql://mlflow:***@db.internal:5432/mlflow"
+    assert run.data.tags["abpipe.output"] == "s3://AKIAKEY:***@bucket/x" and "hunter2" not in str(run.data)

@@ -10,7 +10,7 @@ Resumable: each finished shard leaves its tar and then, atomically, its manifest
 shards and writes only the missing ones; with different items (or settings) it starts over. The
 final manifest and `_stats.json` are built from all parts.
 
-All I/O goes through `pipeline.data.storage`, so `out_dir` and inputs may be local paths, pyarrow
+All I/O goes through `pipeline.storage`, so `out_dir` and inputs may be local paths, pyarrow
 URIs (s3://, gs://) or any fsspec protocol.
 """
 
@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline import console
 from pipeline.config import IngestConfig, section_from_dict
 from pipeline.data.schema import MANIFEST_COLUMNS, MISSING, OK, STATUSES, TOO_SMALL, BadImage, SampleMeta, decode_rgb
-from pipeline.data.storage import filesystem, read_bytes, write_atomic
+from pipeline.storage import StorageError, check_access, explain, filesystem, read_bytes, write_atomic
 
 __all__ = [
     "filesystem",
@@ -357,21 +357,34 @@ def write_shards(items: list[dict[str, Any]], out_dir: str, source: str, cfg: In
     import pyarrow.parquet as pq
     import ray.data
 
+    check_access(out_dir, write=True)  # bad credentials or no bucket: one line, before any task starts
     fs, base = filesystem(out_dir)
     per_shard = max(1, cfg.samples_per_shard)
     keyed = [{**item, "key": f"{i:09d}"} for i, item in enumerate(items)]
     groups = [json.dumps(keyed[i : i + per_shard]) for i in range(0, len(keyed), per_shard)]
-    done = _prepare_out_dir(fs, base, out_dir, _fingerprint(groups, source, cfg), len(groups))
+    try:
+        done = _prepare_out_dir(fs, base, out_dir, _fingerprint(groups, source, cfg), len(groups))
+    except OSError as exc:
+        raise explain(exc, out_dir, "preparing the shard folder") or exc from None
     todo = [{"shard_index": s, "items_json": text} for s, text in enumerate(groups) if s not in done]
     if todo:
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.flat_map(
             _write_one_shard, fn_kwargs={"out_dir": out_dir, "source": source, "cfg_dict": dataclasses.asdict(cfg)}
         )
-        _stream_with_progress(ds, source, len(keyed), sum(min(per_shard, len(keyed) - s * per_shard) for s in done))
-    manifest = _read_parts(fs, base, len(groups)).sort_values("key").reset_index(drop=True)
-    with fs.open_output_stream(posixpath.join(base, MANIFEST_FILE)) as stream:
-        pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False), stream)
+        try:
+            _stream_with_progress(ds, source, len(keyed), sum(min(per_shard, len(keyed) - s * per_shard) for s in done))
+        except Exception as exc:
+            error = explain(exc, out_dir, "writing shards")
+            if error is None:
+                raise
+            raise StorageError(f"{error}; finished shards are kept: re-run the same command to resume") from None
+    try:
+        manifest = _read_parts(fs, base, len(groups)).sort_values("key").reset_index(drop=True)
+        with fs.open_output_stream(posixpath.join(base, MANIFEST_FILE)) as stream:
+            pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False), stream)
+    except OSError as exc:
+        raise explain(exc, out_dir, "writing the manifest") or exc from None
 
     found = manifest["status"].value_counts().to_dict()
     order = [s for s in STATUSES if s in found] + sorted(s for s in found if s not in STATUSES)
@@ -400,6 +413,8 @@ def load_stats(shard_dir: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no {STATS_FILE} in {shard_dir}: run `abpipe ingest` first (or check data.shards)"
         ) from None
+    except OSError as exc:
+        raise explain(exc, shard_dir, f"reading {STATS_FILE}") or exc from None
 
 
 def load_manifest(shard_dir: str):

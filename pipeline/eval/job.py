@@ -259,9 +259,15 @@ def _gather_features(
     started = time.perf_counter()
     try:
         got = extract_features_multi(
-            {e.name: e.directory for e in todo_encoders}, inputs, image_size, ev.batch_size,
-            which=ev.weights, use_gpu=use_gpu, tokens=any(tr.tokens for tr in todo_runs), resize=modes,
-        )  # fmt: skip
+            {e.name: e.directory for e in todo_encoders},
+            inputs,
+            image_size,
+            ev.batch_size,
+            which=ev.weights,
+            use_gpu=use_gpu,
+            tokens=any(tr.tokens for tr in todo_runs),
+            resize=modes,
+        )
     except CheckpointError:
         raise
     except Exception as exc:  # the pass failed as a whole: every task that needed it fails
@@ -353,9 +359,16 @@ def _finish_task(tr: _TaskRun, info_base: dict[str, Any], step: int, tmp: str, b
     for reason, n in getattr(tr.data, "skipped", {}).items():
         skipped[reason] = skipped.get(reason, 0) + n
     info = {
-        **info_base, "task": tr.task, "root": tr.root, "kind": tr.data.info.kind, "n_classes": tr.data.info.num_classes,
-        "n_train": len(pre["train"].kept), "n_test": len(pre["test"].kept), "skipped": skipped, "cached": tr.cached,
-    }  # fmt: skip
+        **info_base,
+        "task": tr.task,
+        "root": tr.root,
+        "kind": tr.data.info.kind,
+        "n_classes": tr.data.info.num_classes,
+        "n_train": len(pre["train"].kept),
+        "n_test": len(pre["test"].kept),
+        "skipped": skipped,
+        "cached": tr.cached,
+    }
     tr.logger.metrics(
         {
             **metrics,
@@ -410,9 +423,13 @@ def _parent_info(uri: str, parent: str | None) -> tuple[str | None, str, dict[st
 
 
 def evaluate_checkpoint(
-    cfg: Config, ref: str, tasks: dict[str, str] | None = None, key: str | None = None
+    cfg: Config, ref: str, tasks: dict[str, str] | None = None, key: str | None = None, start=None
 ) -> dict[str, Any]:
     """Probe checkpoint `ref` on `tasks` (name -> root; default from eval.tasks); one MLflow run per task.
+
+    `start(experiment, run_name, params, tags) -> run id | None` opens each task's run (default:
+    tracking.start_run); a sweep passes one that claims the pair and returns None when another sweep
+    holds it, and that task is then left out (listed in `claimed_elsewhere`).
 
     Raises CheckpointError when the checkpoint itself is unusable (missing, corrupt, wrong weights).
     A task that fails (wrong dataset format, class-count mismatch, probe error) is recorded in
@@ -477,6 +494,8 @@ def evaluate_checkpoint(
         params.update({"eval.image_size": image_size, "eval.use_gpu": use_gpu})
 
         runs: list[_TaskRun] = []
+        claimed_elsewhere = []
+        start = start or (lambda *args: start_run(uri, *args))
         for task, root in tasks.items():
             run_tags = {
                 **tags,
@@ -484,13 +503,15 @@ def evaluate_checkpoint(
                 "abpipe.task_root": root,
                 "abpipe.eval_signature": eval_signature(ev, task, root),
             }
-            run_id = start_run(
-                uri,
+            run_id = start(
                 experiment or cfg.tracking.experiment,
                 f"eval/{task}",
                 {**params, "eval.task": task, "eval.task_root": root},
                 run_tags,
             )
+            if run_id is None:
+                claimed_elsewhere.append(task)
+                continue
             tr = _TaskRun(task, root, run_id, RunLogger(uri, run_id), time.perf_counter())
             runs.append(tr)
             try:
@@ -530,6 +551,7 @@ def evaluate_checkpoint(
         "parent_run_id": parent,
         "tasks": results,
         "failures": failures,
+        "claimed_elsewhere": claimed_elsewhere,
         "metrics": _flat_metrics(results, len(tasks)),
     }
 

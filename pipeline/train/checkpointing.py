@@ -17,7 +17,7 @@ import torch
 from pipeline.checkpoints import META_FILE, STATE_FILE, load_state, read_meta, save_checkpoint
 from pipeline.config import Config
 from pipeline.objectives.base import Objective
-from pipeline.tracking import RunLogger
+from pipeline.tracking import RunLogger, redact
 from pipeline.train.session import Session
 
 
@@ -83,7 +83,7 @@ class Checkpointer:
             "total_steps": self.total_steps,
             "bad_steps": counters.bad_steps,
             "mlflow_run_id": self.mlflow_run_id,
-            "config": self.cfg.to_dict(),
+            "config": redact(self.cfg.to_dict()),  # no user:password@ of a URI in a checkpoint
             "world_size": self.session.world_size,
         }
 

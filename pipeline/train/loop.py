@@ -144,7 +144,10 @@ def train(
         if counters.step >= budget.total_steps:
             break
     monitor.check(counters)
-    checkpointer.save(counters, monitor.last_metrics)
     if rank == 0:
         logger.metrics({"final_step": counters.step}, counters.step)
+    # Deliver what a tracking outage held back before the last report, which carries the tally.
+    unlogged = logger.close()
+    tally = {"mlflow_failed_calls": logger.failures, "mlflow_unlogged_points": unlogged}
+    checkpointer.save(counters, {**monitor.last_metrics, **tally})
     return monitor.last_metrics

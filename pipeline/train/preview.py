@@ -74,7 +74,7 @@ def first_samples(shard_dir: str, n: int) -> dict[str, np.ndarray]:
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     from pipeline.data.shards import load_stats
-    from pipeline.data.storage import filesystem
+    from pipeline.storage import filesystem
 
     stats = load_stats(shard_dir)
     if not stats.get("shards"):

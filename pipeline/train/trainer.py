@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 from pipeline import console, tracking
-from pipeline.checkpoints import latest_checkpoint_dir, read_meta, read_run_record, write_run_record
+from pipeline.checkpoints import latest_checkpoint, read_run_record, write_run_record
 from pipeline.config import Config, ConfigError
 from pipeline.runtime import init_ray
+from pipeline.storage import StorageError, check_access, explain, filesystem, join
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.step import Budget
 
@@ -113,19 +114,23 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     cfg = cfg.resolved()
+    storage = cfg.train.storage_path
+    os.makedirs(storage, exist_ok=True) if "://" not in storage else None
+    check_access(storage, write=True)  # one clear line for bad credentials or a missing bucket
+    check_access(cfg.data.shards, write=False) if not cfg.data.mixture else None
     check_shards(cfg)
     init_ray(cfg.ray)
     cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
     check_cpu_budget(cfg, cluster_cpus)
-    storage = cfg.train.storage_path
-    os.makedirs(storage, exist_ok=True) if "://" not in storage else None
 
-    previous = latest_checkpoint_dir(storage, cfg.train.run_name) if "://" not in storage else None
-    start_step = 0
+    try:
+        found = latest_checkpoint(storage, cfg.train.run_name)
+        record = read_run_record(storage, cfg.train.run_name)
+    except OSError as exc:
+        raise explain(exc, storage, "looking for checkpoints to resume from") or exc from None
+    previous, start_step = (found[0], int(found[1].get("step", 0))) if found else (None, 0)
     if previous:
-        start_step = int(read_meta(previous).get("step", 0))
         console.note(f"resuming run '{cfg.train.run_name}' from {previous}")
-    record = read_run_record(storage, cfg.train.run_name)
     run_id = record.get("mlflow_run_id") if record else None
     init = None  # MAWS stage: resolve train.init_from once here (a resumed run has its own weights)
     if cfg.train.init_from and not previous:
@@ -161,7 +166,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name,
-            storage_path=storage,
+            **_storage_kwargs(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
@@ -175,11 +180,25 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     try:
         with console.remote_progress(board, "train", total_steps, unit="step", initial=min(start_step, total_steps)):
             result = trainer.fit()
-    except BaseException:
+    except BaseException as exc:
         _log_learning_curves(cfg, run_id, logger)
         logger.finish("FAILED")
+        error = explain(exc, storage, "training") if isinstance(exc, Exception) else None
+        if error is not None:  # storage lost mid-run: one line; resubmitting resumes from the last checkpoint
+            raise StorageError(f"{error}; resubmit the same job to resume") from None
         raise
-    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    checkpoint_path = (
+        join(storage, cfg.train.run_name, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    )
+    failed, unlogged = (int(result.metrics.get(k, 0) or 0) for k in ("mlflow_failed_calls", "mlflow_unlogged_points"))
+    if failed:  # the gap, counted and reported: late points arrived, lost ones are named by number
+        console.warn(
+            f"the MLflow tracking server was away during training ({failed} failed calls); "
+            f"{unlogged} metric points/artifacts never reached it"
+        )
+        logger.metrics(
+            {"mlflow_failed_calls": failed, "mlflow_unlogged_points": unlogged}, int(result.metrics.get("step", 0))
+        )
     logger.tags({"abpipe.checkpoint_path": checkpoint_path or "", "abpipe.storage_path": storage})
     logger.metrics({"wall_time_s": time.perf_counter() - started}, int(result.metrics.get("step", 0)))
     _log_learning_curves(cfg, run_id, logger)
@@ -224,6 +243,15 @@ def _log_learning_curves(cfg: Config, run_id: str | None, logger: tracking.RunLo
         log_learning_curves(cfg.tracking.tracking_uri, run_id, logger, f"{cfg.train.run_name} ({cfg.objective.name})")
     except Exception as exc:  # noqa: BLE001
         console.warn(f"no learning-curve figure ({type(exc).__name__}: {exc})")
+
+
+def _storage_kwargs(storage: str) -> dict[str, Any]:
+    """RunConfig storage: a URI goes through the same filesystem as shards (endpoint and credentials
+    from the environment), handed to Ray Train as `storage_filesystem`."""
+    if "://" not in storage:
+        return {"storage_path": storage}
+    fs, path = filesystem(storage)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _start_mlflow_run(cfg: Config, extra_tags: dict[str, str] | None = None) -> str | None:

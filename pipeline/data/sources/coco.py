@@ -21,7 +21,7 @@ from typing import Any
 from pipeline import console
 from pipeline.config import ConfigError, IngestConfig, InputError
 from pipeline.data.schema import BAD_ANNOTATION
-from pipeline.data.storage import join, read_bytes
+from pipeline.storage import join, read_bytes
 
 
 def _load_json(uri: str, what: str) -> dict:

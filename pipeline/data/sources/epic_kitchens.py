@@ -26,7 +26,7 @@ from pipeline import console
 from pipeline.config import ConfigError, IngestConfig, InputError
 from pipeline.data.schema import BadImage
 from pipeline.data.sources.frames import tar_frame_members, video_frame_count
-from pipeline.data.storage import join, list_dir, read_bytes
+from pipeline.storage import join, list_dir, read_bytes
 
 VIDEO_SUFFIXES = (".mp4", ".MP4")
 CSV_COLUMNS = (

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.schema import CORRUPT, MISSING, TOO_LARGE, BadImage
-from pipeline.data.storage import filesystem
+from pipeline.storage import filesystem
 
 # Decoding forward is cheaper than a seek (which restarts at a keyframe) for gaps up to a few GOPs.
 SEEK_GAP = 300
