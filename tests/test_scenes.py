@@ -8,6 +8,7 @@ captions name what is in the image, and the eval job's COCO tasks and the folder
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -16,16 +17,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import ScenesConfig
 from pipeline.data import scenes
 from pipeline.eval.tasks import load_task
 
 N_TRAIN, N_VAL = 24, 12
+SPEC = ScenesConfig(objects="digits", n_train=N_TRAIN, n_val=N_VAL, seed=3)
 
 
 @pytest.fixture(scope="module")
 def scene_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scenes")
-    scenes.write_scenes(root, "digits", n_train=N_TRAIN, n_val=N_VAL, n_objects_train=20, n_objects_val=10, seed=3)
+    scenes.write_scenes(SPEC, root)
     return root
 
 
@@ -57,13 +60,13 @@ def test_boxes_are_the_tight_boxes_of_the_pasted_objects():
     """Recompute each box from the pixels: paste onto a constant background and diff."""
     objects = scenes.load_digits_objects()
     flat = [np.full((256, 256, 3), 40, np.uint8)]
-    spec = scenes.SceneSpec()
+    spec = ScenesConfig()
     for seed in range(20):
         rng = np.random.default_rng(seed)
         image, boxes, labels, used = scenes.compose_scene(rng, objects.train, objects.train_labels, flat, spec)
         assert len(boxes) == len(labels) == len(used) >= spec.min_objects
         assert (labels == objects.train_labels[used]).all()
-        background = scenes._background(np.random.default_rng(seed), flat, spec.canvas)
+        background = scenes._background(np.random.default_rng(seed), flat, spec.canvas, spec)
         changed = np.abs(image.astype(np.float32) - background).max(-1) > 0.1 * 255 * 0.25
         union = np.zeros_like(changed)
         for x0, y0, x1, y1 in boxes.astype(int):
@@ -87,10 +90,10 @@ def test_train_and_val_never_share_an_object_image(scene_root):
 
 def test_same_seed_same_bytes_other_seed_other_scenes(scene_root, tmp_path):
     again = tmp_path / "again"
-    scenes.write_scenes(again, "digits", n_train=N_TRAIN, n_val=N_VAL, n_objects_train=20, n_objects_val=10, seed=3)
+    scenes.write_scenes(SPEC, again)
     assert _digest(again) == _digest(scene_root)
     other = tmp_path / "other"
-    scenes.write_scenes(other, "digits", n_train=N_TRAIN, n_val=N_VAL, n_objects_train=20, n_objects_val=10, seed=4)
+    scenes.write_scenes(dataclasses.replace(SPEC, seed=4), other)
     assert _digest(other) != _digest(scene_root)
 
 
@@ -123,9 +126,9 @@ def test_eval_tasks_read_the_scenes_and_the_object_centric_variant(scene_root):
     detection = load_task("coco_detection", str(scene_root / "scenes"))
     assert len(detection.test) == N_VAL
     folder = load_task("folder", str(scene_root / "objects"))
-    assert len(folder.train) == 20 and len(folder.test) == 10
+    assert len(folder.train) == N_TRAIN and len(folder.test) == N_VAL
     sizes = {Image.open(ex.input).size for ex in folder.test}
-    assert sizes == {(scenes.SceneSpec().object_canvas,) * 2}
+    assert sizes == {(SPEC.object_canvas,) * 2}
 
 
 def test_missing_fashion_mnist_names_the_package(tmp_path):

@@ -33,11 +33,13 @@ import gzip
 import json
 import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline.config import ScenesConfig
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -62,18 +64,6 @@ class ObjectSet:
     classes: tuple[str, ...]
     train_index: np.ndarray | None = None  # index of each train object in the source's own numbering
     test_index: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class SceneSpec:
-    canvas: int = 64  # scene side in pixels
-    min_objects: int = 1
-    max_objects: int = 4
-    min_size: int = 16  # pasted object's longer side, pixels
-    max_size: int = 32
-    max_overlap: float = 0.15  # largest IoU a new object may have with any placed one
-    object_size: int = 48  # object-centric variant: object's longer side on its own canvas
-    object_canvas: int = 64
 
 
 def _read_idx(path: str) -> np.ndarray:
@@ -165,16 +155,20 @@ def load_backgrounds(size: int = 256) -> list[np.ndarray]:
     return out
 
 
-def _background(rng: np.random.Generator, backgrounds: list[np.ndarray], side: int) -> np.ndarray:
+def _background(rng: np.random.Generator, backgrounds: list[np.ndarray], side: int, spec: ScenesConfig | None = None) -> np.ndarray:
     source = backgrounds[rng.integers(len(backgrounds))]
     zoom = rng.uniform(1.0, 3.0)  # a window of side*zoom px, resized to the canvas
     window = min(int(side * zoom), source.shape[0], source.shape[1])
     y = rng.integers(0, source.shape[0] - window + 1)
     x = rng.integers(0, source.shape[1] - window + 1)
     patch = Image.fromarray(source[y : y + window, x : x + window]).resize((side, side), Image.BILINEAR)
+    spec = spec or ScenesConfig()
     tint = rng.uniform(0.5, 1.0, size=3)
-    dim = rng.uniform(0.35, 0.65)
-    return np.asarray(patch).astype(np.float32) * tint * dim
+    dim = rng.uniform(*spec.background_dim)
+    pixels = np.asarray(patch).astype(np.float32)
+    if spec.background_contrast != 1.0:
+        pixels = pixels.mean() + spec.background_contrast * (pixels - pixels.mean())
+    return pixels * tint * dim
 
 
 def _object_layer(rng: np.random.Generator, image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,10 +190,10 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def compose_scene(rng: np.random.Generator, objects: np.ndarray, labels: np.ndarray, backgrounds: list[np.ndarray], spec: SceneSpec):
+def compose_scene(rng: np.random.Generator, objects: np.ndarray, labels: np.ndarray, backgrounds: list[np.ndarray], spec: ScenesConfig):
     """One scene: (RGB uint8 (canvas, canvas, 3), boxes (K, 4) float pixel xyxy, labels (K,), object indices (K,))."""
     side = spec.canvas
-    canvas = _background(rng, backgrounds, side)
+    canvas = _background(rng, backgrounds, side, spec)
     wanted = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     boxes, classes, used = [], [], []
     for _ in range(wanted * 10):  # rejection sampling for low overlap; a crowded scene just gets fewer objects
@@ -224,10 +218,10 @@ def compose_scene(rng: np.random.Generator, objects: np.ndarray, labels: np.ndar
     return image, np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(classes, dtype=np.int64), np.array(used, dtype=np.int64)
 
 
-def compose_object(rng: np.random.Generator, image: np.ndarray, backgrounds: list[np.ndarray], spec: SceneSpec) -> np.ndarray:
+def compose_object(rng: np.random.Generator, image: np.ndarray, backgrounds: list[np.ndarray], spec: ScenesConfig) -> np.ndarray:
     """Object-centric variant: one object, large and roughly centred, on the same kind of background."""
     side = spec.object_canvas
-    canvas = _background(rng, backgrounds, side)
+    canvas = _background(rng, backgrounds, side, spec)
     size = int(round(spec.object_size * rng.uniform(0.8, 1.0)))
     jitter = (side - size) // 2
     x0 = int(np.clip(jitter + rng.integers(-jitter // 2, jitter // 2 + 1), 0, side - size))
@@ -272,33 +266,25 @@ def _coco_json(images: list[dict], annotations: list[dict], classes: tuple[str, 
     }
 
 
-def write_scenes(
-    out: str | os.PathLike,
-    objects: str = "fashion_mnist",
-    n_train: int = 10_000,
-    n_val: int = 2_000,
-    n_objects_train: int = 0,
-    n_objects_val: int = 0,
-    seed: int = 0,
-    spec: SceneSpec = SceneSpec(),
-    object_set: ObjectSet | None = None,
-) -> dict:
-    """Write the scene set (COCO layout) and its object-centric variant under `out`; returns a summary.
+def write_scenes(spec: ScenesConfig, out: str | os.PathLike | None = None, object_set: ObjectSet | None = None) -> dict:
+    """Write the scene set (COCO layout) and its object-centric variant under `out` (default
+    `spec.output`); returns a summary (also written to `<out>/scenes.json`).
 
-    Deterministic: the same arguments write byte-identical files. Objects of the train split come only
-    from the source's train images, val only from its test images. `n_objects_*` = 0 writes as many
-    object-centric images as scenes. Re-running over a finished folder (its `scenes.json` matches the
-    arguments) does nothing.
+    Deterministic: the same spec writes byte-identical files. Objects of the train split come only
+    from the source's train images, val only from its test images. Re-running over a finished folder
+    (its `scenes.json` holds the same spec) does nothing.
     """
-    root = Path(out)
-    n_objects_train = n_objects_train or n_train
-    n_objects_val = n_objects_val or n_val
-    params = {"objects": objects, "n_train": n_train, "n_val": n_val, "n_objects_train": n_objects_train, "n_objects_val": n_objects_val, "seed": seed, "spec": asdict(spec)}
+    if not (out or spec.output):
+        raise ValueError("scenes.output: give the folder to write the scene set to")
+    root = Path(out or spec.output)
+    params = json.loads(json.dumps(asdict(replace(spec, output=""))))
     marker = root / "scenes.json"
     if marker.is_file():
         done = json.loads(marker.read_text())
         if done.get("params") == params:
             return done
+    objects, seed, n_train, n_val = spec.objects, spec.seed, spec.n_train, spec.n_val
+    n_objects_train, n_objects_val = n_train, n_val
     object_set = object_set or load_objects(objects)
     backgrounds = load_backgrounds()
     summary: dict = {"params": params, "classes": list(object_set.classes), "splits": {}}

@@ -234,7 +234,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             lr = warmup_cosine(step, budget.total_steps, budget.warmup_steps, peak_lr, cfg.train.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            tau = ema_rate(step, budget.total_steps, cfg.objective.ema_start, cfg.objective.ema_end)
+            tau = ema_rate(step, budget.total_steps, cfg.objective.ema_start, cfg.objective.ema_end, cfg.objective.ema_horizon)
             logging_step = (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == budget.total_steps
             progress = Progress(step, budget.total_steps, tau, diagnose=logging_step and rank == 0)
             with autocast:
