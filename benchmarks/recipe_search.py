@@ -28,9 +28,8 @@ from pipeline.config import load_config
 from pipeline.data.crop_stage import MultiViewCropper
 from pipeline.models.ab_model import images_to_float
 from pipeline.objectives.base import Progress
-from pipeline.schedules import ema_rate
 from pipeline.objectives.registry import build_objective
-from pipeline.schedules import warmup_cosine
+from pipeline.schedules import ema_rate, warmup_cosine
 from pipeline.train.loop import Budget, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +40,10 @@ def coco_samples(root: str, folder: str, limit: int = 0) -> list[dict]:
     inst = json.loads(Path(root, "scenes", "annotations", f"instances_{folder}.json").read_text())
     caps = json.loads(Path(root, "scenes", "annotations", f"captions_{folder}.json").read_text())
     names = {c["id"]: c["name"] for c in inst["categories"]}
-    by_image: dict[int, dict] = {im["id"]: {"width": im["width"], "height": im["height"], "boxes": [], "labels": [], "captions": []} for im in inst["images"]}
+    by_image: dict[int, dict] = {
+        im["id"]: {"width": im["width"], "height": im["height"], "boxes": [], "labels": [], "captions": []}
+        for im in inst["images"]
+    }
     for a in inst["annotations"]:
         x, y, w, h = a["bbox"]
         by_image[a["image_id"]]["boxes"].append([x, y, x + w, y + h])
@@ -51,7 +53,9 @@ def coco_samples(root: str, folder: str, limit: int = 0) -> list[dict]:
     out = []
     for im in inst["images"][: limit or None]:
         data = Path(root, "scenes", folder, im["file_name"]).read_bytes()
-        out.append({"key": str(im["id"]), "jpg": data, "json": json.dumps(by_image[im["id"]]), "meta": by_image[im["id"]]})
+        out.append(
+            {"key": str(im["id"]), "jpg": data, "json": json.dumps(by_image[im["id"]]), "meta": by_image[im["id"]]}
+        )
     return out
 
 
@@ -62,7 +66,13 @@ def batch_stream(samples: list[dict], cropper: MultiViewCropper, batch_size: int
         order = np.random.default_rng([seed, epoch]).permutation(len(samples))
         for start in range(0, len(order) - batch_size + 1, batch_size):
             chunk = [samples[i] for i in order[start : start + batch_size]]
-            out = cropper({"key": np.array([s["key"] for s in chunk], dtype=object), "jpg": [s["jpg"] for s in chunk], "json": [s["json"] for s in chunk]})
+            out = cropper(
+                {
+                    "key": np.array([s["key"] for s in chunk], dtype=object),
+                    "jpg": [s["jpg"] for s in chunk],
+                    "json": [s["json"] for s in chunk],
+                }
+            )
             yield {k: torch.from_numpy(v) for k, v in out.items() if isinstance(v, np.ndarray) and v.dtype != object}
         epoch += 1
 
@@ -72,7 +82,9 @@ def tokens_of(encoder, images: np.ndarray, size: int, bs: int = 256) -> torch.Te
     feats = []
     for i in range(0, len(images), bs):
         x = torch.from_numpy(images[i : i + bs])
-        x = torch.nn.functional.interpolate(images_to_float(x), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = torch.nn.functional.interpolate(
+            images_to_float(x), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         feats.append(encoder.forward_features(x).float())
     return torch.cat(feats)
 
@@ -90,7 +102,12 @@ def box_features(encoder, samples: list[dict], size: int, prefix: int) -> tuple[
     for t, s in zip(tokens, samples):
         meta = s["meta"]
         for box, label in zip(meta["boxes"], meta["labels"]):
-            x0, y0, x1, y1 = box[0] / meta["width"], box[1] / meta["height"], box[2] / meta["width"], box[3] / meta["height"]
+            x0, y0, x1, y1 = (
+                box[0] / meta["width"],
+                box[1] / meta["height"],
+                box[2] / meta["width"],
+                box[3] / meta["height"],
+            )
             inx = (centres >= x0) & (centres <= x1)
             iny = (centres >= y0) & (centres <= y1)
             mask = iny[:, None] & inx[None, :]
@@ -126,7 +143,9 @@ def object_images(root: str, split: str, limit: int) -> tuple[np.ndarray, np.nda
     files = sorted(glob.glob(os.path.join(root, "objects", split, "*", "*.png")))
     rng = np.random.default_rng(0)
     files = [files[i] for i in sorted(rng.choice(len(files), size=min(limit, len(files)), replace=False))]
-    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]), np.array([Path(f).parent.name for f in files])
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]), np.array(
+        [Path(f).parent.name for f in files]
+    )
 
 
 def probes(encoder, data: dict, size: int) -> dict[str, float]:
@@ -188,7 +207,13 @@ def run(args) -> dict:
         opt.step()
         objective.after_step(progress)
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            row = {"step": step + 1, "loss": float(out.loss), **{k: float(v) for k, v in out.terms.items()}, **{k: float(v) for k, v in out.metrics.items()}, "s": time.perf_counter() - t0}
+            row = {
+                "step": step + 1,
+                "loss": float(out.loss),
+                **{k: float(v) for k, v in out.terms.items()},
+                **{k: float(v) for k, v in out.metrics.items()},
+                "s": time.perf_counter() - t0,
+            }
             history.append(row)
             print(json.dumps(row), flush=True)
     result["train_s"] = time.perf_counter() - t0

@@ -56,7 +56,9 @@ class UrlIngestConfig:
     retries: int = 2  # extra attempts per URL after a failed download
     timeout: float = 10.0  # seconds per request (connect, and each read)
     user_agent_token: str = "abpipe"  # sent in the User-Agent; X-Robots-Tag "abpipe: noai" opts out of us alone
-    disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])  # [] honours none
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )  # [] honours none
     max_shard_retry: int = 1  # multiprocessing: re-runs of a shard whose worker died
     keep_raw: bool = False  # keep img2dataset's own tars after normalising (they double the disk use)
 
@@ -77,9 +79,13 @@ class EpicIngestConfig:
 
     annotations_csv: str = ""  # EPIC_100_train.csv (optional: frames then carry no action)
     frame_stride: int = 30  # every Nth frame, starting at frame 1
-    layout: str = "videos"  # videos (<input>/P01/videos/P01_01.MP4) | rgb_frames (<input>/P01/rgb_frames/P01_01.tar or P01_01/)
+    layout: str = (
+        "videos"  # videos (<input>/P01/videos/P01_01.MP4) | rgb_frames (<input>/P01/rgb_frames/P01_01.tar or P01_01/)
+    )
     visor_json: str = ""  # VISOR sparse annotations: one json, or a folder of per-video jsons
-    visor_frame_mapping: str = ""  # VISOR's frame_mapping.json (VISOR frame name -> rgb_frames name); empty: same numbers
+    visor_frame_mapping: str = (
+        ""  # VISOR's frame_mapping.json (VISOR frame name -> rgb_frames name); empty: same numbers
+    )
     visor_width: int = 1920  # the pixel frame VISOR polygons are drawn in
     visor_height: int = 1080
 
@@ -109,7 +115,9 @@ class TextViewsConfig:
     (`no_caption`, `no_boxes`, `bad_annotation`).
     """
 
-    source: str = "none"  # none | captions (json `captions`, else the `txt` member) | boxes (json `boxes` + `labels` as text)
+    source: str = (
+        "none"  # none | captions (json `captions`, else the `txt` member) | boxes (json `boxes` + `labels` as text)
+    )
     tokenizer: str = "ViT-S-16"  # open_clip model name whose bundled (offline) tokenizer is used
     context_length: int = 77  # token ids per string (CLIP: 77); the text tower is built for this length
     box_format: str = "names"  # boxes: names ("2 person, dog") | names_boxes ("person 12 40 88 95, dog ...")
@@ -158,6 +166,7 @@ class DataConfig:
     def decoupled(self) -> bool:
         """True when annotations stream from their own shard set(s) (AB_{I1K+D})."""
         return bool(self.annotation_shards or self.annotation_mixture)
+
     shuffle_buffer: int = 256  # local shuffle buffer (rows) in the trainer's iterator
     read_cpus: float = 0.25  # per shard-read task: reading is I/O, and must not starve the crop actors
     # Concurrent shard-read tasks per stream; None = one per 8 crop actors. Each starts a worker
@@ -181,7 +190,9 @@ class ModelConfig:
     proj_dim: int = 256
     proj_hidden_dim: int = 1024
     text_model: str = "ViT-S-16"  # CLIP/SLIP/AB_CLIP: open_clip config whose text tower is built, randomly initialised (ViT-S-16: 12 layers, width 384)
-    text_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of its text_cfg (width, heads, layers); context length = views.text.context_length
+    text_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # overrides of its text_cfg (width, heads, layers); context length = views.text.context_length
 
 
 @dataclass
@@ -244,7 +255,9 @@ class ObjectiveConfig:
     # True: the propagation loss scores against detached student annotation embeddings (psi-bar frozen in Eq. 4);
     # False (the paper: psi-bar is among the trained parameters) lets it train them too.
     detach_annotations: bool = False
-    propagation_warmup: float = 0.0  # fraction of the run over which the propagation weight ramps 0 -> propagation_weight
+    propagation_warmup: float = (
+        0.0  # fraction of the run over which the propagation weight ramps 0 -> propagation_weight
+    )
     teacher: str = "ema"  # ema | student (ablation "no target network": the student makes its own targets)
     dino: DinoConfig = field(default_factory=DinoConfig)
     mae: MaeConfig = field(default_factory=MaeConfig)
@@ -271,7 +284,9 @@ class TrainConfig:
     run_name: str = "pretrain"
     storage_path: str = ""  # Ray Train storage; default <paths.root>/ray_results
     max_failures: int = 0
-    init_from: str = ""  # MAWS stage: checkpoint dir | runs:/<id>/<dir> | MLflow run id whose encoder initialises this run
+    init_from: str = (
+        ""  # MAWS stage: checkpoint dir | runs:/<id>/<dir> | MLflow run id whose encoder initialises this run
+    )
     init_weights: str = "teacher"  # which of init_from's encoders (teacher | student; the same for MAE)
 
 
@@ -309,7 +324,18 @@ class ProbeConfig:
     @classmethod
     def paper_scale(cls) -> "ProbeConfig":
         """GPU-scale preset: A.1's 4-layer decoder at ViT-B width; optimiser values are ours."""
-        return cls(decoder_depth=4, width=768, heads=12, steps=20_000, batch_size=512, lr=1e-3, weight_decay=1e-4, warmup_fraction=0.05, coord_bins=1000, max_objects=50)
+        return cls(
+            decoder_depth=4,
+            width=768,
+            heads=12,
+            steps=20_000,
+            batch_size=512,
+            lr=1e-3,
+            weight_decay=1e-4,
+            warmup_fraction=0.05,
+            coord_bins=1000,
+            max_objects=50,
+        )
 
 
 @dataclass
@@ -351,7 +377,9 @@ class ScenesConfig:
     """`abpipe scenes` / the study's data: a COCO-layout scene set composed from real object images
     (pipeline/data/scenes.py), with its object-centric variant. Deterministic for a given seed."""
 
-    objects: str = "fashion_mnist"  # fashion_mnist (apt-get install dataset-fashion-mnist) | digits (sklearn) | animal_mnist
+    objects: str = (
+        "fashion_mnist"  # fashion_mnist (apt-get install dataset-fashion-mnist) | digits (sklearn) | animal_mnist
+    )
     output: str = ""  # default <paths.root>/data/scenes_<objects>
     n_train: int = 10_000  # scenes per split; the object-centric variant gets as many images
     n_val: int = 2_000
@@ -391,7 +419,9 @@ class Config:
         if not cfg.ingest.output:
             cfg.ingest = dataclasses.replace(cfg.ingest, output=os.path.join(root, "shards", cfg.ingest.source))
         if not cfg.scenes.output:
-            cfg.scenes = dataclasses.replace(cfg.scenes, output=os.path.join(root, "data", f"scenes_{cfg.scenes.objects}"))
+            cfg.scenes = dataclasses.replace(
+                cfg.scenes, output=os.path.join(root, "data", f"scenes_{cfg.scenes.objects}")
+            )
         if not cfg.data.shards:
             cfg.data = dataclasses.replace(cfg.data, shards=os.path.join(root, "shards", "image_folder"))
         if not cfg.train.storage_path:
@@ -438,7 +468,9 @@ def _coerce(value: Any, target_type: Any, key: str) -> Any:
                 raise TypeError("expected a mapping")
             glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
             if glued:  # YAML reads {depth:4} as the key "depth:4" with no value
-                raise TypeError(f"key {glued[0]!r} has no value: write {{{glued[0].split(':', 1)[0]}: {glued[0].split(':', 1)[1]}}} (a space after the colon)")
+                raise TypeError(
+                    f"key {glued[0]!r} has no value: write {{{glued[0].split(':', 1)[0]}: {glued[0].split(':', 1)[1]}}} (a space after the colon)"
+                )
             return dict(value)
         if type_str.startswith("bool"):
             if isinstance(value, bool):

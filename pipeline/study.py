@@ -43,7 +43,16 @@ METRICS = {
     "folder/decoder_top1": "objects (decoder top-1 %)",
 }
 PERCENT = ("top1",)  # metrics shown in percent; mAP is shown as is
-WATCHED = ("loss", "loss_annotation", "loss_propagation", "loss_contrastive", "teacher_entropy", "rankme_encoder", "rankme_head", "views_per_s")
+WATCHED = (
+    "loss",
+    "loss_annotation",
+    "loss_propagation",
+    "loss_contrastive",
+    "teacher_entropy",
+    "rankme_encoder",
+    "rankme_head",
+    "views_per_s",
+)
 TABLES = {
     "scenes": "Pretraining on the scenes (the paper's Table 2 and Table 4)",
     "clip": "Boxes + class names as text annotations (the paper's Table 3)",
@@ -65,14 +74,33 @@ class Arm:
 # The SimCLR baseline reads only the two annotation views: the AB crops would be cut, counted, never used.
 SIMCLR = ("objective.name=simclr", "views.num_views=0")
 # Table 3's annotations: each scene's boxes as class names ("sneaker, bag"), scored by a small CLIP text tower.
-BOX_TEXT = ("views.text.source=boxes", "views.text.box_format=names", "views.annotation_views=1", "views.annotation_scale=[0.5,1.0]",
-            "views.color_jitter=0.0", "views.grayscale_p=0.0", "views.blur_p=0.0")
+BOX_TEXT = (
+    "views.text.source=boxes",
+    "views.text.box_format=names",
+    "views.annotation_views=1",
+    "views.annotation_scale=[0.5,1.0]",
+    "views.color_jitter=0.0",
+    "views.grayscale_p=0.0",
+    "views.blur_p=0.0",
+)
 CLIP = ("objective.name=clip", "views.num_views=0", *BOX_TEXT)
 AB_CLIP = ("objective.name=ab_clip", *BOX_TEXT)
 
 ARMS: tuple[Arm, ...] = (
-    Arm("ab_simclr", "AB_SimCLR", (), seeds=3, paper={"coco_objects/decoder_top1": 72.6, "coco_detection/decoder_map": 0.27}),
-    Arm("simclr", "SimCLR (equal views)", SIMCLR, seeds=3, paper={"coco_objects/decoder_top1": 70.4, "coco_detection/decoder_map": 0.24}),
+    Arm(
+        "ab_simclr",
+        "AB_SimCLR",
+        (),
+        seeds=3,
+        paper={"coco_objects/decoder_top1": 72.6, "coco_detection/decoder_map": 0.27},
+    ),
+    Arm(
+        "simclr",
+        "SimCLR (equal views)",
+        SIMCLR,
+        seeds=3,
+        paper={"coco_objects/decoder_top1": 70.4, "coco_detection/decoder_map": 0.24},
+    ),
     # Equal views give SimCLR (2 views per image) 3x AB's steps (6 views per image); this check holds steps equal.
     Arm("simclr_equal_steps", "SimCLR (equal steps: 1/3 of the views)", (*SIMCLR, "train.total_views=@third")),
     Arm("null_actions", "AB_SimCLR, no action tokens (Table 4)", ("objective.null_actions=true",)),
@@ -80,13 +108,22 @@ ARMS: tuple[Arm, ...] = (
     Arm("no_grounding", "AB_SimCLR, no grounding loss (Table 4)", ("objective.annotation_weight=0",)),
     Arm("augment", "AB_SimCLR, adding augmentations (Table 4)", ("views.augment_views=true",)),
     Arm("ab_clip", "AB_CLIP, boxes as text", AB_CLIP, seeds=3, table="clip", paper={"coco_objects/decoder_top1": 34.9}),
-    Arm("clip", "CLIP, boxes as text (equal views)", CLIP, seeds=3, table="clip", paper={"coco_objects/decoder_top1": 31.6}),
+    Arm(
+        "clip",
+        "CLIP, boxes as text (equal views)",
+        CLIP,
+        seeds=3,
+        table="clip",
+        paper={"coco_objects/decoder_top1": 31.6},
+    ),
     Arm("objects_ab_simclr", "AB_SimCLR on objects", (), data="objects", table="objects"),
     Arm("objects_simclr", "SimCLR on objects (equal views)", SIMCLR, data="objects", table="objects"),
 )
 
 
-def arm_config(arm: Arm, seed: int, base: Config, config: str, overrides: Sequence[str], shards: dict[str, str]) -> Config:
+def arm_config(
+    arm: Arm, seed: int, base: Config, config: str, overrides: Sequence[str], shards: dict[str, str]
+) -> Config:
     """The arm's resolved config: the study's config + its overrides + the arm's, at this seed."""
     own = list(arm.overrides)
     if "train.total_views=@third" in own:  # equal steps with AB: a third of the views (2 views per image vs 6)
@@ -108,18 +145,30 @@ def prepare_data(cfg: Config, needed: set[str]) -> dict[str, str]:
     }
     if "scenes" in needed:
         ann = data / "scenes" / "annotations"
-        coco = dataclasses.replace(cfg.ingest.coco, instances=str(ann / "instances_train2017.json"), captions=str(ann / "captions_train2017.json"))
-        ingest = dataclasses.replace(cfg.ingest, source="coco", input=str(data / "scenes" / "train2017"), output=shards["scenes"], coco=coco)
+        coco = dataclasses.replace(
+            cfg.ingest.coco,
+            instances=str(ann / "instances_train2017.json"),
+            captions=str(ann / "captions_train2017.json"),
+        )
+        ingest = dataclasses.replace(
+            cfg.ingest, source="coco", input=str(data / "scenes" / "train2017"), output=shards["scenes"], coco=coco
+        )
         run_ingest(dataclasses.replace(cfg, ingest=ingest))
     if "objects" in needed:
-        ingest = dataclasses.replace(cfg.ingest, source="image_folder", input=str(data / "objects" / "train"), output=shards["objects"])
+        ingest = dataclasses.replace(
+            cfg.ingest, source="image_folder", input=str(data / "objects" / "train"), output=shards["objects"]
+        )
         run_ingest(dataclasses.replace(cfg, ingest=ingest))
     return shards
 
 
 def eval_config(cfg: Config, checkpoint: str, seed: int) -> Config:
     data = Path(cfg.scenes.output)
-    roots = {"coco_objects": str(data / "scenes"), "coco_detection": str(data / "scenes"), "folder": str(data / "objects")}
+    roots = {
+        "coco_objects": str(data / "scenes"),
+        "coco_detection": str(data / "scenes"),
+        "folder": str(data / "objects"),
+    }
     ev = dataclasses.replace(cfg.eval, checkpoint=checkpoint, tasks=list(roots), task_roots=roots, seed=seed)
     return dataclasses.replace(cfg, eval=ev)
 
@@ -135,7 +184,15 @@ def run_arm(arm: Arm, seed: int, base: Config, config: str, overrides: Sequence[
     metrics = run_eval(eval_config(cfg, train["checkpoint"], seed))["metrics"]
     watch = {f"train/{k}": v for k, v in train["metrics"].items() if k in WATCHED}
     timing = {"pretrain_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t0 - train_s, 1)}
-    return {"arm": arm.slug, "seed": seed, "run_id": train["run_id"], "steps": train["metrics"].get("step"), **metrics, **watch, **timing}
+    return {
+        "arm": arm.slug,
+        "seed": seed,
+        "run_id": train["run_id"],
+        "steps": train["metrics"].get("step"),
+        **metrics,
+        **watch,
+        **timing,
+    }
 
 
 def _value(metric: str, v: float) -> float:
@@ -151,20 +208,28 @@ def _fmt(values: list[float], metric: str) -> str:
     return f"{mean:.{digits}f}{sd}"
 
 
-def summarise(results: list[dict], arms: Sequence[Arm], table: str, metrics: Sequence[str] = tuple(METRICS)) -> list[str]:
+def summarise(
+    results: list[dict], arms: Sequence[Arm], table: str, metrics: Sequence[str] = tuple(METRICS)
+) -> list[str]:
     """Markdown table of one study table: mean ± sd over seeds per metric, the random-init floor first,
     the paper's figure in brackets where it reported one for that metric."""
     rows = [a for a in arms if a.table == table]
     shown = [m for m in metrics if any(m in r for r in results if r["arm"] in {a.slug for a in rows})]
     if not shown:
         return []
-    lines = ["| arm | seeds | " + " | ".join(METRICS.get(m, m) for m in shown) + " |", "|---|---|" + "---|" * len(shown)]
+    lines = [
+        "| arm | seeds | " + " | ".join(METRICS.get(m, m) for m in shown) + " |",
+        "|---|---|" + "---|" * len(shown),
+    ]
     slugs = {a.slug for a in rows}
     floor_cells = []
     for m in shown:
         # one figure per (seed, pretraining data): every arm of a seed starts from the same random encoder
-        per_seed = {(r["seed"], r.get("data", "")): _value(m, r[f"{m.split('/')[0]}/random_init/{m.split('/', 1)[1]}"])
-                    for r in results if r["arm"] in slugs and f"{m.split('/')[0]}/random_init/{m.split('/', 1)[1]}" in r}
+        per_seed = {
+            (r["seed"], r.get("data", "")): _value(m, r[f"{m.split('/')[0]}/random_init/{m.split('/', 1)[1]}"])
+            for r in results
+            if r["arm"] in slugs and f"{m.split('/')[0]}/random_init/{m.split('/', 1)[1]}" in r
+        }
         floor_cells.append(_fmt(list(per_seed.values()), m))
     n_floor = len({r["seed"] for r in results if r["arm"] in slugs})
     lines.append(f"| Random-init encoder (same probes) | {n_floor} | " + " | ".join(floor_cells) + " |")
@@ -186,7 +251,12 @@ def load_results(path: Path) -> dict[tuple[str, int], dict]:
     return {(r["arm"], r["seed"]): r for r in map(json.loads, path.read_text().splitlines()) if r}
 
 
-def run_study(config: str = DEFAULT_CONFIG, overrides: Sequence[str] = (), arms: Sequence[str] | None = None, max_seeds: int | None = None) -> dict:
+def run_study(
+    config: str = DEFAULT_CONFIG,
+    overrides: Sequence[str] = (),
+    arms: Sequence[str] | None = None,
+    max_seeds: int | None = None,
+) -> dict:
     """Run (or resume) the study; returns the rows and the markdown tables."""
     base = load_config(config, overrides).resolved()
     unknown = sorted(set(arms or ()) - {a.slug for a in ARMS})
@@ -199,7 +269,12 @@ def run_study(config: str = DEFAULT_CONFIG, overrides: Sequence[str] = (), arms:
     results_path = Path(base.paths.under("study_results.jsonl"))
     done = load_results(results_path)
     # Seed-major: every arm's seed 0 before any seed 1, so a study cut short still covers every arm.
-    todo = [(arm, seed) for seed in range(max(a.seeds for a in selected)) for arm in selected if seed < min(arm.seeds, max_seeds or arm.seeds)]
+    todo = [
+        (arm, seed)
+        for seed in range(max(a.seeds for a in selected))
+        for arm in selected
+        if seed < min(arm.seeds, max_seeds or arm.seeds)
+    ]
     for arm, seed in todo:
         if (arm.slug, seed) in done:
             continue

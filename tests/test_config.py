@@ -11,7 +11,10 @@ def test_a_mapping_written_without_spaces_is_refused_with_the_fix():
     # YAML reads {depth:4} as the key "depth:4" with no value; timm would then drop it silently
     with pytest.raises(ConfigError, match=r"model.encoder_kwargs: .*write \{depth: 4\} \(a space after the colon\)"):
         load_config(None, ["model.encoder_kwargs={depth:4,embed_dim:96}"])
-    assert load_config(None, ["model.encoder_kwargs={depth: 4, embed_dim: 96}"]).model.encoder_kwargs == {"depth": 4, "embed_dim": 96}
+    assert load_config(None, ["model.encoder_kwargs={depth: 4, embed_dim: 96}"]).model.encoder_kwargs == {
+        "depth": 4,
+        "embed_dim": 96,
+    }
 
 
 def test_dotted_keys_into_a_mapping_build_it_together():

@@ -61,7 +61,9 @@ def reference_propagation(pred, targets, ann_student, ann_teacher, t):
                 z_t = sum(math.exp(v) for v in teacher_logits)
                 student_logits = [float(np.dot(pred[b, s, tt], ann_student[i])) / t for i in range(n)]
                 z_s = sum(math.exp(v) for v in student_logits)
-                losses.append(-sum(math.exp(teacher_logits[i]) / z_t * (student_logits[i] - math.log(z_s)) for i in range(n)))
+                losses.append(
+                    -sum(math.exp(teacher_logits[i]) / z_t * (student_logits[i] - math.log(z_s)) for i in range(n))
+                )
     return sum(losses) / len(losses)
 
 

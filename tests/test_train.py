@@ -31,7 +31,9 @@ def micro_config(root, shards, steps: int, **train) -> Config:
         paths=PathsConfig(root=str(root)),
         ray=RayConfig(num_cpus=2),
         data=DataConfig(shards=str(shards), shuffle_buffer=16),
-        views=ViewsConfig(num_views=M, view_size=32, annotation_views=A, batch_size=16, concurrency=1, cpus_per_actor=0.5),
+        views=ViewsConfig(
+            num_views=M, view_size=32, annotation_views=A, batch_size=16, concurrency=1, cpus_per_actor=0.5
+        ),
         model=MICRO_MODEL,
         train=TrainConfig(
             **{
@@ -92,7 +94,11 @@ def test_cpu_budget_too_small_is_a_clear_error(ray_cluster, digit_shards, tmp_pa
     from pipeline.train.trainer import run_pretrain
 
     cfg = micro_config(tmp_path, digit_shards, steps=3)
-    cfg = dataclasses.replace(cfg, views=dataclasses.replace(cfg.views, cpus_per_actor=1.0), train=dataclasses.replace(cfg.train, cpus_per_worker=1.0))
+    cfg = dataclasses.replace(
+        cfg,
+        views=dataclasses.replace(cfg.views, cpus_per_actor=1.0),
+        train=dataclasses.replace(cfg.train, cpus_per_worker=1.0),
+    )
     with pytest.raises(ConfigError, match=r"data stage needs 1.25 CPUs .* only 1 of the cluster's 2"):
         run_pretrain(cfg)
 
@@ -139,7 +145,12 @@ def _fixed_batch_history(tmp_path, name: str, **objective) -> dict[str, list[flo
     lo = torch.rand(BATCH, M, 2) * 0.4
     boxes = torch.cat([lo, lo + 0.5], dim=-1)
     ckpt_dir = tmp_path / name / "ck"
-    loop_config = {"config": cfg.to_dict(), "local_dataset": [_batch(boxes)] * 30, "local_checkpoint_dir": str(ckpt_dir), "mlflow_run_id": run_id}
+    loop_config = {
+        "config": cfg.to_dict(),
+        "local_dataset": [_batch(boxes)] * 30,
+        "local_checkpoint_dir": str(ckpt_dir),
+        "mlflow_run_id": run_id,
+    }
     train_loop_per_worker(loop_config)
     assert read_meta(sorted(ckpt_dir.iterdir())[-1])["step"] == 30
     client = MlflowClient(cfg.tracking.tracking_uri)

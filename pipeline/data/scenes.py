@@ -42,9 +42,33 @@ from PIL import Image
 from pipeline.config import ScenesConfig
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+FASHION_MNIST_CLASSES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
 DIGIT_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-BACKGROUNDS = ("brick", "grass", "gravel", "coffee", "chelsea", "rocket", "astronaut", "immunohistochemistry", "hubble_deep_field", "moon", "camera", "coins")
+BACKGROUNDS = (
+    "brick",
+    "grass",
+    "gravel",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "astronaut",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "moon",
+    "camera",
+    "coins",
+)
 OBJECT_SOURCES = ("fashion_mnist", "digits", "animal_mnist")
 
 
@@ -77,7 +101,10 @@ def _read_idx(path: str) -> np.ndarray:
 
 
 def load_fashion_mnist(root: str = FASHION_MNIST_DIR) -> ObjectSet:
-    files = {k: os.path.join(root, f"{k}-idx{3 if 'images' in k else 1}-ubyte.gz") for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
+    files = {
+        k: os.path.join(root, f"{k}-idx{3 if 'images' in k else 1}-ubyte.gz")
+        for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")
+    }
     missing = [p for p in files.values() if not os.path.isfile(p)]
     if missing:
         raise MissingObjectData(
@@ -86,8 +113,13 @@ def load_fashion_mnist(root: str = FASHION_MNIST_DIR) -> ObjectSet:
         )
     train, test = _read_idx(files["train-images"]), _read_idx(files["t10k-images"])
     return ObjectSet(
-        train, _read_idx(files["train-labels"]), test, _read_idx(files["t10k-labels"]), FASHION_MNIST_CLASSES,
-        np.arange(len(train)), len(train) + np.arange(len(test)),  # t10k numbered after the 60,000 train images
+        train,
+        _read_idx(files["train-labels"]),
+        test,
+        _read_idx(files["t10k-labels"]),
+        FASHION_MNIST_CLASSES,
+        np.arange(len(train)),
+        len(train) + np.arange(len(test)),  # t10k numbered after the 60,000 train images
     )
 
 
@@ -108,7 +140,9 @@ def load_animal_mnist(test_fraction: float = 0.2, seed: int = 0) -> ObjectSet:
     try:
         import animal_mnist  # noqa: F401
     except ImportError:
-        raise MissingObjectData("Animal-MNIST not found: install it with `pip install --no-deps animal-mnist==0.4`, or use --objects digits") from None
+        raise MissingObjectData(
+            "Animal-MNIST not found: install it with `pip install --no-deps animal-mnist==0.4`, or use --objects digits"
+        ) from None
     from animal_mnist import load_data  # type: ignore[import-not-found]
 
     (x_train, y_train), (x_test, y_test) = load_data()
@@ -149,13 +183,21 @@ def load_backgrounds(size: int = 256) -> list[np.ndarray]:
         image = image[..., :3]
         pil = Image.fromarray(image)
         scale = size / min(pil.size)
-        out.append(np.asarray(pil.resize((max(size, round(pil.size[0] * scale)), max(size, round(pil.size[1] * scale))), Image.BILINEAR)))
+        out.append(
+            np.asarray(
+                pil.resize(
+                    (max(size, round(pil.size[0] * scale)), max(size, round(pil.size[1] * scale))), Image.BILINEAR
+                )
+            )
+        )
     if not out:
         raise MissingObjectData("no scikit-image sample images found: reinstall scikit-image")
     return out
 
 
-def _background(rng: np.random.Generator, backgrounds: list[np.ndarray], side: int, spec: ScenesConfig | None = None) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, backgrounds: list[np.ndarray], side: int, spec: ScenesConfig | None = None
+) -> np.ndarray:
     source = backgrounds[rng.integers(len(backgrounds))]
     zoom = rng.uniform(1.0, 3.0)  # a window of side*zoom px, resized to the canvas
     window = min(int(side * zoom), source.shape[0], source.shape[1])
@@ -190,7 +232,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def compose_scene(rng: np.random.Generator, objects: np.ndarray, labels: np.ndarray, backgrounds: list[np.ndarray], spec: ScenesConfig):
+def compose_scene(
+    rng: np.random.Generator, objects: np.ndarray, labels: np.ndarray, backgrounds: list[np.ndarray], spec: ScenesConfig
+):
     """One scene: (RGB uint8 (canvas, canvas, 3), boxes (K, 4) float pixel xyxy, labels (K,), object indices (K,))."""
     side = spec.canvas
     canvas = _background(rng, backgrounds, side, spec)
@@ -215,10 +259,17 @@ def compose_scene(rng: np.random.Generator, objects: np.ndarray, labels: np.ndar
         classes.append(int(labels[index]))
         used.append(index)
     image = np.clip(canvas, 0, 255).astype(np.uint8)
-    return image, np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(classes, dtype=np.int64), np.array(used, dtype=np.int64)
+    return (
+        image,
+        np.array(boxes, dtype=np.float64).reshape(-1, 4),
+        np.array(classes, dtype=np.int64),
+        np.array(used, dtype=np.int64),
+    )
 
 
-def compose_object(rng: np.random.Generator, image: np.ndarray, backgrounds: list[np.ndarray], spec: ScenesConfig) -> np.ndarray:
+def compose_object(
+    rng: np.random.Generator, image: np.ndarray, backgrounds: list[np.ndarray], spec: ScenesConfig
+) -> np.ndarray:
     """Object-centric variant: one object, large and roughly centred, on the same kind of background."""
     side = spec.object_canvas
     canvas = _background(rng, backgrounds, side, spec)
@@ -245,7 +296,9 @@ def caption(boxes: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], rng
     inventory = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
     if len(names) == 1:
         cx = (boxes[0, 0] + boxes[0, 2]) / 2
-        where = "on the left" if cx < 0.4 * boxes.max() else "on the right" if cx > 0.6 * boxes.max() else "in the middle"
+        where = (
+            "on the left" if cx < 0.4 * boxes.max() else "on the right" if cx > 0.6 * boxes.max() else "in the middle"
+        )
         return [f"a photo of {inventory}", f"{inventory} {where}"]
     order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
     a, b = int(order[0]), int(order[1])
@@ -291,7 +344,16 @@ def write_scenes(spec: ScenesConfig, out: str | os.PathLike | None = None, objec
     ann_dir = root / "scenes" / "annotations"
     ann_dir.mkdir(parents=True, exist_ok=True)
     for split, folder, n, n_obj, pool, pool_labels, pool_index, split_seed in (
-        ("train", "train2017", n_train, n_objects_train, object_set.train, object_set.train_labels, object_set.train_index, 0),
+        (
+            "train",
+            "train2017",
+            n_train,
+            n_objects_train,
+            object_set.train,
+            object_set.train_labels,
+            object_set.train_index,
+            0,
+        ),
         ("val", "val2017", n_val, n_objects_val, object_set.test, object_set.test_labels, object_set.test_index, 1),
     ):
         if pool_index is None:
@@ -327,8 +389,12 @@ def write_scenes(spec: ScenesConfig, out: str | os.PathLike | None = None, objec
             for text in caption(boxes, labels, object_set.classes, rng):
                 captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": text})
         desc = f"abpipe scenes ({objects} objects, seed {seed}, {split})"
-        (ann_dir / f"instances_{folder}.json").write_text(json.dumps(_coco_json(images, annotations, object_set.classes, desc)))
-        (ann_dir / f"captions_{folder}.json").write_text(json.dumps({"info": {"description": desc}, "images": images, "annotations": captions}))
+        (ann_dir / f"instances_{folder}.json").write_text(
+            json.dumps(_coco_json(images, annotations, object_set.classes, desc))
+        )
+        (ann_dir / f"captions_{folder}.json").write_text(
+            json.dumps({"info": {"description": desc}, "images": images, "annotations": captions})
+        )
 
         obj_rng = np.random.default_rng([seed, split_seed, 2])
         obj_root = root / "objects" / split

@@ -25,7 +25,13 @@ from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.models.text import build_text_encoder
 from pipeline.objectives import base
 from pipeline.objectives.ab_simclr import pair_actions, propagation_weight
-from pipeline.objectives.clip import check_text_views, clamp_logit_scale_, clip_loss, logit_scale_parameter, pair_accuracy
+from pipeline.objectives.clip import (
+    check_text_views,
+    clamp_logit_scale_,
+    clip_loss,
+    logit_scale_parameter,
+    pair_accuracy,
+)
 from pipeline.objectives.contrastive import gather_no_grad, gather_with_grad
 from pipeline.objectives.ema import ema_update, make_teacher
 from pipeline.objectives.propagation import per_pair_error, propagation_loss, teacher_distribution
@@ -89,7 +95,9 @@ def ab_clip_step(
     if diagnose:
         pair_boxes = boxes.float().cpu().numpy()
         diagnostics = {
-            "pair_error": per_pair_error(pred.detach().float(), probs, z_txt_student.detach(), student.temperature().detach()),
+            "pair_error": per_pair_error(
+                pred.detach().float(), probs, z_txt_student.detach(), student.temperature().detach()
+            ),
             "pair_iou": torch.as_tensor(box_iou(pair_boxes[:, :, None, :], pair_boxes[:, None, :, :])),
             "head": z_txt_student.detach(),
             "image": z_img.detach(),
@@ -127,7 +135,9 @@ class ABCLIP(base.Objective):
         teacher = self.teacher if self.teacher is not None else self.student
         views, boxes, ann_views, tokens = batch["views"], batch["boxes"], batch["ann_views"], batch["tokens"]
         weight = propagation_weight(self.cfg.objective, progress)
-        return ab_clip_step(self.student, teacher, views, boxes, ann_views, tokens, self.cfg.objective, progress.diagnose, weight)
+        return ab_clip_step(
+            self.student, teacher, views, boxes, ann_views, tokens, self.cfg.objective, progress.diagnose, weight
+        )
 
     @torch.no_grad()
     def after_step(self, progress: base.Progress) -> None:

@@ -98,7 +98,9 @@ class ABSimCLR(base.Objective):
 
     def check_views(self) -> None:
         if self.cfg.views.annotation_views != 2:
-            raise ConfigError(f"views.annotation_views must be 2 for {self.cfg.objective.name} (SimCLR's two views), got {self.cfg.views.annotation_views}")
+            raise ConfigError(
+                f"views.annotation_views must be 2 for {self.cfg.objective.name} (SimCLR's two views), got {self.cfg.views.annotation_views}"
+            )
         if self.cfg.views.num_views < 1:
             raise ConfigError(f"views.num_views must be >= 1 for {self.cfg.objective.name}")
         if self.cfg.views.pair_sampling not in PAIR_MODES:
@@ -118,7 +120,9 @@ class ABSimCLR(base.Objective):
         teacher = self.teacher if self.teacher is not None else self.student
         views, boxes, ann_views = batch["views"], batch["boxes"], batch["ann_views"]
         weight = propagation_weight(self.cfg.objective, progress)
-        return ab_simclr_step(self.student, teacher, views, boxes, ann_views, self.cfg.objective, progress.diagnose, weight)
+        return ab_simclr_step(
+            self.student, teacher, views, boxes, ann_views, self.cfg.objective, progress.diagnose, weight
+        )
 
     @torch.no_grad()
     def after_step(self, progress: base.Progress) -> None:

@@ -57,7 +57,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "readout", "corner_index", "positional_embedding", "logit_scale", "mask_token")) else decay).append(p)
+        (
+            no_decay
+            if p.ndim <= 1
+            or name.endswith(
+                (
+                    "pos_embed",
+                    "cls_token",
+                    "readout",
+                    "corner_index",
+                    "positional_embedding",
+                    "logit_scale",
+                    "mask_token",
+                )
+            )
+            else decay
+        ).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -118,7 +133,9 @@ def _endless(make_iter):
             empty = False
             yield item
         if empty:
-            raise RuntimeError("the annotation stream yielded no full batch: check data.annotation_shards / data.annotation_mixture")
+            raise RuntimeError(
+                "the annotation stream yielded no full batch: check data.annotation_shards / data.annotation_mixture"
+            )
 
 
 def _grad_norms(model: torch.nn.Module) -> tuple[float, float]:
@@ -143,7 +160,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         device = rtt.get_device()
     if device.type == "cpu" and cfg.train.cpus_per_worker >= 1:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     budget = Budget.from_config(cfg, world_size)
     global_batch = cfg.train.batch_size * world_size
@@ -162,7 +181,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint() if in_ray else None
     resume_dir = loop_config.get("resume_from")
     if checkpoint is not None or resume_dir:
-        with (checkpoint.as_directory() if checkpoint is not None else nullcontext(resume_dir)) as ckpt_dir:
+        with checkpoint.as_directory() if checkpoint is not None else nullcontext(resume_dir) as ckpt_dir:
             state = load_state(ckpt_dir, map_location=device)
             meta = read_meta(ckpt_dir)
         objective.load_state_dict(state["objective"])
@@ -178,7 +197,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         import ray.train.torch as rtt
 
         model = rtt.prepare_model(
-            objective, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": objective.find_unused_parameters}
+            objective,
+            move_to_device=False,
+            parallel_strategy_kwargs={"find_unused_parameters": objective.find_unused_parameters},
         )
     logger = RunLogger(cfg.tracking.tracking_uri, mlflow_run_id, enabled=rank == 0)
 
@@ -213,9 +234,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if in_ray:
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
             if in_ray:
-                ray.train.report({**metrics, "step": step, "views_seen": views_seen}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+                ray.train.report(
+                    {**metrics, "step": step, "views_seen": views_seen},
+                    checkpoint=ckpt,
+                    checkpoint_dir_name=f"checkpoint_{step:08d}",
+                )
             elif loop_config.get("local_checkpoint_dir") and rank == 0:
-                save_checkpoint(os.path.join(loop_config["local_checkpoint_dir"], f"checkpoint_{step:08d}"), state, meta)
+                save_checkpoint(
+                    os.path.join(loop_config["local_checkpoint_dir"], f"checkpoint_{step:08d}"), state, meta
+                )
 
     shard = ray.train.get_dataset_shard("train") if in_ray else loop_config["local_dataset"]
     annotations = None
@@ -234,7 +261,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             lr = warmup_cosine(step, budget.total_steps, budget.warmup_steps, peak_lr, cfg.train.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            tau = ema_rate(step, budget.total_steps, cfg.objective.ema_start, cfg.objective.ema_end, cfg.objective.ema_horizon)
+            tau = ema_rate(
+                step, budget.total_steps, cfg.objective.ema_start, cfg.objective.ema_end, cfg.objective.ema_horizon
+            )
             logging_step = (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == budget.total_steps
             progress = Progress(step, budget.total_steps, tau, diagnose=logging_step and rank == 0)
             with autocast:
@@ -301,4 +330,3 @@ def train_loop_per_worker(loop_config: dict) -> None:
     save(step, last_metrics)
     if rank == 0:
         logger.metrics({"final_step": step}, step)
-
