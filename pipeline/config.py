@@ -258,8 +258,17 @@ class ObjectiveConfig:
     annotation_weight: float = 1.0
     propagation_weight: float = 1.0
     ema_start: float = 0.004  # EMA rate tau, cosine-decayed to ema_end over the run
+    # Short runs: tau at step 0 is raised so the teacher's horizon (1/tau steps) is at most this fraction of the run
+    # (pipeline.schedules.ema_start_for_run); 0 = ema_start as given. No effect on runs of >= 1/(0.004*h) steps.
+    ema_horizon: float = 1 / 15
     ema_end: float = 0.0
     null_actions: bool = False  # ablation: action tokens carry no box
+    # True: the propagation loss scores against detached student annotation embeddings (psi-bar frozen in Eq. 4);
+    # False (the paper: psi-bar is among the trained parameters) lets it train them too.
+    detach_annotations: bool = False
+    propagation_warmup: float = (
+        0.0  # fraction of the run over which the propagation weight ramps 0 -> propagation_weight
+    )
     teacher: str = "ema"  # ema | student (ablation "no target network": the student makes its own targets)
     dino: DinoConfig = field(default_factory=DinoConfig)
     mae: MaeConfig = field(default_factory=MaeConfig)
@@ -380,6 +389,30 @@ class SweepConfig:
 
 
 @dataclass
+class ScenesConfig:
+    """`abpipe scenes` / the study's data: a COCO-layout scene set composed from real object images
+    (pipeline/data/scenes.py), with its object-centric variant. Deterministic for a given seed."""
+
+    objects: str = (
+        "fashion_mnist"  # fashion_mnist (apt-get install dataset-fashion-mnist) | digits (sklearn) | animal_mnist
+    )
+    output: str = ""  # default <paths.root>/data/scenes_<objects>
+    n_train: int = 10_000  # scenes per split; the object-centric variant gets as many images
+    n_val: int = 2_000
+    seed: int = 0
+    canvas: int = 64  # scene side, pixels
+    min_objects: int = 1
+    max_objects: int = 3
+    min_size: int = 20  # pasted object's side, pixels
+    max_size: int = 36
+    max_overlap: float = 0.15  # largest IoU between two objects' boxes
+    background_contrast: float = 0.35  # backgrounds' texture contrast (1 = as photographed): objects stay salient
+    background_dim: tuple[float, float] = (0.25, 0.45)  # backgrounds' brightness factor
+    object_canvas: int = 64  # object-centric variant: image side
+    object_size: int = 48  # and the object's side in it
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -392,6 +425,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
 
     def resolved(self) -> "Config":
         """Fill the path defaults that depend on `paths.root` (absolute, so Ray workers agree)."""
@@ -400,6 +434,10 @@ class Config:
         cfg.paths = PathsConfig(root=root)
         if not cfg.ingest.output:
             cfg.ingest = dataclasses.replace(cfg.ingest, output=os.path.join(root, "shards", cfg.ingest.source))
+        if not cfg.scenes.output:
+            cfg.scenes = dataclasses.replace(
+                cfg.scenes, output=os.path.join(root, "data", f"scenes_{cfg.scenes.objects}")
+            )
         if not cfg.data.shards:
             cfg.data = dataclasses.replace(cfg.data, shards=os.path.join(root, "shards", "image_folder"))
         if not cfg.train.storage_path:
@@ -444,6 +482,10 @@ def _coerce(value: Any, target_type: Any, key: str) -> Any:
         if type_str.startswith("dict"):
             if not isinstance(value, dict):
                 raise TypeError("expected a mapping")
+            glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
+            if glued:  # YAML reads {depth:4} as the key "depth:4" with no value
+                key, val = glued[0].split(":", 1)
+                raise TypeError(f"key {glued[0]!r} has no value: write {{{key}: {val}}} (a space after the colon)")
             return dict(value)
         if type_str.startswith("bool"):
             if isinstance(value, bool):

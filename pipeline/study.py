@@ -1,8 +1,22 @@
-"""The small-scale Table 4 study: AB_SimCLR, SimCLR and the paper's ablations on one budget, each
-pretrained then probed the same way, printed next to the paper's numbers.
+"""The scenes study: AB against its baselines and ablations on a COCO-style scene set of real objects.
 
-Runs are named `repro-<arm>-s<seed>` under one root, so re-running the study resumes finished
-pretraining runs from their last checkpoint instead of starting again, and re-evaluates them.
+The AB paper's claim is strongest on scene data (Table 2: COCO pretraining, AB_SimCLR vs SimCLR on
+box-conditioned object classification and detection; Table 3: AB_CLIP vs CLIP with boxes + class names
+as the annotations; Table 4: ablations). This module reruns those comparisons at CPU scale through the
+real pipeline, on the scene set of `pipeline.data.scenes` (`scenes.*` config):
+
+  scenes (COCO layout) --abpipe ingest coco--> shards --abpipe train--> checkpoint --abpipe eval--> probes
+  objects (folder layout, one object per image) --abpipe ingest image_folder--> shards (object-centric arms)
+
+Every arm is pretrained for the same number of seen views (each crop and annotation view counts once)
+unless its overrides say otherwise (the "equal steps" check), then probed the same way: the paper's
+decoder probe on box classification (`coco_objects`) and detection (`coco_detection`) of the scenes, and
+linear / kNN / decoder probes on the object-centric variant (`folder`). Each probe also runs on the
+randomly initialised encoder the run started from: the floor every row must beat.
+
+Runs are named `study-<arm>-s<seed>` under one root, so re-running the study skips finished rows
+(`<root>/study_results.jsonl`), resumes an interrupted pretraining run from its last checkpoint, and
+re-evaluates it.
 """
 
 from __future__ import annotations
@@ -10,149 +24,250 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import load_config, packaged_config
+from pipeline.config import Config, load_config, packaged_config
 
-DEFAULT_CONFIG = packaged_config("repro_small.yaml")  # package data: the study runs from any install
+DEFAULT_CONFIG = packaged_config("scenes_small.yaml")  # package data: the study runs from any install
 
-
-@dataclass
-class Arm:
-    slug: str
-    description: str  # the paper's row name
-    overrides: list[str] = field(default_factory=list)
-    seeds: int = 1
-    paper: float | None = None  # ImageNet accuracy in the paper's Table 4 (400M views, ViT-S)
-
-
-ARMS = [
-    Arm("base", "Base (AB_SimCLR)", [], seeds=3, paper=63.0),
-    Arm("augment", "Adding augmentations", ["views.augment_views=true"], paper=62.5),
-    Arm("null_actions", "No action tokens", ["objective.null_actions=true"], seeds=3, paper=60.8),
-    Arm(
-        "simclr",
-        "No propagation loss (SimCLR only)",
-        ["objective.name=simclr", "views.num_views=0"],
-        seeds=3,
-        paper=59.4,
-    ),
-    Arm("no_target", "No target network", ["objective.teacher=student"], paper=59.4),
-    Arm("no_grounding", "No grounding loss", ["objective.annotation_weight=0"], paper=39.0),
-    # Not in the paper's table: at 300 steps the paper's EMA rate (0.004, a ~250-step time constant)
-    # leaves the teacher at its random init for the whole run; this arm lets it follow (~20 steps).
-    Arm("fast_teacher", "Base, teacher EMA 0.05 (small-budget check, not in the paper)", ["objective.ema_start=0.05"]),
-    # Equal views give SimCLR (2 views per image) 3x AB's steps (6 views per image). These two
-    # checks separate steps from views: SimCLR at AB's 300 steps, and AB at SimCLR's 900 steps.
-    Arm(
-        "simclr_300_steps",
-        "SimCLR at AB's 300 steps (1/3 of the views; check, not in the paper)",
-        ["objective.name=simclr", "views.num_views=0", "train.total_views=38400"],
-    ),
-    Arm(
-        "base_900_steps",
-        "Base at SimCLR's 900 steps (3x the views; check, not in the paper)",
-        ["train.total_views=345600"],
-    ),
-]
-
-
+# The metrics a study row keeps (eval job keys, `<task>/<probe>_<metric>`), with their table headers.
+METRICS = {
+    "coco_objects/decoder_top1": "box cls (decoder top-1 %)",
+    "coco_detection/decoder_map50": "detection (decoder mAP@50)",
+    "coco_detection/decoder_map": "detection (decoder mAP)",
+    "folder/linear_top1": "objects (linear top-1 %)",
+    "folder/knn_top1": "objects (kNN top-1 %)",
+    "folder/decoder_top1": "objects (decoder top-1 %)",
+}
+PERCENT = ("top1",)  # metrics shown in percent; mAP is shown as is
 WATCHED = (
     "loss",
     "loss_annotation",
     "loss_propagation",
+    "loss_contrastive",
+    "teacher_entropy",
     "rankme_encoder",
     "rankme_head",
-    "std_encoder",
-    "std_head",
     "views_per_s",
+)
+TABLES = {
+    "scenes": "Pretraining on the scenes (the paper's Table 2 and Table 4)",
+    "clip": "Boxes + class names as text annotations (the paper's Table 3)",
+    "objects": "Pretraining on the object-centric variant (the ImageNet analogue)",
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    slug: str
+    description: str
+    overrides: tuple[str, ...] = ()
+    seeds: int = 1
+    data: str = "scenes"  # scenes | objects: the shard set it pretrains on
+    table: str = "scenes"  # which table of TABLES it is reported in
+    paper: dict[str, float] = field(default_factory=dict)  # the paper's figure for a metric of ours, where one exists
+
+
+# The SimCLR baseline reads only the two annotation views: the AB crops would be cut, counted, never used.
+SIMCLR = ("objective.name=simclr", "views.num_views=0")
+# Table 3's annotations: each scene's boxes as class names ("sneaker, bag"), scored by a small CLIP text tower.
+BOX_TEXT = (
+    "views.text.source=boxes",
+    "views.text.box_format=names",
+    "views.annotation_views=1",
+    "views.annotation_scale=[0.5,1.0]",
+    "views.color_jitter=0.0",
+    "views.grayscale_p=0.0",
+    "views.blur_p=0.0",
+)
+CLIP = ("objective.name=clip", "views.num_views=0", *BOX_TEXT)
+AB_CLIP = ("objective.name=ab_clip", *BOX_TEXT)
+
+ARMS: tuple[Arm, ...] = (
+    Arm(
+        "ab_simclr",
+        "AB_SimCLR",
+        (),
+        seeds=3,
+        paper={"coco_objects/decoder_top1": 72.6, "coco_detection/decoder_map": 0.27},
+    ),
+    Arm(
+        "simclr",
+        "SimCLR (equal views)",
+        SIMCLR,
+        seeds=3,
+        paper={"coco_objects/decoder_top1": 70.4, "coco_detection/decoder_map": 0.24},
+    ),
+    # Equal views give SimCLR (2 views per image) 3x AB's steps (6 views per image); this check holds steps equal.
+    Arm("simclr_equal_steps", "SimCLR (equal steps: 1/3 of the views)", (*SIMCLR, "train.total_views=@third")),
+    Arm("null_actions", "AB_SimCLR, no action tokens (Table 4)", ("objective.null_actions=true",)),
+    Arm("no_target", "AB_SimCLR, no target network (Table 4)", ("objective.teacher=student",)),
+    Arm("no_grounding", "AB_SimCLR, no grounding loss (Table 4)", ("objective.annotation_weight=0",)),
+    Arm("augment", "AB_SimCLR, adding augmentations (Table 4)", ("views.augment_views=true",)),
+    Arm("ab_clip", "AB_CLIP, boxes as text", AB_CLIP, seeds=3, table="clip", paper={"coco_objects/decoder_top1": 34.9}),
+    Arm(
+        "clip",
+        "CLIP, boxes as text (equal views)",
+        CLIP,
+        seeds=3,
+        table="clip",
+        paper={"coco_objects/decoder_top1": 31.6},
+    ),
+    Arm("objects_ab_simclr", "AB_SimCLR on objects", (), data="objects", table="objects"),
+    Arm("objects_simclr", "SimCLR on objects (equal views)", SIMCLR, data="objects", table="objects"),
 )
 
 
-def run_arm(arm: Arm, seed: int, config: str | Path, extra: Sequence[str], digits_dir: Path, shards: str) -> dict:
+def arm_config(
+    arm: Arm, seed: int, base: Config, config: str, overrides: Sequence[str], shards: dict[str, str]
+) -> Config:
+    """The arm's resolved config: the study's config + its overrides + the arm's, at this seed."""
+    own = list(arm.overrides)
+    if "train.total_views=@third" in own:  # equal steps with AB: a third of the views (2 views per image vs 6)
+        own[own.index("train.total_views=@third")] = f"train.total_views={base.train.total_views // 3}"
+    named = [f"train.seed={seed}", f"train.run_name=study-{arm.slug}-s{seed}", f"data.shards={shards[arm.data]}"]
+    return load_config(config, [*overrides, *own, *named]).resolved()
+
+
+def prepare_data(cfg: Config, needed: set[str]) -> dict[str, str]:
+    """Write the scene set (once) and ingest what the arms need; returns {scenes|objects: shard dir}."""
+    from pipeline.data.scenes import write_scenes
+    from pipeline.ingest import run_ingest
+
+    write_scenes(cfg.scenes)
+    data = Path(cfg.scenes.output)
+    shards = {
+        "scenes": cfg.paths.under("shards", f"scenes_{cfg.scenes.objects}"),
+        "objects": cfg.paths.under("shards", f"objects_{cfg.scenes.objects}"),
+    }
+    if "scenes" in needed:
+        ann = data / "scenes" / "annotations"
+        coco = dataclasses.replace(
+            cfg.ingest.coco,
+            instances=str(ann / "instances_train2017.json"),
+            captions=str(ann / "captions_train2017.json"),
+        )
+        ingest = dataclasses.replace(
+            cfg.ingest, source="coco", input=str(data / "scenes" / "train2017"), output=shards["scenes"], coco=coco
+        )
+        run_ingest(dataclasses.replace(cfg, ingest=ingest))
+    if "objects" in needed:
+        ingest = dataclasses.replace(
+            cfg.ingest, source="image_folder", input=str(data / "objects" / "train"), output=shards["objects"]
+        )
+        run_ingest(dataclasses.replace(cfg, ingest=ingest))
+    return shards
+
+
+def eval_config(cfg: Config, checkpoint: str, seed: int) -> Config:
+    data = Path(cfg.scenes.output)
+    roots = {
+        "coco_objects": str(data / "scenes"),
+        "coco_detection": str(data / "scenes"),
+        "folder": str(data / "objects"),
+    }
+    ev = dataclasses.replace(cfg.eval, checkpoint=checkpoint, tasks=list(roots), task_roots=roots, seed=seed)
+    return dataclasses.replace(cfg, eval=ev)
+
+
+def run_arm(arm: Arm, seed: int, base: Config, config: str, overrides: Sequence[str], shards: dict[str, str]) -> dict:
     from pipeline.eval.job import run_eval
     from pipeline.train.trainer import run_pretrain
 
-    overrides = [
-        *arm.overrides,
-        f"train.seed={seed}",
-        f"train.run_name=repro-{arm.slug}-s{seed}",
-        f"data.shards={shards}",
-        *extra,
-    ]
-    cfg = load_config(config, overrides).resolved()
+    cfg = arm_config(arm, seed, base, config, overrides, shards)
+    t0 = time.perf_counter()
     train = run_pretrain(cfg)
-    ev = dataclasses.replace(
-        cfg, eval=dataclasses.replace(cfg.eval, checkpoint=train["checkpoint"], dataset=str(digits_dir), seed=seed)
-    )
-    metrics = run_eval(ev)["metrics"]
-    # random_init/<metric> (the same probe on a randomly initialised encoder) is kept: the floor every arm must beat;
-    # the last logged collapse watch (RankMe, feature std) and loss say why an arm lands where it does
+    train_s = time.perf_counter() - t0
+    metrics = run_eval(eval_config(cfg, train["checkpoint"], seed))["metrics"]
     watch = {f"train/{k}": v for k, v in train["metrics"].items() if k in WATCHED}
-    return {"arm": arm.slug, "seed": seed, "run_id": train["run_id"], **metrics, **watch}
+    timing = {"pretrain_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t0 - train_s, 1)}
+    return {
+        "arm": arm.slug,
+        "seed": seed,
+        "run_id": train["run_id"],
+        "steps": train["metrics"].get("step"),
+        **metrics,
+        **watch,
+        **timing,
+    }
 
 
-def summarise(results: list[dict], arms: Sequence[Arm], metric: str = "linear_top1") -> list[str]:
-    """Markdown table: ours (mean ± sd over seeds, delta to base) next to the paper's Table 4."""
-    by_arm = {a.slug: [r[metric] * 100 for r in results if r["arm"] == a.slug and metric in r] for a in arms}
-    base = statistics.mean(by_arm["base"]) if by_arm.get("base") else None
+def _value(metric: str, v: float) -> float:
+    return v * 100 if metric.endswith(PERCENT) else v
+
+
+def _fmt(values: list[float], metric: str) -> str:
+    if not values:
+        return "—"
+    digits = 1 if metric.endswith(PERCENT) else 3
+    mean = statistics.mean(values)
+    sd = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{mean:.{digits}f}{sd}"
+
+
+def summarise(
+    results: list[dict], arms: Sequence[Arm], table: str, metrics: Sequence[str] = tuple(METRICS)
+) -> list[str]:
+    """Markdown table of one study table: mean ± sd over seeds per metric, the random-init floor first,
+    the paper's figure in brackets where it reported one for that metric."""
+    rows = [a for a in arms if a.table == table]
+    shown = [m for m in metrics if any(m in r for r in results if r["arm"] in {a.slug for a in rows})]
+    if not shown:
+        return []
     lines = [
-        f"| arm | ours {metric} (%) | seeds | ours delta | paper IN-1k (%) | paper delta |",
-        "|---|---|---|---|---|---|",
+        "| arm | seeds | " + " | ".join(METRICS.get(m, m) for m in shown) + " |",
+        "|---|---|" + "---|" * len(shown),
     ]
-    # one figure per seed: every arm of a seed starts from the same random encoder
-    floor = list(
-        {r["seed"]: r[f"random_init/{metric}"] * 100 for r in results if f"random_init/{metric}" in r}.values()
-    )
-    if floor:
-        sd = f" ± {statistics.stdev(floor):.1f}" if len(floor) > 1 else ""
-        delta = f"{statistics.mean(floor) - base:+.1f}" if base is not None else ""
-        lines.append(
-            f"| Random-init encoder (same probe) | {statistics.mean(floor):.1f}{sd} | {len(floor)} | {delta} | | |"
-        )
-    for a in arms:
-        paper = a.paper if a.paper is not None else "—"
-        vals = by_arm.get(a.slug) or []
-        if not vals:
-            lines.append(f"| {a.description} | not run | 0 | | {paper} | |")
-            continue
-        mean = statistics.mean(vals)
-        sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
-        delta = f"{mean - base:+.1f}" if base is not None else ""
-        paper_delta = f"{a.paper - 63.0:+.1f}" if a.paper is not None else ""
-        lines.append(f"| {a.description} | {mean:.1f}{sd} | {len(vals)} | {delta} | {paper} | {paper_delta} |")
+    slugs = {a.slug for a in rows}
+    floor_cells = []
+    for m in shown:
+        # one figure per (seed, pretraining data): every arm of a seed starts from the same random encoder
+        per_seed = {
+            (r["seed"], r.get("data", "")): _value(m, r[f"{m.split('/')[0]}/random_init/{m.split('/', 1)[1]}"])
+            for r in results
+            if r["arm"] in slugs and f"{m.split('/')[0]}/random_init/{m.split('/', 1)[1]}" in r
+        }
+        floor_cells.append(_fmt(list(per_seed.values()), m))
+    n_floor = len({r["seed"] for r in results if r["arm"] in slugs})
+    lines.append(f"| Random-init encoder (same probes) | {n_floor} | " + " | ".join(floor_cells) + " |")
+    for arm in rows:
+        mine = [r for r in results if r["arm"] == arm.slug]
+        cells = []
+        for m in shown:
+            cell = _fmt([_value(m, r[m]) for r in mine if m in r], m)
+            if m in arm.paper:
+                cell += f" (paper {arm.paper[m]})"
+            cells.append(cell)
+        lines.append(f"| {arm.description} | {len(mine)} | " + " | ".join(cells) + " |")
     return lines
 
 
+def load_results(path: Path) -> dict[tuple[str, int], dict]:
+    if not path.exists():
+        return {}
+    return {(r["arm"], r["seed"]): r for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
 def run_study(
-    config: str | Path = DEFAULT_CONFIG,
+    config: str = DEFAULT_CONFIG,
     overrides: Sequence[str] = (),
     arms: Sequence[str] | None = None,
     max_seeds: int | None = None,
 ) -> dict:
-    from pipeline.data.sample_data import write_digits_folder
-    from pipeline.ingest import run_ingest
+    """Run (or resume) the study; returns the rows and the markdown tables."""
+    base = load_config(config, overrides).resolved()
+    unknown = sorted(set(arms or ()) - {a.slug for a in ARMS})
+    if unknown:
+        from pipeline.config import ConfigError
 
-    cfg = load_config(config, overrides).resolved()
+        raise ConfigError(f"unknown study arm(s) {unknown}; known: {', '.join(a.slug for a in ARMS)}")
     selected = [a for a in ARMS if arms is None or a.slug in arms]
-    digits = Path(cfg.paths.under("data", "digits"))
-    if not digits.is_dir():
-        write_digits_folder(digits, size=cfg.views.view_size)
-    shards = cfg.paths.under("shards", "digits")
-    run_ingest(
-        dataclasses.replace(
-            cfg, ingest=dataclasses.replace(cfg.ingest, source="image_folder", input=str(digits), output=shards)
-        )
-    )
-
-    results_path = Path(cfg.paths.under("repro_results.jsonl"))
-    done = (
-        {(r["arm"], r["seed"]): r for r in map(json.loads, results_path.read_text().splitlines())}
-        if results_path.exists()
-        else {}
-    )
+    shards = prepare_data(base, {a.data for a in selected})
+    results_path = Path(base.paths.under("study_results.jsonl"))
+    done = load_results(results_path)
     # Seed-major: every arm's seed 0 before any seed 1, so a study cut short still covers every arm.
     todo = [
         (arm, seed)
@@ -163,12 +278,13 @@ def run_study(
     for arm, seed in todo:
         if (arm.slug, seed) in done:
             continue
-        row = run_arm(arm, seed, config, overrides, digits, shards)
+        row = {**run_arm(arm, seed, base, config, overrides, shards), "data": arm.data, "objects": base.scenes.objects}
         done[(arm.slug, seed)] = row
         with results_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
     results = list(done.values())
-    table = {m: summarise(results, selected, m) for m in ("decoder_top1", "linear_top1", "knn_top1")}
-    for metric, lines in table.items():
-        print(f"\n{metric}:\n" + "\n".join(lines))
-    return {"results": results, "tables": table, "results_file": str(results_path)}
+    tables = {t: summarise(results, selected, t) for t in TABLES}
+    for t, lines in tables.items():
+        if lines:
+            print(f"\n{TABLES[t]}:\n" + "\n".join(lines))
+    return {"results": results, "tables": tables, "results_file": str(results_path)}

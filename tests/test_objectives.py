@@ -15,7 +15,7 @@ from pipeline.objectives.ab_simclr import ab_simclr_step, pair_actions
 from pipeline.objectives.contrastive import symmetric_info_nce
 from pipeline.objectives.ema import ema_update, make_teacher
 from pipeline.objectives.propagation import propagation_loss, teacher_distribution
-from pipeline.schedules import ema_rate, warmup_cosine
+from pipeline.schedules import ema_rate, ema_start_for_run, warmup_cosine
 from tests.micro import MICRO_MODEL
 
 
@@ -123,6 +123,19 @@ def test_ema_rate_cosine_schedule():
     assert all(a >= b for a, b in zip(rates, rates[1:]))
 
 
+def test_short_runs_raise_the_teacher_rate_to_a_horizon_of_the_run():
+    """tau_0 = max(ema_start, 1 / (horizon * T)), capped at 1: the paper's 0.004 at its scale, faster in short runs."""
+    assert ema_start_for_run(0.004, 100_000, 1 / 15) == pytest.approx(0.004)
+    assert ema_start_for_run(0.004, 3750, 1 / 15) == pytest.approx(0.004)
+    assert ema_start_for_run(0.004, 300, 1 / 15) == pytest.approx(0.05)
+    assert ema_start_for_run(0.004, 6, 1 / 15) == 1.0
+    assert ema_start_for_run(0.004, 300, 0.0) == 0.004
+    assert ema_start_for_run(0.2, 300, 1 / 15) == 0.2  # a faster configured rate is kept
+    assert ema_rate(0, 300, 0.004, 0.0, 1 / 15) == pytest.approx(0.05)
+    assert ema_rate(150, 300, 0.004, 0.0, 1 / 15) == pytest.approx(0.025)
+    assert ema_rate(300, 300, 0.004, 0.0, 1 / 15) == pytest.approx(0.0)
+
+
 def test_warmup_cosine():
     assert warmup_cosine(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
     assert warmup_cosine(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
@@ -174,3 +187,40 @@ def test_student_step_diagonal_equals_plain_embedding():
     assert torch.allclose(out.diagnostics["pair_iou"].diagonal(dim1=1, dim2=2), torch.ones(2, 3, dtype=torch.float64))
     assert 0 < out.metrics["teacher_entropy"] <= math.log(2) + 1e-6  # a distribution over the 2 annotations
     assert ab_simclr_step(student, teacher, crops, boxes, ann, ObjectiveConfig()).diagnostics == {}
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_propagation_trains_the_annotation_embeddings_unless_detached(detach):
+    """Eq. 4: g(x, a, l) = phi_bar(x, a)^T psi_bar(l) with psi_bar among the trained parameters (detach=False);
+    detach=True freezes psi_bar inside the propagation loss (the annotation loss still trains it)."""
+    torch.manual_seed(0)
+    student = build_model(MICRO_MODEL, 32)
+    teacher = make_teacher(student)
+    crops = torch.randint(0, 256, (4, 2, 32, 32, 3), dtype=torch.uint8)
+    boxes = torch.tensor([[0.0, 0.0, 0.6, 0.7], [0.3, 0.2, 1.0, 1.0]]).expand(4, 2, 4)
+    ann = torch.randint(0, 256, (4, 2, 32, 32, 3), dtype=torch.uint8)
+    cfg = ObjectiveConfig(annotation_weight=0.0, detach_annotations=detach)  # the propagation loss alone
+    captured = {}
+    handle = student.head.register_forward_hook(lambda m, i, o: captured.setdefault("outs", []).append(o))
+    out = ab_simclr_step(student, teacher, crops, boxes, ann, cfg)
+    handle.remove()
+    ann_embeddings = captured["outs"][-1]  # the head's last call: the annotation views' embeddings
+    assert ann_embeddings.shape[0] == 4 * 2
+    grad = torch.autograd.grad(out.loss, ann_embeddings, allow_unused=True)[0]
+    if detach:
+        assert grad is None or torch.count_nonzero(grad) == 0
+    else:
+        assert grad is not None and grad[1::2].abs().sum() > 0  # the annotation views l_i = view 1 of each image
+        assert torch.count_nonzero(grad[0::2]) == 0  # view 0 only enters the annotation loss
+
+
+def test_propagation_weight_ramps_over_its_warmup():
+    from pipeline.objectives.ab_simclr import propagation_weight
+    from pipeline.objectives.base import Progress
+
+    cfg = ObjectiveConfig(propagation_weight=2.0, propagation_warmup=0.1)
+    assert propagation_weight(cfg, Progress(0, 1000)) == 0.0
+    assert propagation_weight(cfg, Progress(50, 1000)) == pytest.approx(1.0)
+    assert propagation_weight(cfg, Progress(100, 1000)) == pytest.approx(2.0)
+    assert propagation_weight(cfg, Progress(900, 1000)) == pytest.approx(2.0)
+    assert propagation_weight(ObjectiveConfig(propagation_weight=2.0), Progress(0, 1000)) == 2.0

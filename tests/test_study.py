@@ -1,54 +1,63 @@
-"""The Table 4 study's summary: mean ± sd over seeds and deltas, recomputed here by hand."""
+"""The scenes study (pipeline/study.py): its arms are real configs, its tables are recomputed here by hand."""
 
 from __future__ import annotations
 
 import statistics
 
-from pipeline.config import load_config
-from pipeline.study import ARMS, DEFAULT_CONFIG, summarise
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.study import ARMS, DEFAULT_CONFIG, arm_config, summarise
+from pipeline.train.loop import Budget
+
+SHARDS = {"scenes": "/data/shards/scenes", "objects": "/data/shards/objects"}
+
+
+def _row(arm, seed, box, floor=None, **extra):
+    row = {"arm": arm, "seed": seed, "coco_objects/decoder_top1": box, **extra}
+    if floor is not None:
+        row["coco_objects/random_init/decoder_top1"] = floor
+    return row
 
 
 def test_summary_table_matches_a_hand_computation():
-    rows = [{"arm": "base", "seed": s, "linear_top1": v} for s, v in enumerate([0.80, 0.82, 0.84])]
-    rows += [{"arm": "null_actions", "seed": s, "linear_top1": v} for s, v in enumerate([0.70, 0.74, 0.72])]
-    rows += [{"arm": "no_grounding", "seed": 0, "linear_top1": 0.30}]
-    lines = summarise(rows, ARMS, "linear_top1")
+    rows = [_row("ab_simclr", s, v, f) for s, (v, f) in enumerate([(0.40, 0.20), (0.44, 0.22), (0.42, 0.24)])]
+    rows += [_row("simclr", s, v, f) for s, (v, f) in enumerate([(0.30, 0.20), (0.34, 0.22)])]
+    rows += [_row("null_actions", 0, 0.35, 0.20, **{"coco_detection/decoder_map": 0.012})]
+    lines = summarise(rows, ARMS, "scenes")
+    assert lines[0].startswith("| arm | seeds | box cls (decoder top-1 %) | detection (decoder mAP) |")
     table = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
-    sd = statistics.stdev([70.0, 74.0, 72.0])
-    assert f"| 72.0 ± {sd:.1f} | 3 | -10.0 | 60.8 | -2.2 |" in table["No action tokens"]
-    assert "| 82.0 ± 2.0 | 3 | +0.0 | 63.0 | +0.0 |" in table["Base (AB_SimCLR)"]
-    assert "| 30.0 | 1 | -52.0 | 39.0 | -24.0 |" in table["No grounding loss"]
-    assert "not run" in table["Adding augmentations"]
-    assert "| not run | 0 | | — | |" in table["Base, teacher EMA 0.05 (small-budget check, not in the paper)"]
-    assert "Random-init encoder (same probe)" not in table  # no random_init figures in these rows
+    floor_sd = statistics.stdev([20.0, 22.0, 24.0])  # one figure per seed, whichever arm carried it
+    assert f"| 3 | 22.0 ± {floor_sd:.1f} | — |" in table["Random-init encoder (same probes)"]
+    assert "| 3 | 42.0 ± 2.0 (paper 72.6) | — (paper 0.27) |" in table["AB_SimCLR"]
+    assert f"| 2 | 32.0 ± {statistics.stdev([30.0, 34.0]):.1f} (paper 70.4) |" in table["SimCLR (equal views)"]
+    assert "| 1 | 35.0 | 0.012 |" in table["AB_SimCLR, no action tokens (Table 4)"]
+    assert "| 0 | — | — |" in table["AB_SimCLR, no target network (Table 4)"]
+    assert summarise(rows, ARMS, "clip") == []  # no clip rows yet: no table
 
 
-def test_summary_has_the_random_init_floor_when_measured():
-    rows = [
-        {"arm": "base", "seed": s, "linear_top1": v, "random_init/linear_top1": r}
-        for s, (v, r) in enumerate([(0.80, 0.60), (0.84, 0.64)])
-    ]
-    # seed 0's encoder again: counted once
-    rows += [{"arm": "simclr", "seed": 0, "linear_top1": 0.7, "random_init/linear_top1": 0.60}]
-    table = {line.split(" | ")[0].lstrip("| "): line for line in summarise(rows, ARMS, "linear_top1")[2:]}
-    sd = statistics.stdev([60.0, 64.0])
-    assert f"| 62.0 ± {sd:.1f} | 2 | -20.0 |" in table["Random-init encoder (same probe)"]
-
-
-def test_every_arm_overrides_a_real_config_key():
+def test_every_arm_resolves_to_a_real_config():
+    base = load_config(DEFAULT_CONFIG).resolved()
     for arm in ARMS:
-        cfg = load_config(DEFAULT_CONFIG, arm.overrides)  # unknown keys would raise ConfigError
-        assert cfg.train.total_views > 0
+        cfg = arm_config(arm, 1, base, DEFAULT_CONFIG, [], SHARDS)  # unknown keys would raise ConfigError
+        assert cfg.train.seed == 1 and cfg.train.run_name == f"study-{arm.slug}-s1"
+        assert cfg.data.shards == SHARDS[arm.data]
 
 
-def test_step_check_arms_swap_the_step_counts_of_ab_and_simclr():
-    """The two check arms hold steps, not views, equal: SimCLR at AB's step count and AB at SimCLR's."""
-    from pipeline.train.step import Budget
-
+def test_equal_views_and_equal_steps_arms():
+    """SimCLR (2 views per image) gets 3x AB's steps at equal views; its check arm holds AB's step count."""
+    base = load_config(DEFAULT_CONFIG).resolved()
     arms = {a.slug: a for a in ARMS}
-    steps = {
-        slug: Budget.from_config(load_config(DEFAULT_CONFIG, arms[slug].overrides), 1).total_steps for slug in arms
-    }
-    assert steps["simclr"] == 3 * steps["base"]  # equal views: 2 views per image vs 6
-    assert steps["simclr_300_steps"] == steps["base"] == 300
-    assert steps["base_900_steps"] == steps["simclr"] == 900
+    steps = {s: Budget.from_config(arm_config(arms[s], 0, base, DEFAULT_CONFIG, [], SHARDS), 1) for s in arms}
+    assert steps["simclr"].total_steps == 3 * steps["ab_simclr"].total_steps
+    assert steps["simclr_equal_steps"].total_steps == steps["ab_simclr"].total_steps
+    views = {s: b.views_per_step * b.total_steps for s, b in steps.items()}
+    for slug in ("simclr", "ab_clip", "clip", "null_actions", "objects_simclr"):
+        assert abs(views[slug] - views["ab_simclr"]) < steps[slug].views_per_step  # equal views, to one step
+
+
+def test_unknown_arm_is_a_config_error(tmp_path):
+    from pipeline.study import run_study
+
+    with pytest.raises(ConfigError, match="unknown study arm"):
+        run_study(DEFAULT_CONFIG, [f"paths.root={tmp_path}"], arms=["ab_simclr", "moco"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import pytest
@@ -70,7 +71,10 @@ def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_pa
     for key in ("loss", "loss_annotation", "loss_propagation", "lr", "ema_rate", "views_per_s", "grad_norm_l2"):
         assert metric_steps(client, first["run_id"], key) == [1, 2, 3, 4, 5, 6], key
     ema = [m.value for m in sorted(client.get_metric_history(first["run_id"], "ema_rate"), key=lambda m: m.step)]
-    assert ema[0] == pytest.approx(0.004, rel=0.1) and all(a > b for a, b in zip(ema, ema[1:]))
+    # 6 steps: the teacher's horizon is capped at 1/15 of the run (objective.ema_horizon), so tau starts at 1
+    assert ema[0] == pytest.approx(min(1.0, 15 / 6))  # step 0's rate, logged at step 1
+    assert ema[3] == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))  # then cosine-decayed
+    assert all(a > b for a, b in zip(ema, ema[1:]))
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "checkpoints")}
     assert {"checkpoints/step_00000003", "checkpoints/step_00000006"} <= artifacts
     assert run.data.tags["abpipe.checkpoint_path"] == first["checkpoint"]

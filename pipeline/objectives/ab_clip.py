@@ -8,7 +8,8 @@ identity-action embedding, psi = the text tower, s CLIP's learnable log logit sc
   (`ann_views[:, 0]`, the annotation stream's image as in Algorithm 1) and psi(l_i) of its text.
 - Propagation loss (Eq. 4): over all M^2 (source, target) pairs of the M crops, the student's
   prediction phi_bar(x_s, bb_{s->t}) is scored against the batch's texts (the student's own text
-  embeddings, detached, at its own scale, detached) and matched to the EMA teacher's distribution
+  embeddings, trained through this loss too as in Eq. 4 unless objective.detach_annotations; at its own
+  scale, detached) and matched to the EMA teacher's distribution
   over the same texts (teacher's text tower and scale) for the target crop x_t.
 The teacher is an EMA copy of the whole network (image model, text tower and logit scale).
 """
@@ -23,7 +24,7 @@ from pipeline.geometry import box_iou
 from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.models.text import build_text_encoder
 from pipeline.objectives import base
-from pipeline.objectives.ab_simclr import pair_actions
+from pipeline.objectives.ab_simclr import pair_actions, propagation_weight
 from pipeline.objectives.clip import (
     check_text_views,
     clamp_logit_scale_,
@@ -31,7 +32,7 @@ from pipeline.objectives.clip import (
     logit_scale_parameter,
     pair_accuracy,
 )
-from pipeline.objectives.contrastive import gather_no_grad
+from pipeline.objectives.contrastive import gather_no_grad, gather_with_grad
 from pipeline.objectives.ema import ema_update, make_teacher
 from pipeline.objectives.propagation import per_pair_error, propagation_loss, teacher_distribution
 
@@ -58,6 +59,7 @@ def ab_clip_step(
     tokens: torch.Tensor,
     cfg: ObjectiveConfig,
     diagnose: bool = False,
+    propagation_weight: float | None = None,
 ) -> base.StepOutput:
     """Both losses for one batch: uint8 NHWC crops (B, M) and annotation views (B, 1), tokens (B, L).
 
@@ -78,9 +80,11 @@ def ab_clip_step(
         z_targets = teacher.image.embed(x.flatten(0, 1)).view(b, m, -1).float()
         z_txt_teacher = gather_no_grad(teacher.text(tokens).float())
         probs = teacher_distribution(z_targets, z_txt_teacher, teacher.temperature())
-    z_txt_student = gather_no_grad(z_txt.detach())
+    # Eq. 4's psi-bar (the text tower) is trained by the propagation loss too, unless objective.detach_annotations
+    z_txt_student = gather_no_grad(z_txt.detach()) if cfg.detach_annotations else gather_with_grad(z_txt)
     propagation = propagation_loss(pred.float(), probs, z_txt_student, student.temperature().detach())
-    loss = cfg.annotation_weight * annotation + cfg.propagation_weight * propagation
+    weight = cfg.propagation_weight if propagation_weight is None else propagation_weight
+    loss = cfg.annotation_weight * annotation + weight * propagation
     terms = {"annotation": annotation.detach(), "propagation": propagation.detach()}
     metrics = {
         "teacher_entropy": -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(),
@@ -91,9 +95,11 @@ def ab_clip_step(
     if diagnose:
         pair_boxes = boxes.float().cpu().numpy()
         diagnostics = {
-            "pair_error": per_pair_error(pred.detach().float(), probs, z_txt_student, student.temperature().detach()),
+            "pair_error": per_pair_error(
+                pred.detach().float(), probs, z_txt_student.detach(), student.temperature().detach()
+            ),
             "pair_iou": torch.as_tensor(box_iou(pair_boxes[:, :, None, :], pair_boxes[:, None, :, :])),
-            "head": z_txt_student,
+            "head": z_txt_student.detach(),
             "image": z_img.detach(),
         }
     return base.StepOutput(loss, terms, metrics, diagnostics)
@@ -128,8 +134,9 @@ class ABCLIP(base.Objective):
     def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
         teacher = self.teacher if self.teacher is not None else self.student
         views, boxes, ann_views, tokens = batch["views"], batch["boxes"], batch["ann_views"], batch["tokens"]
+        weight = propagation_weight(self.cfg.objective, progress)
         return ab_clip_step(
-            self.student, teacher, views, boxes, ann_views, tokens, self.cfg.objective, progress.diagnose
+            self.student, teacher, views, boxes, ann_views, tokens, self.cfg.objective, progress.diagnose, weight
         )
 
     @torch.no_grad()

@@ -2,8 +2,10 @@
 
 Annotations l_i are the second SimCLR view of each image in the (global) batch. The teacher (EMA)
 scores its target-crop embeddings against its own annotation embeddings; the student scores its
-predictions against its own, detached, annotation embeddings, so the propagation loss trains the
-predictor and encoder rather than moving the annotation targets it is measured against.
+predictions against its own annotation embeddings. As in the paper's Eq. 4, where g(x, a, l) =
+phi_bar(x, a)^T psi_bar(l) has psi_bar among the trained parameters, the propagation loss trains those
+annotation embeddings too (gathered across workers with gradients); `objective.detach_annotations`
+freezes them inside this loss instead (measured equal or slightly worse: docs/study.md).
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from pipeline.data.pair_sampling import MODES as PAIR_MODES
 from pipeline.geometry import box_iou, relative_box
 from pipeline.models.ab_model import build_model, images_to_float
 from pipeline.objectives import base
-from pipeline.objectives.contrastive import gather_no_grad, symmetric_info_nce
+from pipeline.objectives.contrastive import gather_no_grad, gather_with_grad, symmetric_info_nce
 from pipeline.objectives.ema import ema_update, make_teacher
 from pipeline.objectives.propagation import per_pair_error, propagation_loss, teacher_distribution
+
+
+def propagation_weight(cfg: ObjectiveConfig, progress: base.Progress) -> float:
+    """The propagation loss's weight at this step: ramped linearly from 0 over `propagation_warmup` of the run."""
+    if cfg.propagation_warmup <= 0:
+        return cfg.propagation_weight
+    return cfg.propagation_weight * min(1.0, progress.step / (cfg.propagation_warmup * max(progress.total_steps, 1)))
 
 
 def pair_actions(boxes: torch.Tensor, null_actions: bool = False) -> torch.Tensor:
@@ -35,12 +44,14 @@ def ab_simclr_step(
     ann_views: torch.Tensor,
     cfg: ObjectiveConfig,
     diagnose: bool = False,
+    propagation_weight: float | None = None,
 ) -> base.StepOutput:
     """Both losses for one batch. Inputs are uint8 NHWC views on the training device.
 
     Terms `annotation` and `propagation`, metric `teacher_entropy`; with `diagnose`, the per-pair
     propagation error with each pair's box IoU and the annotation embeddings (logged steps only).
     """
+    propagation_weight = cfg.propagation_weight if propagation_weight is None else propagation_weight
     x = images_to_float(crops)  # (B, M, 3, H, W)
     a = images_to_float(ann_views)  # (B, A, 3, H, W)
     actions = pair_actions(boxes.float(), cfg.null_actions)
@@ -52,9 +63,9 @@ def ab_simclr_step(
         z_targets = teacher.embed(x.flatten(0, 1)).view(b, m, -1)
         z_ann_teacher = gather_no_grad(teacher.embed(a[:, 1]))
         probs = teacher_distribution(z_targets.float(), z_ann_teacher.float(), cfg.temperature)
-    z_ann_student = gather_no_grad(ann[:, 1].detach())
+    z_ann_student = gather_no_grad(ann[:, 1].detach()) if cfg.detach_annotations else gather_with_grad(ann[:, 1])
     propagation = propagation_loss(pred.float(), probs, z_ann_student.float(), cfg.temperature)
-    loss = cfg.annotation_weight * annotation + cfg.propagation_weight * propagation
+    loss = cfg.annotation_weight * annotation + propagation_weight * propagation
     terms = {"annotation": annotation.detach(), "propagation": propagation.detach()}
     metrics = {"teacher_entropy": -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()}
     diagnostics = {}
@@ -63,7 +74,7 @@ def ab_simclr_step(
         diagnostics = {
             "pair_error": per_pair_error(pred.detach().float(), probs, z_ann_student, cfg.temperature),
             "pair_iou": torch.as_tensor(box_iou(pair_boxes[:, :, None, :], pair_boxes[:, None, :, :])),
-            "head": z_ann_student,
+            "head": z_ann_student.detach(),
         }
     return base.StepOutput(loss, terms, metrics, diagnostics)
 
@@ -109,7 +120,10 @@ class ABSimCLR(base.Objective):
     def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
         teacher = self.teacher if self.teacher is not None else self.student
         views, boxes, ann_views = batch["views"], batch["boxes"], batch["ann_views"]
-        return ab_simclr_step(self.student, teacher, views, boxes, ann_views, self.cfg.objective, progress.diagnose)
+        weight = propagation_weight(self.cfg.objective, progress)
+        return ab_simclr_step(
+            self.student, teacher, views, boxes, ann_views, self.cfg.objective, progress.diagnose, weight
+        )
 
     @torch.no_grad()
     def after_step(self, progress: base.Progress) -> None:

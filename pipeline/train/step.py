@@ -119,7 +119,8 @@ class TrainStep:
         """(learning rate, EMA rate) at `step`."""
         t = self.cfg.train
         lr = warmup_cosine(step, self.budget.total_steps, self.budget.warmup_steps, self.peak_lr, t.min_lr)
-        return lr, ema_rate(step, self.budget.total_steps, self.cfg.objective.ema_start, self.cfg.objective.ema_end)
+        ob = self.cfg.objective
+        return lr, ema_rate(step, self.budget.total_steps, ob.ema_start, ob.ema_end, ob.ema_horizon)
 
     def __call__(self, batch: dict, step: int, logging: bool, diagnose: bool) -> StepResult:
         lr, tau = self.schedules(step)
