@@ -484,8 +484,8 @@ def _coerce(value: Any, target_type: Any, key: str) -> Any:
                 raise TypeError("expected a mapping")
             glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
             if glued:  # YAML reads {depth:4} as the key "depth:4" with no value
-                key, val = glued[0].split(":", 1)
-                raise TypeError(f"key {glued[0]!r} has no value: write {{{key}: {val}}} (a space after the colon)")
+                name, val = glued[0].split(":", 1)
+                raise TypeError(f"key {glued[0]!r} has no value: write {{{name}: {val}}} (a space after the colon)")
             return dict(value)
         if type_str.startswith("bool"):
             if isinstance(value, bool):
