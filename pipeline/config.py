@@ -276,6 +276,19 @@ class ObjectiveConfig:
 
 
 @dataclass
+class OnlineProbeConfig:
+    """`train.online_probe`: a readout of the student's pooled features on a small labelled set, refit
+    every `every_steps` on rank 0 and logged as `online/*` (pipeline/train/online_probe.py). Off when
+    `root` is empty. It never touches the pretraining gradients or random streams."""
+
+    root: str = ""  # labelled folder: <root>/train/<class>/*, <root>/val|test/<class>/*, or <root>/<class>/* (70/30)
+    every_steps: int = 100  # refit and log every this many steps, and at the last step
+    max_per_class: int = 50  # images per class and split, a seeded choice
+    knn_k: int = 20
+    ridge: float = 1e-2  # the linear readout: ridge regression onto one-hot labels, this penalty
+
+
+@dataclass
 class TrainConfig:
     total_views: int = 800_000_000  # budget in seen views (each crop counts once)
     batch_size: int = 64  # images per worker per step
@@ -300,6 +313,7 @@ class TrainConfig:
         ""  # MAWS stage: checkpoint dir | runs:/<id>/<dir> | MLflow run id whose encoder initialises this run
     )
     init_weights: str = "teacher"  # which of init_from's encoders (teacher | student; the same for MAE)
+    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
 
 
 @dataclass

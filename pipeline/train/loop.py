@@ -23,6 +23,7 @@ from pipeline.objectives.registry import build_objective
 from pipeline.tracking import RunLogger
 from pipeline.train.checkpointing import Checkpointer, Counters, restore
 from pipeline.train.monitor import Monitor
+from pipeline.train.online_probe import OnlineProbe
 from pipeline.train.session import Session
 from pipeline.train.step import Budget, TrainStep, make_optimizer, peak_lr
 
@@ -123,6 +124,8 @@ def train(
     logger = RunLogger(cfg.tracking.tracking_uri, mlflow_run_id, enabled=rank == 0)
     monitor = Monitor(cfg, budget.total_steps, rank, logger, device, reporter)
     checkpointer = Checkpointer(cfg, session, objective, optimizer, logger, mlflow_run_id, budget.total_steps)
+    probe = OnlineProbe(cfg, budget.total_steps, device) if rank == 0 and cfg.train.online_probe.root else None
+    online: dict[str, float] = {}  # the last online-probe figures (opt-in), carried into the final report
 
     objective.train()
     stream = batches(session, cfg, device) if counters.step < budget.total_steps else iter(())
@@ -137,6 +140,9 @@ def train(
             monitor.check(counters)  # skipped steps: reported, and too many in a row stop the run
         if logging:
             monitor.log(counters, result, objective, batch)
+        if probe is not None and probe.due(counters.step):
+            online = probe(objective.encoders()["student"])
+            logger.metrics(online, counters.step)
         # rank 0's step to the driver's bar (the loss only on logging steps: no host sync)
         reporter.step(counters.step, counters.views_seen, monitor.last_metrics if logging else None)
         if checkpoint:
@@ -149,5 +155,5 @@ def train(
     # Deliver what a tracking outage held back before the last report, which carries the tally.
     unlogged = logger.close()
     tally = {"mlflow_failed_calls": logger.failures, "mlflow_unlogged_points": unlogged}
-    checkpointer.save(counters, {**monitor.last_metrics, **tally})
-    return monitor.last_metrics
+    checkpointer.save(counters, {**monitor.last_metrics, **online, **tally})
+    return {**monitor.last_metrics, **online}
