@@ -30,7 +30,7 @@ from pipeline.models.ab_model import images_to_float
 from pipeline.objectives.base import Progress
 from pipeline.objectives.registry import build_objective
 from pipeline.schedules import ema_rate, warmup_cosine
-from pipeline.train.loop import Budget, param_groups
+from pipeline.train.step import Budget, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 

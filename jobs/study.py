@@ -1,25 +1,13 @@
-"""Run the small-scale Table 4 study (pipeline/study.py).
+"""Run (or resume) the scenes study (same as `abpipe study`; docs/study.md).
 
-python jobs/repro_study.py [--arms base,simclr] [--max-seeds 1] [overrides...]
+Local:   python jobs/study.py --arms ab_simclr,simclr --max-seeds 1
+Cluster: ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml \\
+           -- python jobs/study.py paths.root=/mnt/abpipe/study
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.runtime import quiet_environment  # noqa: E402
-from pipeline.study import DEFAULT_CONFIG, run_study  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--arms", default=None, help="comma-separated arm slugs (default: all)")
-    parser.add_argument("--max-seeds", type=int, default=None)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    quiet_environment()
-    run_study(args.config, args.overrides, args.arms.split(",") if args.arms else None, args.max_seeds)
+    sys.exit(run("study", __doc__))

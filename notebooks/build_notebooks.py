@@ -98,12 +98,42 @@ actions = pair_actions(torch.as_tensor(out["boxes"])[None])[0]  # (M, M, 4): [so
 print("action tokens for source 0 -> each target (x0, y0, x1, y1 in crop 0's frame):")
 print(np.round(actions[0].numpy(), 3))
 assert np.allclose(actions[0, 0].numpy(), [0, 0, 1, 1], atol=1e-5)"""),
-    ("md", "## 3. Pretrain AB_SimCLR through Ray Train (local Ray; MLflow on a local sqlite store)"),
+    ("md", """## 3. The scenes benchmark: real objects in scenes, with COCO boxes and generated captions
+
+`abpipe scenes` writes the study's data (docs/study.md) in the COCO layout: 1–3 real object images per
+scene (Fashion-MNIST photos in the study; scikit-learn's digits here, which need nothing installed) on
+dimmed photo backgrounds, with their boxes, class names and two captions per scene."""),
+    ("code", """import json
+
+from matplotlib.patches import Rectangle
+from PIL import Image
+
+from pipeline.config import ScenesConfig
+from pipeline.data.scenes import write_scenes
+
+scenes_root = Path(cfg.paths.under("data", "scenes_digits"))
+write_scenes(ScenesConfig(objects="digits", n_train=8, n_val=4, output=str(scenes_root)))
+ann = scenes_root / "scenes" / "annotations"
+coco = json.loads((ann / "instances_train2017.json").read_text())
+captions = json.loads((ann / "captions_train2017.json").read_text())["annotations"]
+names = {c["id"]: c["name"] for c in coco["categories"]}
+fig, axes = plt.subplots(1, 4, figsize=(12, 3.6))
+for ax, info in zip(axes, coco["images"]):
+    ax.imshow(Image.open(scenes_root / "scenes" / "train2017" / info["file_name"]))
+    for a in (a for a in coco["annotations"] if a["image_id"] == info["id"]):
+        x, y, w, h = a["bbox"]
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, lw=2, color="yellow"))
+        ax.text(x, y - 1, names[a["category_id"]], color="yellow", fontsize=9, va="bottom")
+    ax.set_title(next(c["caption"] for c in captions if c["image_id"] == info["id"]), fontsize=9)
+    ax.axis("off")
+plt.tight_layout(); plt.show()
+len(coco["images"]), len(coco["annotations"])"""),
+    ("md", "## 4. Pretrain AB_SimCLR through Ray Train (local Ray; MLflow on a local sqlite store)"),
     ("code", """from pipeline.train.trainer import run_pretrain
 
 train = run_pretrain(cfg)
 train["run_id"], train["checkpoint"]"""),
-    ("md", "## 4. Training curves, read back from MLflow"),
+    ("md", "## 5. Training curves, read back from MLflow"),
     ("code", """from mlflow.tracking import MlflowClient
 
 client = MlflowClient(cfg.tracking.tracking_uri)
@@ -117,7 +147,7 @@ plt.tight_layout(); plt.show()
 curves = {k: len(client.get_metric_history(train["run_id"], k)) for k in keys}
 assert all(curves.values()), curves
 curves"""),
-    ("md", "## 5. Probe the frozen encoder (kNN + linear), next to its random initialisation"),
+    ("md", "## 6. Probe the frozen encoder (kNN + linear), next to its random initialisation"),
     ("code", """from pipeline.eval.job import run_eval
 
 ev_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint=train["run_id"], dataset=str(digits), linear_epochs=100))

@@ -1,4 +1,4 @@
-"""`abpipe ingest|train|eval|sweep|export|demo`: thin calls into the modules, all sharing one config system.
+"""`abpipe ingest|train|eval|sweep|scenes|study|export|demo`: thin calls into the modules, one config system.
 
 Every command takes `--config FILE.yaml` and any number of dotted overrides (`train.lr=3e-4`),
 `--verbose` (Ray's own logs on the console, tracebacks on errors) and `--json` (the result as one
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 
@@ -109,6 +110,26 @@ def cmd_export(args) -> dict:
     return result.to_dict()
 
 
+def cmd_scenes(args) -> dict:
+    """`scenes [scenes.objects=digits] [scenes.output=DIR] ...`: write the scene set (COCO layout + objects)."""
+    cfg = _load(args)
+    from pipeline.data.scenes import write_scenes
+
+    return {**write_scenes(cfg.scenes), "output": cfg.scenes.output}
+
+
+def cmd_study(args) -> dict:
+    """`study [--arms a,b] [--max-seeds N] [overrides]`: run or resume the scenes study (pipeline/study.py)."""
+    from pipeline.study import DEFAULT_CONFIG, report, run_study
+
+    if args.report:  # tables only, from a results file: nothing is run
+        if not os.path.isfile(args.report):
+            raise InputError(f"--report {args.report}: no such results file")
+        return {"report": report(args.report), "results_file": args.report}
+    arms = [a for a in args.arms.split(",") if a] if args.arms else None
+    return run_study(args.config or DEFAULT_CONFIG, args.overrides, arms, args.max_seeds)
+
+
 def cmd_demo(args) -> dict:
     from pipeline.demo import run_demo
 
@@ -141,6 +162,32 @@ def summarize_export(result: dict) -> None:
     if result.get("registered", {}).get("version"):
         rows.append(("MLflow model", f"{result['registered']['name']} v{result['registered']['version']}"))
     console.summary("export", rows)
+
+
+def summarize_scenes(result: dict) -> None:
+    rows = [("classes", ", ".join(result["classes"]))]
+    for split, s in result["splits"].items():
+        rows.append(
+            (
+                split,
+                f"{s['scenes']} scenes, {s['boxes']} boxes, {s['object_images_used']} object images; "
+                f"{s['object_centric']} object-centric images",
+            )
+        )
+    rows.append(("out", result["output"]))
+    console.summary("scenes", rows)
+
+
+def summarize_study(result: dict) -> None:
+    from pipeline.study import TABLES
+
+    if "report" in result:
+        console.note(f"study tables from {result['results_file']}:\n{result['report']}")
+        return
+    for name, lines in result["tables"].items():
+        if lines:
+            console.note(f"{TABLES[name]}:\n" + "\n".join(lines))
+    console.note(f"rows: {result['results_file']}")
 
 
 def summarize_eval(result: dict) -> None:
@@ -180,6 +227,16 @@ COMMANDS = {
         None,
         "the whole pipeline on shipped data: ingest -> pretrain -> eval",
     ),  # prints its own summary
+    "scenes": (
+        cmd_scenes,
+        summarize_scenes,
+        "write the scenes benchmark: COCO-layout scenes of real object images + an object-centric variant",
+    ),
+    "study": (
+        cmd_study,
+        summarize_study,
+        "run or resume the scenes study (AB vs baselines and ablations); results in <root>/study_results.jsonl",
+    ),
     "export": (
         cmd_export,
         summarize_export,
@@ -224,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--out", dest="out", default=None, help="ingest.output: the shard directory (local or s3://...)"
             )
+        if name == "study":
+            p.add_argument("--arms", default=None, help="comma-separated arm slugs (default: all; see docs/study.md)")
+            p.add_argument("--max-seeds", type=int, default=None, help="at most this many seeds per arm")
+            p.add_argument("--report", default=None, help="print the tables of a results jsonl and run nothing")
         if name == "export":
             p.usage = (
                 "abpipe export CHECKPOINT_DIR|RUN_ID --out DIR [--weights teacher|student] [--name NAME] "

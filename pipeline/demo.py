@@ -53,7 +53,7 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> d
     timings["eval_s"] = time.perf_counter() - t0
 
     db = cfg.tracking.tracking_uri
-    _print_summary(stats, train, evaluation, timings, shards_dir, db)
+    _print_summary(stats, train, evaluation, timings, shards_dir, db, cfg.objective.name, cfg.train.batch_size)
     return {
         "ingest": stats.get("counts"),
         "pretrain": train,
@@ -64,20 +64,33 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = ()) -> d
     }
 
 
-def _print_summary(stats: dict, train: dict, evaluation: dict, timings: dict, shards_dir: str, db: str) -> None:
-    """Two compact tables: what each stage did, and the probes of pretrained vs random-init features."""
+def _print_summary(
+    stats: dict,
+    train: dict,
+    evaluation: dict,
+    timings: dict,
+    shards_dir: str,
+    db: str,
+    method: str = "ab_simclr",
+    batch: int = 64,
+) -> None:
+    """Two compact tables: what each stage did (with the losses against chance), and the probes of the
+    pretrained encoder next to a random init of the same ViT."""
+    import math
+
     from pipeline import console
     from pipeline.eval.job import summary_rows
 
     header, rows = summary_rows(evaluation)
-    title = f"eval: pretrained vs a random init of the same ViT (checkpoint step {evaluation.get('step')})"
+    title = f"eval of {method}: pretrained vs a random init of the same ViT (checkpoint step {evaluation.get('step')})"
     console.summary(title, rows, header)
     counts = dict(stats.get("counts") or {})
     kept = counts.pop("ok", 0)
     metrics = train.get("metrics", {})
+    terms = ", ".join(f"{k[5:]} {v:.2f}" for k, v in metrics.items() if k.startswith("loss_"))
     steps = (
-        f"{int(metrics.get('step', 0))} steps, loss {metrics.get('loss', float('nan')):.4f}, "
-        f"{metrics.get('views_per_s', 0):.0f} views/s"
+        f"{int(metrics.get('step', 0))} steps, loss {terms or metrics.get('loss', float('nan'))} "
+        f"(chance: log {batch} = {math.log(batch):.2f} nats each), {metrics.get('views_per_s', 0):.0f} views/s"
     )
     tasks = len(evaluation.get("tasks", {}))
     stages = [

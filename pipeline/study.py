@@ -251,6 +251,17 @@ def load_results(path: Path) -> dict[tuple[str, int], dict]:
     return {(r["arm"], r["seed"]): r for r in map(json.loads, path.read_text().splitlines()) if r}
 
 
+def report(results_path: str | Path) -> str:
+    """Markdown of every study table from a results jsonl (a study's own, or a committed copy)."""
+    results = list(load_results(Path(results_path)).values())
+    parts = []
+    for name, title in TABLES.items():
+        lines = summarise(results, ARMS, name)
+        if lines:
+            parts.append(f"**{title}**\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def run_study(
     config: str = DEFAULT_CONFIG,
     overrides: Sequence[str] = (),
@@ -284,7 +295,4 @@ def run_study(
             fh.write(json.dumps(row) + "\n")
     results = list(done.values())
     tables = {t: summarise(results, selected, t) for t in TABLES}
-    for t, lines in tables.items():
-        if lines:
-            print(f"\n{TABLES[t]}:\n" + "\n".join(lines))
     return {"results": results, "tables": tables, "results_file": str(results_path)}

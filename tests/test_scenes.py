@@ -139,3 +139,27 @@ def test_missing_fashion_mnist_names_the_package(tmp_path):
 def test_unknown_object_source_is_refused():
     with pytest.raises(ValueError, match="choose one of"):
         scenes.load_objects("cifar")
+
+
+def test_scenes_command_writes_the_set_and_a_missing_source_is_one_line(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    args = [
+        "scenes",
+        "--json",
+        "scenes.objects=digits",
+        "scenes.n_train=12",
+        "scenes.n_val=6",
+        f"paths.root={tmp_path}",
+    ]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    root = tmp_path / "data" / "scenes_digits"
+    assert result["output"] == str(root) and result["splits"]["train"]["scenes"] == 12
+    assert len(list((root / "scenes" / "train2017").glob("*.jpg"))) == 12
+    assert json.loads((root / "scenes.json").read_text())["splits"] == result["splits"]
+
+    monkeypatch.setattr(scenes, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
+    assert main(["scenes", "scenes.objects=fashion_mnist", f"paths.root={tmp_path}"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "apt-get install dataset-fashion-mnist" in lines[0], lines

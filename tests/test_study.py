@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.study import ARMS, DEFAULT_CONFIG, arm_config, summarise
-from pipeline.train.loop import Budget
+from pipeline.train.step import Budget
 
 SHARDS = {"scenes": "/data/shards/scenes", "objects": "/data/shards/objects"}
 
@@ -61,3 +61,20 @@ def test_unknown_arm_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown study arm"):
         run_study(DEFAULT_CONFIG, [f"paths.root={tmp_path}"], arms=["ab_simclr", "moco"])
+
+
+def test_study_report_prints_the_tables_of_a_results_file(tmp_path, capsys):
+    import json
+
+    from pipeline.cli import main
+
+    rows = [_row("ab_simclr", 0, 0.40, 0.20), _row("simclr", 0, 0.30, 0.20), _row("ab_simclr", 1, 0.44, 0.22)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["study", "--report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "| AB_SimCLR | 2 | 42.0 ± 2.8 (paper 72.6) |" in out
+        and "| SimCLR (equal views) | 1 | 30.0 (paper 70.4) |" in out
+    )
+    assert main(["study", "--report", str(tmp_path / "missing.jsonl")]) == 1

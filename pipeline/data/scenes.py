@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import ScenesConfig
+from pipeline.config import InputError, ScenesConfig
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -72,7 +72,7 @@ BACKGROUNDS = (
 OBJECT_SOURCES = ("fashion_mnist", "digits", "animal_mnist")
 
 
-class MissingObjectData(RuntimeError):
+class MissingObjectData(InputError):
     """The object images a scene set needs are not installed; the message says what to install."""
 
 
@@ -100,7 +100,8 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, np.uint8, count * rows * cols, 16).reshape(count, rows, cols)
 
 
-def load_fashion_mnist(root: str = FASHION_MNIST_DIR) -> ObjectSet:
+def load_fashion_mnist(root: str | None = None) -> ObjectSet:
+    root = root or FASHION_MNIST_DIR
     files = {
         k: os.path.join(root, f"{k}-idx{3 if 'images' in k else 1}-ubyte.gz")
         for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")
@@ -109,7 +110,7 @@ def load_fashion_mnist(root: str = FASHION_MNIST_DIR) -> ObjectSet:
     if missing:
         raise MissingObjectData(
             f"Fashion-MNIST not found ({missing[0]}): install it with `apt-get install dataset-fashion-mnist` "
-            "(Debian, 30 MB), or use --objects digits (ships with scikit-learn)"
+            "(Debian, 30 MB), or use scenes.objects=digits (ships with scikit-learn)"
         )
     train, test = _read_idx(files["train-images"]), _read_idx(files["t10k-images"])
     return ObjectSet(
@@ -141,7 +142,8 @@ def load_animal_mnist(test_fraction: float = 0.2, seed: int = 0) -> ObjectSet:
         import animal_mnist  # noqa: F401
     except ImportError:
         raise MissingObjectData(
-            "Animal-MNIST not found: install it with `pip install --no-deps animal-mnist==0.4`, or use --objects digits"
+            "Animal-MNIST not found: install it with `pip install --no-deps animal-mnist==0.4`, "
+            "or use scenes.objects=digits"
         ) from None
     from animal_mnist import load_data  # type: ignore[import-not-found]
 
