@@ -170,6 +170,8 @@ def check_access(uri: str, write: bool) -> None:
     doing = "checking that it can be written" if write else "checking that it can be read"
     try:
         if write:
+            if not isinstance(fs, pafs.S3FileSystem):  # fsspec stores (simplecache::file, ...) need the folder
+                fs.create_dir(path, recursive=True)  # an object store has none, and a missing bucket must show
             probe = posixpath.join(path, f".abpipe-write-check-{uuid.uuid4().hex[:8]}")
             with fs.open_output_stream(probe) as stream:
                 stream.write(b"")

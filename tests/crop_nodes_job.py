@@ -36,6 +36,10 @@ def actors() -> list[tuple[str, str, str]]:
 
 
 def actor_nodes(class_name: str) -> list[str]:
+    """Nodes of the actors of a class; Ray Data's map workers are listed as `MapWorker(<its operators>)`
+    (`_MapWorker` in older Ray), so that name matches by prefix."""
+    if class_name == "_MapWorker":
+        return [node for name, _, node in actors() if name == "_MapWorker" or name.startswith("MapWorker(")]
     return [node for name, _, node in actors() if name == class_name]
 
 

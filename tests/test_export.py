@@ -206,7 +206,7 @@ def test_export_by_run_id_is_registered_with_probe_results_in_its_card(tmp_path,
     teacher = objective.encoders()["teacher"].state_dict()
     assert count == len(teacher) and all(torch.equal(model.state_dict()[k], v) for k, v in teacher.items())
     card = Path(local, "README.md").read_text()
-    assert "| digits | 7 (this export) | linear_top1 | 0.8125 | 0.2500 |" in card and "n_train" not in card
+    assert "| digits | 7 (this export) | linear_top1 | 0.8125 | 0.2500 |" in card and "| n_train |" not in card
 
     main(
         [

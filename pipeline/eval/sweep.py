@@ -476,8 +476,8 @@ def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[list]]:
 def summary_line(result: dict[str, Any]) -> str:
     return (
         f"sweep: {result['pairs']} pairs: {len(result['evaluated'])} evaluated, {len(result['skipped'])} already done, "
-        f"{len(result.get('claimed_elsewhere', []))} done or being done by another sweep, "
-        f"{len(result['failures'])} failed; tables and failures in {result['output']}"
+        f"{len(result['failures'])} failed, {len(result.get('claimed_elsewhere', []))} done or being done by "
+        f"another sweep; tables and failures in {result['output']}"
     )
 
 
