@@ -76,6 +76,7 @@ def copy_once(src: str, uri: str, back: str) -> tuple[float, float]:
     fs.create_dir(path, recursive=True)
     pafs.copy_files(src, path, source_filesystem=local, destination_filesystem=fs)
     up = time.perf_counter() - started
+    local.create_dir(back, recursive=True)  # copy_files writes into an existing folder
     started = time.perf_counter()
     pafs.copy_files(path, back, source_filesystem=fs, destination_filesystem=local)
     return up, time.perf_counter() - started
