@@ -120,3 +120,26 @@ def rankme(features: np.ndarray) -> float:
         return 0.0  # an all-zero matrix: rank 0 (p would be 0/0)
     p = s / s.sum() + RANKME_EPS
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+_CHUNK = 1024  # test rows per similarity block: bounds memory at chunk x n_train
+
+
+def knn_predict(train_x, train_y, test_x, k: int = 20, temperature: float = 0.07, topk: int = 1) -> np.ndarray:
+    """Class indices (n_test, topk) ranked by the weighted kNN vote (cosine similarity on L2-normalised
+    features, each of the k nearest training samples voting exp(sim / T) for its class); `train_y` are ints
+    in [0, C). The eval job's kNN probe and the training loop's online probe both read out with it."""
+    import torch
+    import torch.nn.functional as F
+
+    train = F.normalize(torch.as_tensor(np.asarray(train_x), dtype=torch.float32), dim=1)
+    test = F.normalize(torch.as_tensor(np.asarray(test_x), dtype=torch.float32), dim=1)
+    labels = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+    n_classes = int(labels.max()) + 1
+    k = min(k, train.shape[0])
+    out = []
+    for start in range(0, test.shape[0], _CHUNK):
+        sim, idx = (test[start : start + _CHUNK] @ train.T).topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], n_classes).scatter_add_(1, labels[idx], (sim / temperature).exp())
+        out.append(votes.topk(min(topk, n_classes), dim=1).indices)
+    return torch.cat(out).numpy()

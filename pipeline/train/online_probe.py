@@ -20,6 +20,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.labelled import read_labelled_folder
+from pipeline.metrics import knn_predict
 from pipeline.models.ab_model import images_to_float
 from pipeline.models.encoder import pooled_features
 
@@ -37,14 +38,9 @@ def ridge_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
 
 
 def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int):
-    """Top-1 of a cosine kNN, neighbours weighted by exp(similarity / 0.07) (the eval job's kNN rule)."""
-    train_n = torch.nn.functional.normalize(train_x.double(), dim=1)
-    test_n = torch.nn.functional.normalize(test_x.double(), dim=1)
-    sims, idx = (test_n @ train_n.T).topk(min(k, len(train_n)), dim=1)
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    votes = torch.zeros(len(test_n), classes, dtype=torch.float64)
-    votes.scatter_add_(1, train_y[idx], (sims / 0.07).exp())
-    return float((votes.argmax(1) == test_y).double().mean())
+    """Top-1 of the eval job's weighted kNN vote (pipeline.metrics.knn_predict, T = 0.07)."""
+    predicted = knn_predict(train_x.numpy(), train_y.numpy(), test_x.numpy(), k=k, temperature=0.07)[:, 0]
+    return float((torch.from_numpy(predicted) == test_y).double().mean())
 
 
 class OnlineProbe:
