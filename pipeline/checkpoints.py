@@ -155,7 +155,17 @@ def _download(run_id: str, artifact: str, tracking_uri: str, download_dir: str) 
             run_id=run_id, artifact_path=artifact, dst_path=download_dir, tracking_uri=tracking_uri
         )
     except Exception as exc:
-        raise CheckpointError(f"run {run_id}: cannot download checkpoint artifact '{artifact}': {exc}") from None
+        hint = ""
+        if (
+            tracking_uri.startswith(("http://", "https://"))
+            and "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD" not in os.environ
+        ):
+            hint = (
+                " (a tracking server on object storage hands out presigned URLs to download from the store "
+                "itself; if the nodes cannot reach it or it refuses them, set "
+                "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false: docs/operations.md)"
+            )
+        raise CheckpointError(f"run {run_id}: cannot download checkpoint artifact '{artifact}': {exc}{hint}") from None
     read_meta(path)
     return path
 
