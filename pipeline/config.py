@@ -186,6 +186,9 @@ class DataConfig:
     # Passes over the data one Ray Data execution streams (the training budget's worth, at most this
     # many): Ray Data starts a new crop-actor pool per execution, so 1 = an actor start-up per epoch.
     max_passes_per_execution: int = 16
+    # Rows in one order a resumed run continues batch for batch (Ray Data's preserve_order, no local
+    # shuffle): for reproducing a run exactly; costs throughput (docs/training.md, "Resume").
+    deterministic: bool = False
 
 
 @dataclass
@@ -314,6 +317,7 @@ class TrainConfig:
     )
     init_weights: str = "teacher"  # which of init_from's encoders (teacher | student; the same for MAE)
     online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
+    key_log: str = ""  # a folder: each worker writes the (pass, row) of every row it trains on, per step (audit)
 
 
 @dataclass

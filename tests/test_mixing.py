@@ -8,10 +8,9 @@ from collections import Counter
 
 import pytest
 
-from pipeline.checkpoints import read_meta
 from pipeline.config import ConfigError
 from pipeline.data.mixing import mixture_counts
-from tests.test_train import BATCH, A, M, micro_config
+from tests.test_train import micro_config
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +36,14 @@ def test_mixture_counts_follow_the_weights():
         mixture_counts(sizes, {"a": 0, "b": 0})
 
 
-def test_mixture_dataset_draws_each_source_at_its_weight(ray_cluster, digit_shards, photo_shards):
-    from pipeline.data.mixing import mixture_dataset
+def test_a_mixture_stream_draws_each_source_at_its_weight(ray_cluster, digit_shards, photo_shards):
+    from pipeline.data.mixing import stream_dataset
     from pipeline.data.shards import load_stats
 
     n_digits = load_stats(str(digit_shards))["counts"]["ok"]
     n_photos = load_stats(str(photo_shards))["counts"]["ok"]
-    ds = mixture_dataset({str(digit_shards): 1.0, str(photo_shards): 1.0})
-    rows = ds.select_columns(["__url__"]).take_all()
+    ds = stream_dataset(str(digit_shards), {str(digit_shards): 1.0, str(photo_shards): 1.0}, read_cpus=0.25)
+    rows = ds.select_columns(["__url__", "row"]).take_all()
     by_source = Counter("photo_shards" in r["__url__"] for r in rows)
     half = (n_digits + n_photos) / 2
     # photos (small) are repeated whole floor(half / n_photos) times plus a Bernoulli top-up;
@@ -52,30 +51,14 @@ def test_mixture_dataset_draws_each_source_at_its_weight(ray_cluster, digit_shar
     for realised in (by_source[True], by_source[False]):
         assert abs(realised - half) <= 4 * math.sqrt(half), (by_source, half)
     assert by_source[True] >= n_photos * int(half // n_photos)
+    assert len({r["row"] for r in rows}) == len(rows)  # each repeated copy is its own row of the pass
 
 
 def test_unknown_or_empty_mixture_source_is_a_clear_error(ray_cluster, digit_shards, tmp_path):
-    from pipeline.data.mixing import mixture_dataset
+    from pipeline.data.mixing import stream_dataset
 
     with pytest.raises(FileNotFoundError, match="_stats.json"):
-        mixture_dataset({str(digit_shards): 1.0, str(tmp_path / "nope"): 1.0})
-
-
-def test_decoupled_streams_train_through_ray(ray_cluster, digit_shards, photo_shards, tmp_path):
-    """Annotations from the digits, propagation crops from the photos, one run, exact accounting."""
-    from pipeline.data.crop_stage import crop_stats
-    from pipeline.train.trainer import run_pretrain
-
-    cfg = micro_config(tmp_path, photo_shards, steps=3, run_name="decoupled")  # its own crop-stats actors
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, annotation_shards=str(digit_shards)))
-    result = run_pretrain(cfg)
-    meta = read_meta(result["checkpoint"])
-    assert meta["step"] == 3 and meta["views_seen"] == 3 * BATCH * (M + A)
-    crops = crop_stats(f"crop-stats-{cfg.train.run_name}")
-    anns = crop_stats(f"crop-stats-{cfg.train.run_name}-annotations")
-    # the photo stream only cut crops, the digit stream only annotation views: both were consumed
-    assert crops["ok"] >= 3 * BATCH / 2 and anns["ok"] >= 3 * BATCH
-    assert result["metrics"]["loss_annotation"] > 0 and result["metrics"]["loss_propagation"] > 0
+        stream_dataset("", {str(digit_shards): 1.0, str(tmp_path / "nope"): 1.0})
 
 
 def test_decoupled_run_needs_cpus_for_both_streams(ray_cluster, digit_shards, photo_shards, tmp_path):
@@ -101,26 +84,18 @@ def test_passes_needed_covers_the_budget_within_the_cap():
     assert passes_needed(images_needed=600, pass_size=300, max_passes=1) == 1
 
 
-def test_passes_are_one_capped_read_each_pass_in_its_own_seeded_file_order(ray_cluster, digit_shards):
-    """A single shard set's passes are one read operator (so `read_concurrency` bounds the worker
-    processes an execution starts) listing every file once per pass, each pass shuffled by seed."""
+def test_passes_are_one_capped_read_of_shard_files_in_a_seeded_order(ray_cluster, digit_shards):
+    """A stream's passes are one read operator over (pass, file) items (so `read_concurrency` bounds
+    the read tasks an execution starts), every file once per pass, each pass in its seeded order
+    (the order itself: tests/test_resume.py)."""
     from pipeline.data.mixing import default_read_concurrency, stream_dataset
-    from pipeline.data.shards import load_stats
 
-    files = sorted(load_stats(str(digit_shards))["shards"])
-    assert len(files) == 3
-
-    def file_order(seed: int) -> list[str]:
-        ds = stream_dataset(str(digit_shards), {}, read_cpus=0.25, passes=4, read_concurrency=1, seed=seed)
-        assert str(ds._logical_plan.dag).startswith("Read[")  # one read operator, not a union of per-pass reads
-        blocks = ds.iter_batches(batch_size=None, batch_format="numpy")  # one per tar; concurrency 1: in order
-        return [str(block["__url__"][0]).rsplit("/", 1)[-1] for block in blocks]
-
-    order = file_order(seed=0)
-    passes = [order[i : i + 3] for i in range(0, 12, 3)]
-    assert all(sorted(p) == files for p in passes), order  # every file once per pass
-    assert len({tuple(p) for p in passes}) > 1, order  # passes are not all in one order
-    assert file_order(seed=0) == order and file_order(seed=1) != order  # the seed decides it
+    ds = stream_dataset(str(digit_shards), {}, read_cpus=0.25, passes=4, read_concurrency=1, seed=0)
+    assert "read_items" in str(ds._logical_plan.dag) and "Union" not in str(ds._logical_plan.dag)
+    blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))  # one per tar; concurrency 1: in order
+    order = [(int(b["pass"][0]), str(b["__url__"][0]).rsplit("/", 1)[-1]) for b in blocks]
+    assert [p for p, _ in order] == sorted(p for p, _ in order) and len(order) == 12
+    assert all(sorted(f for p, f in order if p == k) == sorted({f for _, f in order}) for k in range(4))
 
     assert [default_read_concurrency(n) for n in (1, 8, 9, 40)] == [1, 1, 2, 5]
     with pytest.raises(ConfigError, match="read_concurrency"):
@@ -145,3 +120,9 @@ def test_several_passes_stream_in_one_execution_with_new_crops_per_pass(ray_clus
     assert all(len(seen) == 3 for seen in boxes_by_key.values())
     assert all(len(set(seen)) == 3 for seen in boxes_by_key.values())  # each pass cut new boxes
     assert crop_stats("three-passes") == {"ok": 3 * size}
+    # a pass's crops depend on (seed, key, pass) only, not on when or where the pass runs
+    again = build_crop_dataset(
+        stream_dataset(str(digit_shards), {}, read_cpus=0.25, passes=3), views, stats_name="again", keep_meta=True
+    )
+    same = {(r["key"], int(r["pass"])): r["boxes"].tobytes() for r in again.take_all()}
+    assert same == {(r["key"], int(r["pass"])): r["boxes"].tobytes() for r in rows}

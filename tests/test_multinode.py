@@ -30,7 +30,7 @@ import yaml
 
 from pipeline.checkpoints import latest_checkpoint_dir, read_meta
 from tests.micro import MICRO_MODEL
-from tests.test_fault_tolerance import ray_train_worker_pids
+from tests.test_resume import ray_train_worker_pids
 
 pytestmark = pytest.mark.ray  # starts its own two-node Ray cluster with `ray start`
 

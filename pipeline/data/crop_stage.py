@@ -5,7 +5,9 @@ have >= view_size pixels) and all views are cut from that one array. Samples tha
 are dropped from the batch and counted by reason, so a corrupt shard member costs one counted
 skip, not a dead worker.
 
-Counting and epochs share one named `CropStats` actor per run (crop_stats.py), reached with ONE
+A training stream's rows carry their pass (pipeline/data/passes.py): a row's crops are seeded by
+(seed, key, pass), whatever ran before. Other streams (the preview, tests) count epochs instead.
+Counting (and those epochs) share one named `CropStats` actor per run (crop_stats.py), reached with ONE
 synchronous call per batch (not per image):
 - counts are recorded before the batch leaves the stage, so `crop_stats(name)` read after the
   dataset is consumed is exact (a fire-and-forget call from an actor Ray Data is tearing down could
@@ -32,6 +34,7 @@ import torch
 
 from pipeline.config import ConfigError, ViewsConfig, section_from_dict
 from pipeline.data.crop_stats import crop_stats, crop_stats_actor  # noqa: F401 - crop_stats is this stage's read-out
+from pipeline.data.passes import row_copy
 from pipeline.data.schema import CORRUPT, OK, BadImage, decode_rgb
 from pipeline.data.text_annotations import MissingAnnotation, annotation_texts, check_text_config, pick
 from pipeline.data.views import make_views
@@ -100,12 +103,14 @@ class MultiViewCropper:
         self.stats = crop_stats_actor(stats_name) if stats_name else None
         self.local_visits: Counter = Counter()  # epochs when no stats actor is given
 
-    def rng_for(self, key: str, epoch: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, zlib.crc32(key.encode()), epoch])
+    def rng_for(self, key: str, epoch: int, copy: int = 0) -> np.random.Generator:
+        """The crops' generator of (seed, key, epoch): the pass, when the stream says (passes.py)."""
+        extra = [2, copy] if copy else []  # a mixture's repeated copy of a source cuts its own crops
+        return np.random.default_rng([self.seed, zlib.crc32(key.encode()), epoch, *extra])
 
-    def text_rng_for(self, key: str, epoch: int) -> np.random.Generator:
+    def text_rng_for(self, key: str, epoch: int, copy: int = 0) -> np.random.Generator:
         """The caption choice's own stream: drawing from rng_for would shift every crop."""
-        return np.random.default_rng([self.seed, zlib.crc32(key.encode()), epoch, 1])
+        return np.random.default_rng([self.seed, zlib.crc32(key.encode()), epoch, 1, *([copy] if copy else [])])
 
     def _epochs(self, counts: dict[str, int], keys: list[str]) -> list[int]:
         if self.stats is not None:
@@ -120,8 +125,9 @@ class MultiViewCropper:
         txts = batch["txt"] if "txt" in batch else [None] * len(keys_in)
         counts: Counter = Counter()
         kept = []  # (key, decoded image, meta)
+        where: list[int] = []  # each kept sample's row in the batch
         texts: list[list[str]] = []  # each kept sample's candidate strings (text annotations only)
-        for key, data, meta, txt in zip(keys_in, batch["jpg"], metas, txts):
+        for index, (key, data, meta, txt) in enumerate(zip(keys_in, batch["jpg"], metas, txts)):
             if self.text is not None:  # checked before decoding: cheaper, and a skip either way
                 try:
                     candidates = annotation_texts(meta, txt, self.text)
@@ -137,10 +143,18 @@ class MultiViewCropper:
                 counts[CORRUPT] += 1
                 continue
             kept.append((str(key), rgb, meta))
+            where.append(index)
             if self.text is not None:
                 texts.append(candidates)
         counts[OK] = len(kept)
-        epochs = self._epochs(dict(counts), [k for k, _, _ in kept])
+        exact = "pass" in batch and "row" in batch  # a stream of exact passes (passes.py): crops by pass
+        if exact:
+            self._epochs(dict(counts), [])  # counts only
+            epochs = [int(batch["pass"][i]) for i in where]
+            copies = [int(c) for c in row_copy(batch["row"][where])] if where else []
+        else:
+            epochs = self._epochs(dict(counts), [k for k, _, _ in kept])
+            copies = [0] * len(kept)
 
         c, s, m, a = self.cfg, self.cfg.view_size, self.cfg.num_views, self.cfg.annotation_views
         out = {
@@ -150,12 +164,18 @@ class MultiViewCropper:
         }
         if c.local_views > 0:  # DINO multi-crop
             out["local_views"] = np.empty((len(kept), c.local_views, c.local_size, c.local_size, 3), np.uint8)
-        for i, ((key, rgb, _), epoch) in enumerate(zip(kept, epochs)):
-            make_views(rgb, self.rng_for(key, epoch), c, into={name: column[i] for name, column in out.items()})
+        for i, ((key, rgb, _), epoch, copy) in enumerate(zip(kept, epochs, copies)):
+            make_views(rgb, self.rng_for(key, epoch, copy), c, into={name: column[i] for name, column in out.items()})
+        if exact:
+            out["pass"] = np.asarray(batch["pass"][where], np.int64).reshape(len(kept))
+            out["row"] = np.asarray(batch["row"][where], np.int64).reshape(len(kept))
         if self.text is not None:
             from pipeline.data.tokens import tokenize
 
-            chosen = [pick(t, self.text_rng_for(key, epoch)) for t, (key, _, _), epoch in zip(texts, kept, epochs)]
+            chosen = [
+                pick(t, self.text_rng_for(key, epoch, copy))
+                for t, (key, _, _), epoch, copy in zip(texts, kept, epochs, copies)
+            ]
             out["tokens"] = tokenize(self.tokenizer, chosen, self.text.context_length)
             if self.keep_meta:
                 out["texts"] = np.array(chosen, dtype=object)

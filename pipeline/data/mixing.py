@@ -3,8 +3,9 @@ mixture baseline in Fig. 3 of the AB paper).
 
 One pass ("epoch") of a mixture has as many samples as its sources together; source i contributes
 weight_i / sum(weights) of them: sources below their natural share are subsampled, sources above it
-are repeated whole and topped up with a sample. Sampling is per row and unseeded, so every epoch
-draws a different subset; expected counts are exact, realised counts vary by ~sqrt(n).
+are repeated whole and topped up with a sample. The sample is per row, seeded by (seed, pass, source,
+copy, file) (pipeline/data/passes.py): every pass draws a different subset, and the same one
+whenever it runs; expected counts are exact, realised counts vary by ~sqrt(n).
 """
 
 from __future__ import annotations
@@ -24,27 +25,6 @@ def mixture_counts(sizes: dict[str, int], weights: dict[str, float]) -> dict[str
     total = sum(sizes[k] for k in weights)
     norm = sum(weights.values())
     return {k: total * w / norm for k, w in weights.items()}
-
-
-def mixture_dataset(weights: dict[str, float], read_cpus: float | None = None):
-    """Ray Dataset mixing the shard sets in `weights` (columns as `read_shards`)."""
-    from pipeline.data.shards import load_stats, read_shards
-
-    sizes = {path: int(load_stats(path)["counts"].get("ok", 0)) for path in weights}
-    empty = [p for p, n in sizes.items() if n == 0 and weights[p] > 0]
-    if empty:
-        raise ConfigError(f"mixture: shard sets with no usable samples: {empty}")
-    parts = []
-    for path, want in mixture_counts(sizes, weights).items():
-        if want <= 0:
-            continue
-        whole, rest = divmod(want / sizes[path], 1.0)
-        ds = read_shards(path, shuffle="files", num_cpus=read_cpus)
-        parts += [ds] * int(whole)
-        if rest > 1e-9:
-            parts.append(ds.random_sample(rest))
-    first, *others = parts
-    return first.union(*others) if others else first
 
 
 def stream_size(shards: str, mixture: dict[str, float]) -> int:
@@ -79,25 +59,25 @@ def stream_dataset(
     passes: int = 1,
     read_concurrency: int | None = None,
     seed: int = 0,
+    stream: str = "train",
+    resume: str | None = None,
 ):
     """One training stream: a mixture when given, else the single shard set, `passes` times over.
 
     Several passes in one dataset mean one execution, so the crop actors start once, not once per
-    epoch; each pass has its own file order (own mixture sample), and the crop stage's per-key
-    epoch counter still gives every pass new crops. A single shard set is one read operator over
-    all passes, capped at `read_concurrency` tasks (read_shards: start-up halved); a mixture is a
-    union of per-source reads, which that cap cannot bound.
+    epoch. Every row carries its pass and its identity (pipeline/data/passes.py): the crop stage cuts
+    a pass's crops from (seed, key, pass), and a resumed run skips the rows it has trained on
+    (`resume`: the run's ResumePoint actor). Each pass lists its shard files (a mixture: its sources'
+    files, whole copies and a seeded fraction) in its own order seeded by (`seed`, pass); one read
+    task per file, at most `read_concurrency` at once.
     """
-    from pipeline.data.shards import read_shards
+    from pipeline.data.passes import stream_passes
 
     if read_concurrency is not None and read_concurrency < 1:
         raise ConfigError(
             f"data.read_concurrency must be >= 1 (or null: one per {ACTORS_PER_READ_TASK} crop actors), got "
             f"{read_concurrency}"
         )
-    if not mixture:
-        return read_shards(
-            shards, shuffle="files", num_cpus=read_cpus, passes=passes, concurrency=read_concurrency, seed=seed
-        )
-    first, *others = [mixture_dataset(mixture, read_cpus) for _ in range(max(1, passes))]
-    return first.union(*others) if others else first
+    return stream_passes(
+        mixture or shards, passes, seed, read_cpus=read_cpus, concurrency=read_concurrency, stream=stream, resume=resume
+    )

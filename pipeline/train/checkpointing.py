@@ -30,14 +30,18 @@ class Counters:
     bad_steps: int = 0
 
 
-def restore(directory: str, objective: Objective, optimizer: torch.optim.Optimizer, device: torch.device) -> Counters:
-    """Load a checkpoint's objective and optimiser state; its counters say where to go on from."""
+def restore(
+    directory: str, objective: Objective, optimizer: torch.optim.Optimizer, device: torch.device
+) -> tuple[Counters, dict | None]:
+    """Load a checkpoint's objective and optimiser state; its counters say where to go on from, its
+    resume state where in the data stream (None in checkpoints written before it was kept)."""
     state = load_state(directory, map_location=device)
     meta = read_meta(directory)
     objective.load_state_dict(state["objective"])
     optimizer.load_state_dict(state["optimizer"])
     keep_fused(optimizer)
-    return Counters(int(meta["step"]), int(meta["views_seen"]), int(meta.get("bad_steps", 0)))
+    counters = Counters(int(meta["step"]), int(meta["views_seen"]), int(meta.get("bad_steps", 0)))
+    return counters, state.get("resume")
 
 
 def keep_fused(optimizer: torch.optim.Optimizer) -> None:
@@ -87,9 +91,10 @@ class Checkpointer:
             "world_size": self.session.world_size,
         }
 
-    def state(self) -> dict:
+    def state(self, resume: dict | None = None) -> dict:
         encoders = self.objective.encoders()
         return {
+            "resume": resume,  # the data stream's place and the workers' RNG states (train/stream.py)
             "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             # what eval loads, whatever the method: the bare ViT weights
@@ -97,12 +102,12 @@ class Checkpointer:
             "encoder_teacher": encoders["teacher"].state_dict(),
         }
 
-    def save(self, counters: Counters, metrics: dict) -> None:
+    def save(self, counters: Counters, metrics: dict, resume: dict | None = None) -> None:
         name = f"checkpoint_{counters.step:08d}"
         with tempfile.TemporaryDirectory() as tmp:
             directory = None
             if self.session.rank == 0:
-                directory = str(save_checkpoint(tmp, self.state(), self.meta(counters)))
+                directory = str(save_checkpoint(tmp, self.state(resume), self.meta(counters)))
                 if self.cfg.tracking.log_checkpoints:
                     artifact = f"checkpoints/step_{counters.step:08d}"
                     self.logger.artifact(os.path.join(tmp, STATE_FILE), artifact)

@@ -71,3 +71,18 @@ class RaySession:
 
         kwargs = {"find_unused_parameters": find_unused_parameters}
         return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=kwargs)
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not _distributed():
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if _distributed():
+            torch.distributed.barrier()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -13,8 +13,6 @@ what Ray Train's TorchTrainer runs; `train` is the loop itself, for any session.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 
 from pipeline.config import Config, config_from_dict
@@ -26,11 +24,9 @@ from pipeline.train.monitor import Monitor
 from pipeline.train.online_probe import OnlineProbe
 from pipeline.train.session import Session
 from pipeline.train.step import Budget, TrainStep, make_optimizer, peak_lr
+from pipeline.train.stream import KeyLog, batches, restore_stream, resume_state, take_place
 
-__all__ = ["ANNOTATION_COLUMNS", "train", "train_loop_per_worker"]
-
-# Columns a decoupled annotation stream contributes to each batch (the rest come from the crop stream).
-ANNOTATION_COLUMNS = ("ann_views", "tokens")
+__all__ = ["train", "train_loop_per_worker"]
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -47,41 +43,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
 
 
-def batches(session: Session, cfg: Config, device: torch.device) -> Iterator[dict]:
-    """Batches for ever, epoch after epoch; with a decoupled annotation stream, its columns merged in.
-
-    A stream that yields no full batch in a whole epoch is an error, not a hang.
-    """
-    annotations = _endless(session, "annotations", cfg, device) if cfg.data.decoupled else None
-    while True:
-        empty = True
-        for batch in session.batches("train", cfg.train.batch_size, cfg.data.shuffle_buffer, device):
-            empty = False
-            if annotations is not None:  # AB_{I1K+D}: annotation views from their own stream
-                batch = {**batch, **{k: v for k, v in next(annotations).items() if k in ANNOTATION_COLUMNS}}
-            yield batch
-        if empty:
-            raise RuntimeError(
-                "the training dataset yielded no full batch: check data.shards (is it empty, or every image "
-                f"skipped?) and that train.batch_size={cfg.train.batch_size} is not larger than the per-worker data"
-            )
-
-
-def _endless(session: Session, name: str, cfg: Config, device: torch.device) -> Iterator[dict]:
-    while True:
-        empty = True
-        for batch in session.batches(name, cfg.train.batch_size, cfg.data.shuffle_buffer, device):
-            empty = False
-            yield batch
-        if empty:
-            raise RuntimeError(
-                "the annotation stream yielded no full batch: check data.annotation_shards / data.annotation_mixture"
-            )
-
-
 def start(cfg: Config, session: Session, device: torch.device, init_from_dir: str | None, reporter: StepReporter):
-    """(objective, optimiser, counters): restored from the session's checkpoint, else fresh (MAWS: from
-    `train.init_from`). Seeded per rank, as before; DDP then starts every worker from rank 0's weights."""
+    """(objective, optimiser, counters, the stream's resume state): restored from the session's
+    checkpoint, else fresh (MAWS: from `train.init_from`). Seeded per rank; DDP then starts every worker
+    from rank 0's weights, and a resumed worker continues its own saved random stream (stream.py)."""
     torch.manual_seed(cfg.train.seed + session.rank)
     objective = build_objective(cfg).to(device)
     with session.restored_checkpoint() as checkpoint_dir:
@@ -93,10 +58,10 @@ def start(cfg: Config, session: Session, device: torch.device, init_from_dir: st
         optimizer = make_optimizer(objective, peak_lr(cfg, session.world_size), cfg.train.weight_decay)
         torch.manual_seed(cfg.train.seed + 1000 + session.rank)
         if checkpoint_dir is None:
-            return objective, optimizer, Counters()
-        counters = restore(checkpoint_dir, objective, optimizer, device)
+            return objective, optimizer, Counters(), None
+        counters, resume = restore(checkpoint_dir, objective, optimizer, device)
     reporter.note(f"resumed from step {counters.step} ({counters.views_seen:,} views seen)")
-    return objective, optimizer, counters
+    return objective, optimizer, counters, resume
 
 
 def train(
@@ -117,7 +82,9 @@ def train(
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     budget = Budget.from_config(cfg, session.world_size)
     reporter = StepReporter(progress, rank, budget.total_steps)  # the driver's bar + notes
-    objective, optimizer, counters = start(cfg, session, device, init_from_dir, reporter)
+    objective, optimizer, counters, resume = start(cfg, session, device, init_from_dir, reporter)
+    ledgers = restore_stream(cfg, session, resume)  # what each pass has trained on, for an exact resume
+    keys = KeyLog(cfg.train.key_log, rank)
     step = TrainStep(
         cfg, objective, session.prepare_model(objective, objective.find_unused_parameters), optimizer, budget, device
     )
@@ -128,12 +95,14 @@ def train(
     online: dict[str, float] = {}  # the last online-probe figures (opt-in), carried into the final report
 
     objective.train()
-    stream = batches(session, cfg, device) if counters.step < budget.total_steps else iter(())
+    stream = batches(session, cfg, device, ledgers) if counters.step < budget.total_steps else iter(())
     for batch in stream:
+        place = take_place(batch)  # (pass, row) of each row: recorded by the stream, not the model's
         logging = monitor.is_logging_step(counters.step)
         result = step(batch, counters.step, logging=logging, diagnose=logging and rank == 0)
         counters.step += 1
         counters.views_seen += budget.views_per_step
+        keys.write(counters.step, place, ledgers)
         monitor.after_step(result, budget.views_per_step)
         checkpoint = checkpointer.due(counters.step)
         if logging or checkpoint:
@@ -146,7 +115,7 @@ def train(
         # rank 0's step to the driver's bar (the loss only on logging steps: no host sync)
         reporter.step(counters.step, counters.views_seen, monitor.last_metrics if logging else None)
         if checkpoint:
-            checkpointer.save(counters, monitor.last_metrics)
+            checkpointer.save(counters, monitor.last_metrics, resume_state(session, ledgers))
         if counters.step >= budget.total_steps:
             break
     monitor.check(counters)
@@ -155,5 +124,7 @@ def train(
     # Deliver what a tracking outage held back before the last report, which carries the tally.
     unlogged = logger.close()
     tally = {"mlflow_failed_calls": logger.failures, "mlflow_unlogged_points": unlogged}
-    checkpointer.save(counters, {**monitor.last_metrics, **online, **tally})
+    dropped = sum(ledger.dropped for ledger in ledgers.values())
+    tally.update({"resume_dropped_rows": dropped} if dropped else {})
+    checkpointer.save(counters, {**monitor.last_metrics, **online, **tally}, resume_state(session, ledgers))
     return {**monitor.last_metrics, **online}

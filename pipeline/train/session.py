@@ -44,6 +44,14 @@ class Session(Protocol):
         """The module to call each step (DDP-wrapped across several workers)."""
         ...
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every worker's `obj`, in rank order (a collective: all workers call it at the same point)."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait until every worker is here."""
+        ...
+
 
 class LocalSession:
     """One worker in this process: datasets are iterables of batch dicts (re-iterated each epoch)."""
@@ -85,3 +93,9 @@ class LocalSession:
 
     def prepare_model(self, model: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:
         return model
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass

@@ -19,6 +19,7 @@ from pipeline.runtime import init_ray
 from pipeline.storage import StorageError, check_access, explain, filesystem, join
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.step import Budget
+from pipeline.train.stream import resume_point_name
 
 
 def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
@@ -75,24 +76,32 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
 
     from pipeline.data.crop_stage import build_crop_dataset, crop_node_cpus, crop_pool_size
     from pipeline.data.mixing import default_read_concurrency, passes_needed, stream_dataset, stream_size
+    from pipeline.data.passes import resume_point_actor
 
     # The one-line-per-interval training log is the progress display here; Ray Data's bars from
     # the split coordinator would interleave with it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Ray Train's ingest takes the driver's preserve_order: one row order, continued exactly on resume.
+    context.execution_options.preserve_order = cfg.data.deterministic
     images_needed = (
         Budget.from_config(cfg, cfg.train.num_workers).total_steps * cfg.train.batch_size * cfg.train.num_workers
     )
 
-    def stream(shards: str, mixture: dict[str, float], views, seed: int):
+    def stream(key: str, shards: str, mixture: dict[str, float], views, seed: int):
         passes = passes_needed(images_needed, stream_size(shards, mixture), cfg.data.max_passes_per_execution)
         readers = (
             default_read_concurrency(crop_pool_size(views))
             if cfg.data.read_concurrency is None
             else cfg.data.read_concurrency
         )
-        return stream_dataset(shards, mixture, cfg.data.read_cpus, passes, readers, seed)
+        return stream_dataset(
+            shards, mixture, cfg.data.read_cpus, passes, readers, seed, stream=key, resume=resume_point
+        )
 
     name = f"crop-stats-{cfg.train.run_name}"
+    resume_point = resume_point_name(cfg)
+    resume_point_actor(resume_point)  # the restored loop tells the read tasks here what to skip
     per_stream = None
     if cfg.data.decoupled:
         # Two actor pools share what training leaves (or the crop nodes); each gets a fixed half so
@@ -104,7 +113,9 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     datasets = {}
     for key, (shards, mixture, views, seed) in stream_views(cfg, per_stream).items():
         stats = name if key == "train" else f"{name}-{key}"
-        datasets[key] = build_crop_dataset(stream(shards, mixture, views, seed), views, seed=seed, stats_name=stats)
+        datasets[key] = build_crop_dataset(
+            stream(key, shards, mixture, views, seed), views, seed=seed, stats_name=stats
+        )
     return datasets
 
 
