@@ -12,7 +12,9 @@ Every arm is pretrained for the same number of seen views (each crop and annotat
 unless its overrides say otherwise (the "equal steps" check), then probed the same way: the paper's
 decoder probe on box classification (`coco_objects`) and detection (`coco_detection`) of the scenes, and
 linear / kNN / decoder probes on the object-centric variant (`folder`). Each probe also runs on the
-randomly initialised encoder the run started from: the floor every row must beat.
+randomly initialised encoder the run started from: the floor every row must beat (once per seed and
+pretraining data: every arm of a seed starts from that same encoder; later rows copy the figures and
+name the row they came from, `random_init_from`).
 
 Runs are named `study-<arm>-s<seed>` under one root, so re-running the study skips finished rows
 (`<root>/study_results.jsonl`), resumes an interrupted pretraining run from its last checkpoint, and
@@ -173,7 +175,27 @@ def eval_config(cfg: Config, checkpoint: str, seed: int) -> Config:
     return dataclasses.replace(cfg, eval=ev)
 
 
-def run_arm(arm: Arm, seed: int, base: Config, config: str, overrides: Sequence[str], shards: dict[str, str]) -> dict:
+def random_init_row(done: dict[tuple[str, int], dict], seed: int, data: str) -> dict | None:
+    """An earlier row of this seed and pretraining data that holds the random-init floor: every arm of a
+    seed starts from the same random encoder (same architecture, view size, seed), so its probes are
+    trained once per (seed, data), not once per arm."""
+    for row in done.values():
+        if row["seed"] == seed and row.get("data") == data and any("/random_init/" in k for k in row):
+            return row
+    return None
+
+
+def run_arm(
+    arm: Arm,
+    seed: int,
+    base: Config,
+    config: str,
+    overrides: Sequence[str],
+    shards: dict[str, str],
+    floor: dict | None = None,
+) -> dict:
+    """Pretrain and probe one (arm, seed); with `floor` (random_init_row), its random-init figures are
+    taken over instead of probing the random encoder again."""
     from pipeline.eval.job import run_eval
     from pipeline.train.trainer import run_pretrain
 
@@ -181,7 +203,13 @@ def run_arm(arm: Arm, seed: int, base: Config, config: str, overrides: Sequence[
     t0 = time.perf_counter()
     train = run_pretrain(cfg)
     train_s = time.perf_counter() - t0
-    metrics = run_eval(eval_config(cfg, train["checkpoint"], seed))["metrics"]
+    ev = eval_config(cfg, train["checkpoint"], seed)
+    if floor is not None:
+        ev = dataclasses.replace(ev, eval=dataclasses.replace(ev.eval, random_init=False))
+    metrics = run_eval(ev)["metrics"]
+    if floor is not None:
+        metrics = {**{k: v for k, v in floor.items() if "/random_init/" in k}, **metrics}
+        metrics["random_init_from"] = floor["run_id"]
     watch = {f"train/{k}": v for k, v in train["metrics"].items() if k in WATCHED}
     timing = {"pretrain_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t0 - train_s, 1)}
     return {
@@ -289,7 +317,9 @@ def run_study(
     for arm, seed in todo:
         if (arm.slug, seed) in done:
             continue
-        row = {**run_arm(arm, seed, base, config, overrides, shards), "data": arm.data, "objects": base.scenes.objects}
+        floor = random_init_row(done, seed, arm.data) if base.eval.random_init else None
+        row = run_arm(arm, seed, base, config, overrides, shards, floor)
+        row = {**row, "data": arm.data, "objects": base.scenes.objects}
         done[(arm.slug, seed)] = row
         with results_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

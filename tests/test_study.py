@@ -78,3 +78,16 @@ def test_study_report_prints_the_tables_of_a_results_file(tmp_path, capsys):
         and "| SimCLR (equal views) | 1 | 30.0 (paper 70.4) |" in out
     )
     assert main(["study", "--report", str(tmp_path / "missing.jsonl")]) == 1
+
+
+def test_the_random_init_floor_is_probed_once_per_seed_and_data():
+    from pipeline.study import random_init_row
+
+    done = {
+        ("ab_simclr", 0): {"arm": "ab_simclr", "seed": 0, "data": "scenes", "run_id": "a0", "x/random_init/y": 0.2},
+        ("simclr", 0): {"arm": "simclr", "seed": 0, "data": "scenes", "run_id": "s0", "x/y": 0.5},
+        ("ab_simclr", 1): {"arm": "ab_simclr", "seed": 1, "data": "scenes", "run_id": "a1", "x/y": 0.4},
+    }
+    assert random_init_row(done, 0, "scenes")["run_id"] == "a0"
+    assert random_init_row(done, 1, "scenes") is None  # seed 1's row has no floor: probe it
+    assert random_init_row(done, 0, "objects") is None  # another pretraining set has its own floor row
