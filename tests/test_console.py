@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pty
+import select
 import struct
 import subprocess
 import sys
@@ -61,6 +62,17 @@ def run_tty(args: list[str], timeout: float = 300, **env: str) -> tuple[int, str
 # ------------------------------------------------------------------- the console module on its own
 
 
+def _drain(master: int, until: str, timeout: float = 10.0) -> str:
+    """What the terminal shows, read until `until` appears: a pty hands the slave's writes to the master
+    side asynchronously, so on a busy host one read can return only the first part."""
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline and until not in "".join(chunks):
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            chunks.append(os.read(master, 65536).decode(errors="replace"))
+    return "".join(chunks)
+
+
 def test_progress_draws_a_bar_on_a_tty_and_plain_lines_off_it(monkeypatch):
     from pipeline import console
 
@@ -72,7 +84,7 @@ def test_progress_draws_a_bar_on_a_tty_and_plain_lines_off_it(monkeypatch):
             for _ in range(4):
                 bar.update(1, kept=1)
         tty.flush()
-        drawn = os.read(master, 65536).decode()
+        drawn = _drain(master, until="4/4")
     os.close(master)
     assert "\r" in drawn and BAR in drawn and "4/4" in drawn, drawn
 
