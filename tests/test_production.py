@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ import pytest
 from pipeline.checkpoints import read_meta
 from pipeline.config import EvalConfig, TrackingConfig
 from tests.servers import BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.test_resume import _train_worker_pids
+from tests.test_resume import kill_a_train_worker_when
 from tests.test_train import BATCH, A, M, metric_steps, micro_config
 
 pytestmark = pytest.mark.ray
@@ -77,17 +76,10 @@ def prod_run(ray_cluster, mlflow_server, s3_server, digits_folder, tmp_path_fact
     cfg = _server_config(root, uri, STEPS, max_failures=1)
     killed: list[int] = []
 
-    def kill_after_first_checkpoint():
-        deadline = time.time() + 400
-        while time.time() < deadline and not killed:
-            if any(k.endswith("checkpoint_00000004/state.pt") for k in s3_server.keys("prod/ray_results/prod/")):
-                for pid in _train_worker_pids()[:1]:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            time.sleep(0.2)
+    def first_checkpoint_on_s3() -> bool:
+        return any(k.endswith("checkpoint_00000004/state.pt") for k in s3_server.keys("prod/ray_results/prod/"))
 
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
+    killer = kill_a_train_worker_when(first_checkpoint_on_s3, killed, poll_s=0.2)
     first = run_pretrain(cfg)
     killer.join(timeout=5)
     second = run_pretrain(_server_config(root, uri, MORE_STEPS, max_failures=1))

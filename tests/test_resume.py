@@ -208,19 +208,25 @@ def _train_worker_pids() -> list[int]:
     return ray_train_worker_pids(psutil.Process(os.getpid()).children(recursive=True))
 
 
-def _kill_after(run_dir: str, checkpoint: str, killed: list[int]) -> threading.Thread:
+def kill_a_train_worker_when(ready, killed: list[int], poll_s: float = 0.1) -> threading.Thread:
+    """A thread that SIGKILLs one Ray Train worker of this session as soon as `ready()` (within 400 s)."""
+
     def killer():
         deadline = time.time() + 400
         while time.time() < deadline and not killed:
-            if os.path.isfile(os.path.join(run_dir, checkpoint, "meta.json")):
+            if ready():
                 for pid in _train_worker_pids()[:1]:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
-            time.sleep(0.1)
+            time.sleep(poll_s)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     return thread
+
+
+def _kill_after(run_dir: str, checkpoint: str, killed: list[int]) -> threading.Thread:
+    return kill_a_train_worker_when(lambda: os.path.isfile(os.path.join(run_dir, checkpoint, "meta.json")), killed)
 
 
 def _resume_config(tmp_path, shards, name: str, steps: int, **train):
