@@ -91,3 +91,22 @@ def test_the_random_init_floor_is_probed_once_per_seed_and_data():
     assert random_init_row(done, 0, "scenes")["run_id"] == "a0"
     assert random_init_row(done, 1, "scenes") is None  # seed 1's row has no floor: probe it
     assert random_init_row(done, 0, "objects") is None  # another pretraining set has its own floor row
+
+
+def test_the_published_study_tables_are_the_committed_rows_tables():
+    """docs/study.md's study block names its raw rows under benchmarks/results/ and shows exactly the
+    tables `abpipe study --report` makes of them; the README shows the same scenes table."""
+    import re
+    from pathlib import Path
+
+    from pipeline.study import TABLES, report
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = (repo / "docs" / "study.md").read_text()
+    block = doc.split("<!-- scenes-study:start -->")[1].split("<!-- scenes-study:end -->")[0]
+    named = re.findall(r"benchmarks/results/(scenes_study_[\w.-]+\.jsonl)", block)
+    assert named, "the study block names no committed results file"
+    tables = report(repo / "benchmarks" / "results" / named[0])
+    assert tables and tables in block, "docs/study.md's tables differ from the committed rows' report"
+    scenes = tables.split(f"**{TABLES['scenes']}**\n\n")[1].split("\n\n")[0]
+    assert scenes in (repo / "README.md").read_text(), "the README's scenes table differs from the committed rows'"
