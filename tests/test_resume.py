@@ -289,7 +289,6 @@ def test_two_workers_a_mixture_and_a_decoupled_stream_resume_each_pass_exactly_a
     """2 workers, propagation crops from a mixture, annotations from their own stream; the job dies
     (SIGKILL, no automatic restart) and is submitted again: every pass of each stream, each row once."""
     from pipeline.config import IngestConfig
-    from pipeline.data.crop_stage import crop_stats
     from pipeline.data.shards import write_shards
     from pipeline.train.trainer import run_pretrain
 
@@ -317,8 +316,6 @@ def test_two_workers_a_mixture_and_a_decoupled_stream_resume_each_pass_exactly_a
     result = run_pretrain(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_failures=0)))
     assert result["metrics"]["step"] == steps
     assert result["metrics"]["loss_annotation"] > 0 and result["metrics"]["loss_propagation"] > 0
-    crops, anns = (crop_stats(f"crop-stats-pair{s}") for s in ("", "-annotations"))
-    assert crops["ok"] >= steps * 8 and anns["ok"] >= steps * 8  # both streams were cut and consumed
 
     logs = _key_log(tmp_path / "keys-pair")
     assert sorted(logs) == [0, 1] and all([e["step"] for e in t] == list(range(1, steps + 1)) for t in logs.values())

@@ -94,7 +94,8 @@ def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_pa
     out = capsys.readouterr().out
     assert "[abpipe] resumed from step 6 (240 views seen)" in out and "[abpipe] train: 9/9" in out, out
     state = torch.load(os.path.join(second["checkpoint"], "state.pt"), weights_only=True)
-    assert set(state) == {"objective", "optimizer", "encoder_student", "encoder_teacher"}
+    assert set(state) == {"objective", "optimizer", "encoder_student", "encoder_teacher", "resume"}
+    assert set(state["resume"]) == {"streams", "rng"} and state["resume"]["streams"]["train"]["passes"]
 
 
 def test_cpu_budget_too_small_is_a_clear_error(ray_cluster, digit_shards, tmp_path):
