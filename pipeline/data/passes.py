@@ -51,13 +51,20 @@ def _shard_counts(shard_dir: str) -> dict[str, int]:
     """Rows per shard file from the ingest manifest ({} when it cannot be read: files are then read
     to learn whether they are finished)."""
     try:
-        from pipeline.data.shards import load_manifest
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
 
-        manifest = load_manifest(shard_dir)
+        from pipeline.data.shards import MANIFEST_FILE
+        from pipeline.storage import filesystem
+
+        fs, base = filesystem(str(shard_dir))
+        with fs.open_input_file(posixpath.join(base, MANIFEST_FILE)) as fh:  # two columns, not the whole table
+            table = pq.read_table(fh, columns=["shard", "status"])
     except Exception:  # noqa: BLE001 - an optimisation only
         return {}
-    ok = manifest[manifest["status"] == "ok"]
-    return {str(k): int(v) for k, v in ok.groupby("shard").size().items()}
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    counts = ok.group_by("shard").aggregate([("status", "count")])
+    return dict(zip(counts["shard"].to_pylist(), counts["status_count"].to_pylist()))
 
 
 def pass_items(sources: dict[str, float] | str, passes: int, seed: int = 0, first_pass: int = 0) -> list[dict]:
