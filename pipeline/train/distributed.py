@@ -4,7 +4,8 @@ the cross-worker agreement on a flag.
 `RaySession` implements pipeline/train/session.py's interface on a Ray Train worker: its rank, its
 device, its dataset shards (`iter_torch_batches`), the checkpoint Ray Train restores after a restart
 or a re-submission with the same storage path and run name, `ray.train.report` (a barrier: every
-worker calls it the same number of times) and DDP wrapping through `prepare_model`.
+worker calls it the same number of times), DDP wrapping through `prepare_model`, and `gather` /
+`barrier` (torch.distributed, for the data stream's resume state: pipeline/train/stream.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ computes its loss, AdamW steps, its teacher (if any) follows. The budget is coun
 
 The parts, each in its own module: where the loop runs (`session.Session`: a Ray Train worker,
 `distributed.RaySession`, or this process, `session.LocalSession`), the update (`step.TrainStep`),
-what is logged (`monitor.Monitor`) and the checkpoints (`checkpointing`). `train_loop_per_worker` is
+what is logged (`monitor.Monitor`), the checkpoints (`checkpointing`) and the data stream with
+what each pass has trained on (`stream`: an exact resume mid-pass). `train_loop_per_worker` is
 what Ray Train's TorchTrainer runs; `train` is the loop itself, for any session.
 """
 
