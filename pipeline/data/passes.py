@@ -67,7 +67,7 @@ def _shard_counts(shard_dir: str) -> dict[str, int]:
     return dict(zip(counts["shard"].to_pylist(), counts["status_count"].to_pylist()))
 
 
-def pass_items(sources: dict[str, float] | str, passes: int, seed: int = 0, first_pass: int = 0) -> list[dict]:
+def pass_items(sources: dict[str, float] | str, passes: int, seed: int = 0) -> list[dict]:
     """The items of `passes` passes over one shard set (a str) or a weighted mixture ({dir: weight}).
 
     A mixture's pass holds as many rows as its sources together, source i contributing weight_i /
@@ -106,7 +106,7 @@ def pass_items(sources: dict[str, float] | str, passes: int, seed: int = 0, firs
                     }
                 )
     items = []
-    for index in range(first_pass, first_pass + max(1, passes)):
+    for index in range(max(1, passes)):
         order = np.random.default_rng([seed, index]).permutation(len(per_pass))
         items += [{**per_pass[i], "pass": index, "seed": seed} for i in order]
     return items
