@@ -343,7 +343,7 @@ class ProbeConfig:
     width: int = 128  # decoder / attentive-pool width; frozen tokens are projected to it
     heads: int = 4
     mlp_ratio: float = 4.0
-    steps: int = 400  # optimiser steps per probe (one probe per task)
+    steps: int = 1000  # optimiser steps per probe (one probe per task); 400 left box probes at chance (docs/study.md)
     batch_size: int = 64  # images (classification, detection) or boxes (box_classification) per step
     lr: float = 1e-3  # AdamW peak lr, linear warmup then cosine to 0
     weight_decay: float = 1e-4
@@ -351,6 +351,7 @@ class ProbeConfig:
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
     coord_bins: int = 100  # location tokens: bins per box coordinate over [0, 1]
+    geometry: bool = True  # location and patch tokens also get fixed Fourier features of where they are (decoder)
     max_objects: int = 10  # detection: objects per target sequence (extra ones are counted, dropped)
     eval_batch_size: int = 256
 
@@ -368,6 +369,7 @@ class ProbeConfig:
             warmup_fraction=0.05,
             coord_bins=1000,
             max_objects=50,
+            geometry=False,  # Beyer et al.'s decoder learns its location tokens from scratch
         )
 
 

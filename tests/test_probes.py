@@ -72,6 +72,23 @@ def grid_split(n: int, rng, side: int = 4, classes: int = 4, boxes_per_image: in
     return ProbeSplit(pooled=x.mean(1), tokens=x, boxes=boxes, box_labels=labels)
 
 
+def patch_grid_split(n: int, rng, side: int = 6, classes: int = 4, boxes_per_image: int = 2) -> ProbeSplit:
+    """A ViT's token layout (one prefix token, then a side x side grid of patches in raster order) whose
+    tokens say *what* is in their cell but not *where* the cell is: only the token order does. The
+    queried boxes are cells, so a probe must learn which token a box covers."""
+    dim = classes + 6
+    x = rng.normal(scale=0.1, size=(n, 1 + side * side, dim)).astype(np.float32)
+    cell_class = rng.integers(0, classes, (n, side * side))
+    x[np.arange(n)[:, None], 1 + np.arange(side * side)[None], cell_class] += 1.0
+    boxes, labels = [], []
+    for i in range(n):
+        cells = rng.choice(side * side, boxes_per_image, replace=False)
+        r, c = np.divmod(cells, side)
+        boxes.append(np.stack([c / side, r / side, (c + 1) / side, (r + 1) / side], 1).astype(np.float32))
+        labels.append(cell_class[i, cells])
+    return ProbeSplit(pooled=x.mean(1), tokens=x, boxes=boxes, box_labels=labels)
+
+
 def slot_detection_split(n: int, rng, bins: int = 8, classes: int = 3, slots: int = 3) -> ProbeSplit:
     """0..slots objects per image; object k in raster order is written into token k: a slot one-hot,
     a 'present' flag, one one-hot per quantised coordinate and the class one-hot. Boxes sit on bin
@@ -274,6 +291,24 @@ def test_decoder_box_classification_reads_the_queried_cell():
     assert good["top1"] > 0.9 and good["n_boxes"] == 300, good
     shuffled = PROBES["decoder"](_shuffle_tokens(train, rng), test, task, cfg)
     assert shuffled["top1"] < 0.45, shuffled  # chance 0.25
+
+
+def test_decoder_geometry_lets_a_box_find_its_patch_in_a_short_budget():
+    """Patch tokens that carry no position: with `geometry` (the default) the box's location tokens and
+    the patches share Fourier features of where they are, and a short budget finds the queried patch;
+    without it the probe must learn what each of 100 bins means from scratch, and does not in that budget."""
+    rng = np.random.default_rng(7)
+    train, test = patch_grid_split(1500, rng), patch_grid_split(200, rng)
+    task = _task(BOX_CLASSIFICATION, 4)
+    cfg = EvalConfig(probe=dataclasses.replace(SMALL, steps=400))
+    assert ProbeConfig().geometry and cfg.probe.coord_bins == 100
+    with_geometry = PROBES["decoder"](train, test, task, cfg)
+    without = PROBES["decoder"](
+        train, test, task, dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, geometry=False))
+    )
+    print(with_geometry, without)
+    assert with_geometry["top1"] > 0.9, with_geometry
+    assert without["top1"] < with_geometry["top1"] - 0.3, without  # chance 0.25
 
 
 def test_decoder_detection_reaches_high_map_only_from_the_right_tokens():

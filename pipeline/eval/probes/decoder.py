@@ -9,6 +9,8 @@ is well formed: (4 location tokens, 1 class token)* then EOS.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,28 +34,82 @@ from pipeline.models.decoder import DecoderLayer
 
 
 class SequenceDecoder(nn.Module):
-    """(frozen tokens (B, T, D), token ids (B, L)) -> next-token logits (B, L, vocab.out_size)."""
+    """(frozen tokens (B, T, D), token ids (B, L)) -> next-token logits (B, L, vocab.out_size).
+
+    With `geometry`, location tokens and the memory's patch tokens also carry the same fixed Fourier
+    features of where they are (a location token: its bin centre on its axis; a patch token: its
+    centre on the square patch grid), through one learned projection: the probe does not have to
+    learn from scratch what each of the `bins` location tokens means, nor where each patch is.
+    """
 
     def __init__(
-        self, token_dim: int, vocab: Vocab, max_len: int, width: int, depth: int, heads: int, mlp_ratio: float
+        self,
+        token_dim: int,
+        vocab: Vocab,
+        max_len: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        geometry: bool = False,
+        bands: int = 8,
     ):
         super().__init__()
         if width % heads:
             raise ValueError(f"eval.probe.width={width} must be divisible by eval.probe.heads={heads}")
+        self.vocab = vocab
         self.memory_proj = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, width))
         self.embed = nn.Embedding(vocab.in_size, width)
         self.pos = nn.Parameter(torch.randn(1, max_len, width) * 0.02)
         self.layers = nn.ModuleList(DecoderLayer(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab.out_size)
+        self.geometry = geometry
+        if geometry:
+            self.register_buffer("freqs", (2.0 ** torch.arange(bands)) * math.pi, persistent=False)
+            self.coord_proj = nn.Linear(2 * (2 * bands + 1), width)
+
+    def _fourier(self, x: torch.Tensor, y: torch.Tensor, has_x: torch.Tensor, has_y: torch.Tensor) -> torch.Tensor:
+        """(...,) coordinates in [0, 1] and which axes they are on -> (..., width)."""
+
+        def feats(c, on):
+            angles = c[..., None] * self.freqs
+            return torch.cat([angles.sin(), angles.cos(), c[..., None]], -1) * on[..., None]
+
+        return self.coord_proj(torch.cat([feats(x, has_x), feats(y, has_y)], -1))
 
     def memory(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.memory_proj(tokens)
+        memory = self.memory_proj(tokens)
+        side = math.isqrt(tokens.shape[1])
+        prefix = tokens.shape[1] - side * side
+        if not self.geometry or prefix > 8:  # not a square grid of patches (plus a few prefix tokens)
+            return memory
+        centre = (torch.arange(side, device=tokens.device, dtype=torch.float32) + 0.5) / side
+        y, x = torch.meshgrid(centre, centre, indexing="ij")
+        ones = torch.ones_like(x.flatten())
+        where = self._fourier(x.flatten(), y.flatten(), ones, ones)
+        return torch.cat([memory[:, :prefix], memory[:, prefix:] + where], dim=1)
 
     def forward(self, memory: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """`memory` from `self.memory(tokens)`; causal self-attention over `seq`."""
         length = seq.shape[1]
         x = self.embed(seq) + self.pos[:, :length]
+        if self.geometry:
+            v = self.vocab
+            is_loc = (seq >= v.loc0) & (seq < v.eos)
+            value = ((seq - v.loc0).clamp(0, v.bins - 1).float() + 0.5) / v.bins
+            # the grammar fixes each position's axis: BOS, then (x0 y0 x1 y1 class)*
+            axis = ((torch.arange(length, device=seq.device) - 1) % TOKENS_PER_OBJECT) % 2
+            on_x, on_y = (is_loc & (axis == 0)).float(), (is_loc & (axis == 1)).float()
+            x = x + self._fourier(value, value, on_x, on_y) * is_loc[..., None]
+            # the 4th location token of an object (y1) predicts its class: it also gets the box centre
+            slot = (torch.arange(length, device=seq.device) - 1) % TOKENS_PER_OBJECT
+            if length >= TOKENS_PER_OBJECT:
+                v4 = value.unfold(1, 4, 1)  # (B, L - 3, 4): x0 y0 x1 y1 ending at each position >= 3
+                cx, cy = (v4[..., 0] + v4[..., 2]) / 2, (v4[..., 1] + v4[..., 3]) / 2
+                last = (is_loc & (slot == 3))[:, 3:].float()
+                centre = self._fourier(cx, cy, last, last) * last[..., None]
+                x = torch.cat([x[:, :3], x[:, 3:] + centre], dim=1)
         causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
         for layer in self.layers:
             x = layer(x, memory, causal)
@@ -146,7 +202,9 @@ def build_decoder(token_dim: int, vocab: Vocab, kind: str, cfg: EvalConfig) -> S
     pc = cfg.probe
     max_len = 2 + TOKENS_PER_OBJECT * pc.max_objects if kind == DETECTION else TOKENS_PER_OBJECT
     torch.manual_seed(cfg.seed)
-    return SequenceDecoder(token_dim, vocab, max_len, pc.width, pc.decoder_depth, pc.heads, pc.mlp_ratio)
+    return SequenceDecoder(
+        token_dim, vocab, max_len, pc.width, pc.decoder_depth, pc.heads, pc.mlp_ratio, geometry=pc.geometry
+    )
 
 
 def fit_decoder(train: ProbeSplit, task: TaskInfo, cfg: EvalConfig) -> tuple[SequenceDecoder, Vocab, int, list[float]]:
