@@ -254,7 +254,7 @@ def test_killed_mid_pass_and_restarted_trains_each_row_once_and_ends_on_the_same
     from pipeline.train.trainer import run_pretrain
     from tests.test_train import BATCH, A, M
 
-    steps = 70  # 560 rows: all of pass 0, most of pass 1
+    steps = 56  # 448 rows: all of pass 0, half of pass 1
     plain = run_pretrain(_resume_config(tmp_path, digit_shards, "plain", steps))
     cfg = _resume_config(tmp_path, digit_shards, "killed", steps, max_failures=1)
     killed: list[int] = []
@@ -288,9 +288,11 @@ def test_two_workers_a_mixture_and_a_decoupled_stream_resume_each_pass_exactly_a
 ):
     """2 workers, propagation crops from a mixture, annotations from their own stream; the job dies
     (SIGKILL, no automatic restart) and is submitted again: every pass of each stream, each row once."""
+    from pipeline.checkpoints import read_meta
     from pipeline.config import IngestConfig
     from pipeline.data.shards import write_shards
     from pipeline.train.trainer import run_pretrain
+    from tests.test_train import BATCH, A, M
 
     photos = tmp_path / "photos"
     write_shards(
@@ -315,6 +317,8 @@ def test_two_workers_a_mixture_and_a_decoupled_stream_resume_each_pass_exactly_a
     assert killed
     result = run_pretrain(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_failures=0)))
     assert result["metrics"]["step"] == steps
+    meta = read_meta(result["checkpoint"])  # DDP: two workers, each step counts both workers' views
+    assert meta["world_size"] == 2 and meta["views_seen"] == steps * 2 * BATCH * (M + A)
     assert result["metrics"]["loss_annotation"] > 0 and result["metrics"]["loss_propagation"] > 0
 
     logs = _key_log(tmp_path / "keys-pair")

@@ -113,17 +113,6 @@ def test_cpu_budget_too_small_is_a_clear_error(ray_cluster, digit_shards, tmp_pa
         run_pretrain(cfg)
 
 
-def test_pretrain_two_workers_ddp(ray_cluster, digit_shards, tmp_path):
-    from pipeline.train.trainer import run_pretrain
-
-    cfg = micro_config(tmp_path, digit_shards, steps=3, num_workers=2)
-    result = run_pretrain(cfg)
-    meta = read_meta(result["checkpoint"])
-    assert meta["world_size"] == 2
-    assert meta["step"] == 3 and meta["views_seen"] == 3 * 2 * BATCH * (M + A)
-    assert result["metrics"]["loss"] > 0
-
-
 def _batch(boxes: torch.Tensor) -> dict:
     g = torch.Generator().manual_seed(0)
     return {
