@@ -37,9 +37,12 @@ class SequenceDecoder(nn.Module):
     """(frozen tokens (B, T, D), token ids (B, L)) -> next-token logits (B, L, vocab.out_size).
 
     With `geometry`, location tokens and the memory's patch tokens also carry the same fixed Fourier
-    features of where they are (a location token: its bin centre on its axis; a patch token: its
-    centre on the square patch grid), through one learned projection: the probe does not have to
-    learn from scratch what each of the `bins` location tokens means, nor where each patch is.
+    features of where they are (a location token: its bin centre on its axis; the token that predicts
+    an object's class, its y1: also the box centre; a patch token: its cell centre), through one
+    learned projection: the probe does not have to learn from scratch what each of the `bins`
+    location tokens means, nor where each patch is. The memory is read as up to 8 prefix tokens then a
+    square grid in raster order (timm ViTs on the eval job's square images); other token counts get no
+    positions.
     """
 
     def __init__(
