@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pipeline.config import EvalConfig  # noqa: E402
-from pipeline.eval.cache import digest  # noqa: E402
+from pipeline.eval.cache import CacheKey, FeatureCache, digest  # noqa: E402
 from pipeline.eval.job import _probe_split  # noqa: E402
 from pipeline.eval.probes.decoder import evaluate_decoder, fit_decoder  # noqa: E402
 from pipeline.eval.tasks import load_task  # noqa: E402
@@ -45,17 +45,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ev = EvalConfig()
     data = load_task(args.task, os.path.join(args.root, args.data), max_per_split=args.max_per_split, seed=ev.seed)
-    found: dict[str, dict[str, str]] = {}
+    cache = FeatureCache(f"{args.root}/feature_cache")
+    found: dict[str, dict[str, CacheKey]] = {}  # the cache's entries of this task's splits, by model
     for split in ("train", "test"):
         inputs = digest([str(ex.input) for ex in getattr(data, split)])
         for meta_path in glob.glob(f"{args.root}/feature_cache/{args.task}/{split}/*/meta.json"):
             meta = json.load(open(meta_path))
-            if meta["key"]["inputs"] == inputs and meta.get("has_tokens"):
-                found.setdefault(meta["key"]["model"][:20], {})[split] = os.path.dirname(meta_path)
+            key = CacheKey(**meta["key"])
+            if key.inputs == inputs and meta.get("has_tokens"):
+                found.setdefault(key.model[:20], {})[split] = key
 
-    def split_of(folder: str, split: str):
-        arrays = {k: np.load(f"{folder}/{k}.npy") for k in ("kept", "pooled", "tokens")}
-        return _probe_split(getattr(data, split), arrays["kept"], arrays["pooled"], arrays["tokens"], data.info.kind)
+    def split_of(key: CacheKey, split: str):
+        feats = cache.get(key, need_tokens=True)  # the eval job's own reader: checked, memory-mapped
+        if feats is None:
+            raise SystemExit(f"feature cache entry {key.id} of {key.model[:20]} has no tokens or is damaged")
+        return _probe_split(getattr(data, split), feats.kept, feats.pooled, feats.tokens, data.info.kind)
 
     grid = [
         {"steps": int(s), "lr": float(lr), "geometry": bool(int(g))}

@@ -101,12 +101,11 @@ class SequenceDecoder(nn.Module):
             v = self.vocab
             is_loc = (seq >= v.loc0) & (seq < v.eos)
             value = ((seq - v.loc0).clamp(0, v.bins - 1).float() + 0.5) / v.bins
-            # the grammar fixes each position's axis: BOS, then (x0 y0 x1 y1 class)*
-            axis = ((torch.arange(length, device=seq.device) - 1) % TOKENS_PER_OBJECT) % 2
-            on_x, on_y = (is_loc & (axis == 0)).float(), (is_loc & (axis == 1)).float()
+            # the grammar fixes each position's slot and axis: BOS, then (x0 y0 x1 y1 class)*
+            slot = (torch.arange(length, device=seq.device) - 1) % TOKENS_PER_OBJECT
+            on_x, on_y = (is_loc & (slot % 2 == 0)).float(), (is_loc & (slot % 2 == 1)).float()
             x = x + self._fourier(value, value, on_x, on_y) * is_loc[..., None]
             # the 4th location token of an object (y1) predicts its class: it also gets the box centre
-            slot = (torch.arange(length, device=seq.device) - 1) % TOKENS_PER_OBJECT
             if length >= TOKENS_PER_OBJECT:
                 v4 = value.unfold(1, 4, 1)  # (B, L - 3, 4): x0 y0 x1 y1 ending at each position >= 3
                 cx, cy = (v4[..., 0] + v4[..., 2]) / 2, (v4[..., 1] + v4[..., 3]) / 2
