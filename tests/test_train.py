@@ -166,3 +166,24 @@ def test_propagation_loss_falls_on_a_fixed_batch(tmp_path):
     history = _fixed_batch_history(tmp_path, "prop", annotation_weight=0.0)
     kl = [ce - h for ce, h in zip(history["loss_propagation"], history["teacher_entropy"])]
     assert _mean(kl[-5:]) < 0.5 * _mean(kl[:5]), kl
+
+
+@pytest.mark.parametrize("threads, cpus, expected", [(3, 1.0, 3), (0, 2.0, 2), (0, 0.5, None)])
+def test_threads_per_worker_sets_torchs_threads_else_the_workers_cpus(tmp_path, threads, cpus, expected):
+    """`train.threads_per_worker` (the demo's 2 on one CPU) wins; 0 keeps int(cpus_per_worker); a fractional
+    CPU leaves torch's own setting alone."""
+    from pipeline.config import ConfigError
+    from pipeline.train.trainer import check_cpu_budget
+
+    cfg = micro_config(tmp_path, tmp_path, steps=1, threads_per_worker=threads, cpus_per_worker=cpus)
+    good = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(BATCH, M, 4).clone()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(5)
+        train(cfg, LocalSession({"train": [_batch(good)]}, tmp_path / "ck"))
+        assert torch.get_num_threads() == (expected or 5)
+    finally:
+        torch.set_num_threads(before)
+    bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads_per_worker=-1))
+    with pytest.raises(ConfigError, match=r"train.threads_per_worker must be >= 0"):
+        check_cpu_budget(bad, 2.0)

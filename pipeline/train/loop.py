@@ -79,8 +79,8 @@ def train(
     driver's progress board (pipeline.console), which rank 0 feeds; without one, the lines are notes.
     """
     rank, device = session.rank, session.device(cfg.train.use_gpu)
-    if device.type == "cpu" and cfg.train.cpus_per_worker >= 1:
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    if device.type == "cpu" and (cfg.train.threads_per_worker or cfg.train.cpus_per_worker >= 1):
+        torch.set_num_threads(cfg.train.threads_per_worker or int(cfg.train.cpus_per_worker))
     budget = Budget.from_config(cfg, session.world_size)
     reporter = StepReporter(progress, rank, budget.total_steps)  # the driver's bar + notes
     objective, optimizer, counters, resume = start(cfg, session, device, init_from_dir, reporter)

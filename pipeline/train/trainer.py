@@ -28,6 +28,10 @@ def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
     Ray Train leaves the data pipeline `cluster CPUs - training CPUs`; if one crop actor and one
     shard-read task per stream do not fit in that, the stream never starts and the run hangs silently.
     """
+    if cfg.train.threads_per_worker < 0:
+        raise ConfigError(
+            f"train.threads_per_worker must be >= 0 (0: int(train.cpus_per_worker)), got {cfg.train.threads_per_worker}"
+        )
     streams = 2 if cfg.data.decoupled else 1
     budget = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker
     need = streams * (cfg.views.cpus_per_actor + cfg.data.read_cpus)
