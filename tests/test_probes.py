@@ -467,3 +467,31 @@ def test_registry_and_probe_config():
     with pytest.raises(ConfigError, match="eval.probe.nope"):
         load_config(overrides=["eval.probe.nope=1"])
     assert ProbeConfig.paper_scale().decoder_depth == 4
+
+
+def test_box_roi_probe_pools_the_patches_whose_centres_lie_in_the_box():
+    """benchmarks/box_roi_probe.py (the study's linear box readout): one prefix token, a 3x3 grid in raster order."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "box_roi_probe.py"
+    spec = importlib.util.spec_from_file_location("box_roi_probe", path)
+    roi = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roi)
+    grid = np.arange(9, dtype=np.float32).reshape(9, 1) * np.array([[1.0, 10.0]], np.float32)  # patch i = (i, 10 i)
+    tokens = np.concatenate([np.full((1, 2), -100.0, np.float32), grid])[None]  # the prefix must never be pooled
+    boxes = [
+        np.array(
+            [
+                [0.0, 0.0, 1.0, 1.0],  # every patch: mean of 0..8
+                [0.0, 0.0, 0.45, 0.45],  # centre (1/6, 1/6) only (1/2 is outside): patch 0
+                [0.5, 0.0, 1.0, 0.4],  # top row, x centres 1/2 and 5/6: patches 1, 2
+                [0.0, 0.5, 0.4, 1.0],  # left column, y centres 1/2 and 5/6: patches 3, 6
+                [0.9, 0.9, 0.95, 0.95],  # no centre inside: the nearest patch, 8
+            ],
+            np.float32,
+        )
+    ]
+    got = roi.roi_features(tokens, boxes)
+    np.testing.assert_allclose(got[:, 0], [4.0, 0.0, 1.5, 4.5, 8.0])
+    np.testing.assert_allclose(got[:, 1], 10 * got[:, 0])
