@@ -304,8 +304,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    # torch's intra-op threads per CPU worker; 0: int(cpus_per_worker). More than the reservation helps where the
-    # data stage leaves its cores idle part of the time (the demo on 2 cores: docs/training.md#sizing-the-cpu-side)
+    # torch's intra-op threads per CPU worker; 0: int(cpus_per_worker). More than the reservation helps only in a
+    # steady state where the data stage leaves its cores idle (docs/training.md#the-demo-recipe)
     threads_per_worker: int = 0
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources per training worker
     checkpoint_every_steps: int = 500
