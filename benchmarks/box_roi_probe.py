@@ -8,7 +8,9 @@ boxes, then multinomial logistic regression (scikit-learn). A feature that alrea
 scores high here; a readout that only works after a trained decoder scores low.
 
 Reads the feature cache an `abpipe study` left under its root, names each cached encoder by the study
-checkpoint whose weights (or random-init recipe) it fingerprints, and prints one line per encoder:
+checkpoint whose weights (or random-init recipe) it fingerprints (`<arm>-s<seed>`, the EMA teacher the eval
+job reads by default, or `... student` where an eval with `eval.weights=student` cached the student's
+features), and prints one line per encoder:
 
     python benchmarks/box_roi_probe.py --root /work/study/root
 """
@@ -98,28 +100,33 @@ def probe_seed(args, cache: FeatureCache, names: dict[str, str], seed: int) -> N
         for meta_path in glob.glob(f"{args.root}/feature_cache/coco_objects/{split}/*/meta.json"):
             key = CacheKey(**json.load(open(meta_path))["key"])
             if key.inputs == inputs and names.get(key.model, "").endswith(f"-s{seed}"):
-                found.setdefault(key.model, {})[split] = key
+                weights = "" if key.weights == "teacher" or names[key.model].startswith("random") else " student"
+                found.setdefault(names[key.model] + weights, {})[split] = key
 
     def split_of(key: CacheKey, split: str) -> tuple[np.ndarray, np.ndarray]:
         feats = cache.get(key, need_tokens=True)
-        if feats is None:
-            raise SystemExit(f"feature cache entry {key.id} has no tokens or is damaged")
+        if feats is None:  # e.g. an eval that ran no token-reading probe cached pooled features only
+            raise LookupError(f"feature cache entry {key.id} has no tokens or is damaged")
         rows = [getattr(data, split)[i] for i in feats.kept]
         boxes = [np.asarray(ex.boxes, np.float32).reshape(-1, 4) for ex in rows]
         labels = np.concatenate([np.asarray(ex.box_labels, np.int64).reshape(-1) for ex in rows])
         return roi_features(feats.tokens, boxes), labels
 
-    for model, folders in sorted(found.items(), key=lambda kv: names[kv[0]]):
+    for name, folders in sorted(found.items()):
         if set(folders) != {"train", "test"}:
             continue
         t0 = time.perf_counter()
-        (x_tr, y_tr), (x_te, y_te) = split_of(folders["train"], "train"), split_of(folders["test"], "test")
+        try:
+            (x_tr, y_tr), (x_te, y_te) = split_of(folders["train"], "train"), split_of(folders["test"], "test")
+        except LookupError as exc:
+            print(f"{name:24s} skipped: {exc}", flush=True)
+            continue
         scaler = StandardScaler().fit(x_tr)
         clf = LogisticRegression(C=args.C, max_iter=2000).fit(scaler.transform(x_tr), y_tr)
         train_top1 = float((clf.predict(scaler.transform(x_tr)) == y_tr).mean())
         test_top1 = float((clf.predict(scaler.transform(x_te)) == y_te).mean())
         print(
-            f"{names[model]:24s} boxes {len(y_tr)}/{len(y_te)} dim {x_tr.shape[1]} "
+            f"{name:24s} boxes {len(y_tr)}/{len(y_te)} dim {x_tr.shape[1]} "
             f"train top-1 {train_top1:.3f} test top-1 {test_top1:.3f} ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
