@@ -95,7 +95,7 @@ def test_the_random_init_floor_is_probed_once_per_seed_and_data():
 
 def test_the_published_study_tables_are_the_committed_rows_tables():
     """docs/study.md's study block names its raw rows under benchmarks/results/ and shows exactly the
-    tables `abpipe study --report` makes of them; the README shows the same scenes and CLIP tables."""
+    tables `abpipe study --report` makes of them; the README shows the same three tables."""
     import re
     from pathlib import Path
 
@@ -109,6 +109,6 @@ def test_the_published_study_tables_are_the_committed_rows_tables():
     tables = report(repo / "benchmarks" / "results" / named[0])
     assert tables and tables in block, "docs/study.md's tables differ from the committed rows' report"
     readme = (repo / "README.md").read_text()
-    for name in ("scenes", "clip"):  # Tables 2/4 and 3 (the object-centric one is in docs/study.md)
+    for name in TABLES:  # Tables 2/4, Table 3 and the object-centric pair
         table = tables.split(f"**{TABLES[name]}**\n\n")[1].split("\n\n")[0]
         assert table in readme, f"the README's {name} table differs from the committed rows'"
