@@ -94,29 +94,17 @@ def _decode(samples: list[dict]) -> np.ndarray:
 
 
 def box_features(encoder, samples: list[dict], size: int, prefix: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean patch token inside each ground-truth box (at least the patch under its centre)."""
-    tokens = tokens_of(encoder, _decode(samples), size)[:, prefix:]
-    grid = int(round(tokens.shape[1] ** 0.5))
-    centres = (torch.arange(grid) + 0.5) / grid
-    feats, labels = [], []
-    for t, s in zip(tokens, samples):
-        meta = s["meta"]
-        for box, label in zip(meta["boxes"], meta["labels"]):
-            x0, y0, x1, y1 = (
-                box[0] / meta["width"],
-                box[1] / meta["height"],
-                box[2] / meta["width"],
-                box[3] / meta["height"],
-            )
-            inx = (centres >= x0) & (centres <= x1)
-            iny = (centres >= y0) & (centres <= y1)
-            mask = iny[:, None] & inx[None, :]
-            if not mask.any():
-                mask = torch.zeros(grid, grid, dtype=torch.bool)
-                mask[min(int((y0 + y1) / 2 * grid), grid - 1), min(int((x0 + x1) / 2 * grid), grid - 1)] = True
-            feats.append(t.view(grid, grid, -1)[mask].mean(0).numpy())
-            labels.append(label)
-    return np.stack(feats), np.array(labels)
+    """Mean patch token inside each ground-truth box (at least the patch under its centre): box_roi_probe's pooling."""
+    from box_roi_probe import roi_features  # benchmarks/ is on sys.path when a benchmark runs as a script
+
+    tokens = tokens_of(encoder, _decode(samples), size)[:, prefix:].numpy()  # roi_features wants patches only here
+    boxes = [
+        np.asarray(s["meta"]["boxes"], np.float32).reshape(-1, 4)
+        / np.array([s["meta"]["width"], s["meta"]["height"]] * 2, np.float32)
+        for s in samples
+    ]
+    labels = [label for s in samples for label in s["meta"]["labels"]]
+    return roi_features(tokens, boxes), np.array(labels)
 
 
 def linear_probe(xtr, ytr, xte, yte) -> float:

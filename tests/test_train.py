@@ -170,7 +170,7 @@ def test_propagation_loss_falls_on_a_fixed_batch(tmp_path):
 
 @pytest.mark.parametrize("threads, cpus, expected", [(3, 1.0, 3), (0, 2.0, 2), (0, 0.5, None)])
 def test_threads_per_worker_sets_torchs_threads_else_the_workers_cpus(tmp_path, threads, cpus, expected):
-    """`train.threads_per_worker` (the demo's 2 on one CPU) wins; 0 keeps int(cpus_per_worker); a fractional
+    """`train.threads_per_worker` (e.g. 2 on one CPU) wins; 0 keeps int(cpus_per_worker); a fractional
     CPU leaves torch's own setting alone."""
     from pipeline.config import ConfigError
     from pipeline.train.trainer import check_cpu_budget
