@@ -59,7 +59,10 @@ TABLES = {
     "scenes": "Pretraining on the scenes (the paper's Table 2 and Table 4)",
     "clip": "Boxes + class names as text annotations (the paper's Table 3)",
     "objects": "Pretraining on the object-centric variant (the ImageNet analogue)",
+    "partial": "Boxes as text on 10 % of the scenes, crops from all of them (annotation bootstrapping)",
 }
+# The partly annotated arms: the share of the train scenes whose boxes (as text) they see.
+ANNOTATED_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,20 @@ class Arm:
     description: str
     overrides: tuple[str, ...] = ()
     seeds: int = 1
-    data: str = "scenes"  # scenes | objects: the shard set it pretrains on
+    data: str = "scenes"  # scenes | objects | scenes_annotated: the shard set it pretrains on
+    annotations: str = ""  # a shard set of its own for the annotation stream (data.annotation_shards); "" = data's
     table: str = "scenes"  # which table of TABLES it is reported in
     paper: dict[str, float] = field(default_factory=dict)  # the paper's figure for a metric of ours, where one exists
+
+    @property
+    def floor_data(self) -> str:
+        return floor_data(self.data)
+
+
+def floor_data(data: str) -> str:
+    """The pretraining data whose random-init row an arm on `data` shares: the partly annotated scenes
+    are probed on the same tasks as the scenes, so they share its floor (the encoder depends on the seed)."""
+    return "objects" if data == "objects" else "scenes"
 
 
 # The SimCLR baseline reads only the two annotation views: the AB crops would be cut, counted, never used.
@@ -120,6 +134,22 @@ ARMS: tuple[Arm, ...] = (
     ),
     Arm("objects_ab_simclr", "AB_SimCLR on objects", (), data="objects", table="objects"),
     Arm("objects_simclr", "SimCLR on objects (equal views)", SIMCLR, data="objects", table="objects"),
+    # AB's own setting: annotations on part of the data, the propagation loss carries them to the rest.
+    Arm(
+        "ab_clip_partial",
+        "AB_CLIP: boxes of 10 % of the scenes as text, crops from all",
+        # two streams (crops, annotations) each need an actor and a read task in the CPU training leaves
+        (*AB_CLIP, "views.cpus_per_actor=0.25", "data.read_cpus=0.25"),
+        annotations="scenes_annotated",
+        table="partial",
+    ),
+    Arm(
+        "clip_partial",
+        "CLIP on the annotated 10 % (equal views)",
+        CLIP,
+        data="scenes_annotated",
+        table="partial",
+    ),
 )
 
 
@@ -131,12 +161,15 @@ def arm_config(
     if "train.total_views=@third" in own:  # equal steps with AB: a third of the views (2 views per image vs 6)
         own[own.index("train.total_views=@third")] = f"train.total_views={base.train.total_views // 3}"
     named = [f"train.seed={seed}", f"train.run_name=study-{arm.slug}-s{seed}", f"data.shards={shards[arm.data]}"]
+    if arm.annotations:
+        named.append(f"data.annotation_shards={shards[arm.annotations]}")
     return load_config(config, [*overrides, *own, *named]).resolved()
 
 
 def prepare_data(cfg: Config, needed: set[str]) -> dict[str, str]:
-    """Write the scene set (once) and ingest what the arms need; returns {scenes|objects: shard dir}."""
-    from pipeline.data.scenes import write_scenes
+    """Write the scene set (once) and ingest what the arms need; returns {scenes|objects|scenes_annotated:
+    shard dir}."""
+    from pipeline.data.scenes import annotated_subset, write_scenes
     from pipeline.ingest import run_ingest
 
     write_scenes(cfg.scenes)
@@ -144,6 +177,9 @@ def prepare_data(cfg: Config, needed: set[str]) -> dict[str, str]:
     shards = {
         "scenes": cfg.paths.under("shards", f"scenes_{cfg.scenes.objects}"),
         "objects": cfg.paths.under("shards", f"objects_{cfg.scenes.objects}"),
+        "scenes_annotated": cfg.paths.under(
+            "shards", f"scenes_{cfg.scenes.objects}_annotated{ANNOTATED_FRACTION * 100:g}"
+        ),
     }
     if "scenes" in needed:
         ann = data / "scenes" / "annotations"
@@ -154,6 +190,17 @@ def prepare_data(cfg: Config, needed: set[str]) -> dict[str, str]:
         )
         ingest = dataclasses.replace(
             cfg.ingest, source="coco", input=str(data / "scenes" / "train2017"), output=shards["scenes"], coco=coco
+        )
+        run_ingest(dataclasses.replace(cfg, ingest=ingest))
+    if "scenes_annotated" in needed:
+        subset = annotated_subset(data, ANNOTATED_FRACTION)
+        coco = dataclasses.replace(cfg.ingest.coco, **subset)
+        ingest = dataclasses.replace(
+            cfg.ingest,
+            source="coco",
+            input=str(data / "scenes" / "train2017"),
+            output=shards["scenes_annotated"],
+            coco=coco,
         )
         run_ingest(dataclasses.replace(cfg, ingest=ingest))
     if "objects" in needed:
@@ -180,7 +227,7 @@ def random_init_row(done: dict[tuple[str, int], dict], seed: int, data: str) -> 
     seed starts from the same random encoder (same architecture, view size, seed), so its probes are
     trained once per (seed, data), not once per arm."""
     for row in done.values():
-        if row["seed"] == seed and row.get("data") == data and any("/random_init/" in k for k in row):
+        if row["seed"] == seed and floor_data(row.get("data", "")) == data and any("/random_init/" in k for k in row):
             return row
     return None
 
@@ -252,9 +299,9 @@ def summarise(
     slugs = {a.slug for a in rows}
     floor_cells = []
     for m in shown:
-        # one figure per (seed, pretraining data): every arm of a seed starts from the same random encoder
+        # one figure per seed: every arm of a seed in a table starts from the same random encoder
         per_seed = {
-            (r["seed"], r.get("data", "")): _value(m, r[f"{m.split('/')[0]}/random_init/{m.split('/', 1)[1]}"])
+            r["seed"]: _value(m, r[f"{m.split('/')[0]}/random_init/{m.split('/', 1)[1]}"])
             for r in results
             if r["arm"] in slugs and f"{m.split('/')[0]}/random_init/{m.split('/', 1)[1]}" in r
         }
@@ -304,7 +351,7 @@ def run_study(
 
         raise ConfigError(f"unknown study arm(s) {unknown}; known: {', '.join(a.slug for a in ARMS)}")
     selected = [a for a in ARMS if arms is None or a.slug in arms]
-    shards = prepare_data(base, {a.data for a in selected})
+    shards = prepare_data(base, {a.data for a in selected} | {a.annotations for a in selected if a.annotations})
     results_path = Path(base.paths.under("study_results.jsonl"))
     done = load_results(results_path)
     # Seed-major: every arm's seed 0 before any seed 1, so a study cut short still covers every arm.
@@ -317,7 +364,7 @@ def run_study(
     for arm, seed in todo:
         if (arm.slug, seed) in done:
             continue
-        floor = random_init_row(done, seed, arm.data) if base.eval.random_init else None
+        floor = random_init_row(done, seed, arm.floor_data) if base.eval.random_init else None
         row = run_arm(arm, seed, base, config, overrides, shards, floor)
         row = {**row, "data": arm.data, "objects": base.scenes.objects}
         done[(arm.slug, seed)] = row

@@ -109,6 +109,30 @@ def test_captions_name_the_objects_in_the_scene(scene_root):
         assert {n for n in scenes.DIGIT_CLASSES if f" {n}" in inventory} == present
 
 
+def test_annotated_subset_is_the_first_scenes_with_all_their_boxes_and_captions(scene_root, tmp_path):
+    import shutil
+
+    from pycocotools.coco import COCO
+
+    ann = tmp_path / "scenes" / "annotations"  # a copy: the shared scene set stays as written
+    shutil.copytree(scene_root / "scenes" / "annotations", ann)
+    full = COCO(str(ann / "instances_train2017.json"))
+    subset = scenes.annotated_subset(tmp_path, 0.25)
+    assert subset["instances"].endswith("instances_train2017_annotated25.json")
+    part = COCO(subset["instances"])
+    kept = sorted(full.getImgIds())[: N_TRAIN // 4]  # ceil(0.25 x 24) = 6 scenes, in file order
+    assert sorted(part.getImgIds()) == kept
+    for image_id in kept:  # every box of a kept scene, unchanged; none of the others
+        assert part.loadAnns(part.getAnnIds(imgIds=image_id)) == full.loadAnns(full.getAnnIds(imgIds=image_id))
+    assert len(part.getAnnIds()) == len(full.getAnnIds(imgIds=kept))
+    caps = json.loads(Path(subset["captions"]).read_text())
+    every = json.loads((ann / "captions_train2017.json").read_text())
+    assert caps["annotations"] == [c for c in every["annotations"] if c["image_id"] in set(kept)]
+    assert len(COCO(scenes.annotated_subset(tmp_path, 0.1)["instances"]).getImgIds()) == 3  # ceil(2.4)
+    with pytest.raises(ValueError, match="annotated fraction"):
+        scenes.annotated_subset(tmp_path, 0.0)
+
+
 def test_relation_caption_follows_the_boxes():
     rng = np.random.default_rng(0)
     boxes = np.array([[0, 0, 30, 30], [40, 0, 60, 20]], float)  # the larger one (0) is left of the other

@@ -9,8 +9,13 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.study import ARMS, DEFAULT_CONFIG, arm_config, summarise
 from pipeline.train.step import Budget
+from pipeline.train.trainer import check_cpu_budget
 
-SHARDS = {"scenes": "/data/shards/scenes", "objects": "/data/shards/objects"}
+SHARDS = {
+    "scenes": "/data/shards/scenes",
+    "objects": "/data/shards/objects",
+    "scenes_annotated": "/data/shards/scenes_annotated10",
+}
 
 
 def _row(arm, seed, box, floor=None, **extra):
@@ -42,6 +47,20 @@ def test_every_arm_resolves_to_a_real_config():
         cfg = arm_config(arm, 1, base, DEFAULT_CONFIG, [], SHARDS)  # unknown keys would raise ConfigError
         assert cfg.train.seed == 1 and cfg.train.run_name == f"study-{arm.slug}-s1"
         assert cfg.data.shards == SHARDS[arm.data]
+        assert cfg.data.annotation_shards == (SHARDS[arm.annotations] if arm.annotations else "")
+        assert cfg.data.decoupled == bool(arm.annotations)
+        check_cpu_budget(cfg, cfg.ray.num_cpus)  # fits the study's CPUs: a decoupled run needs two streams
+
+
+def test_the_partly_annotated_arms_see_boxes_of_the_same_scenes():
+    """AB_CLIP's annotations and CLIP's whole data are the annotated share; AB_CLIP's crops are all scenes."""
+    base = load_config(DEFAULT_CONFIG).resolved()
+    arms = {a.slug: arm_config(a, 0, base, DEFAULT_CONFIG, [], SHARDS) for a in ARMS}
+    ab, clip = arms["ab_clip_partial"], arms["clip_partial"]
+    assert ab.data.annotation_shards == clip.data.shards == SHARDS["scenes_annotated"]
+    assert ab.data.shards == SHARDS["scenes"]
+    assert (ab.objective.name, clip.objective.name) == ("ab_clip", "clip")
+    assert ab.views.text == arms["ab_clip"].views.text and clip.views.text == arms["clip"].views.text
 
 
 def test_equal_views_and_equal_steps_arms():
@@ -52,7 +71,7 @@ def test_equal_views_and_equal_steps_arms():
     assert steps["simclr"].total_steps == 3 * steps["ab_simclr"].total_steps
     assert steps["simclr_equal_steps"].total_steps == steps["ab_simclr"].total_steps
     views = {s: b.views_per_step * b.total_steps for s, b in steps.items()}
-    for slug in ("simclr", "ab_clip", "clip", "null_actions", "objects_simclr"):
+    for slug in ("simclr", "ab_clip", "clip", "null_actions", "objects_simclr", "ab_clip_partial", "clip_partial"):
         assert abs(views[slug] - views["ab_simclr"]) < steps[slug].views_per_step  # equal views, to one step
 
 
@@ -91,11 +110,37 @@ def test_the_random_init_floor_is_probed_once_per_seed_and_data():
     assert random_init_row(done, 0, "scenes")["run_id"] == "a0"
     assert random_init_row(done, 1, "scenes") is None  # seed 1's row has no floor: probe it
     assert random_init_row(done, 0, "objects") is None  # another pretraining set has its own floor row
+    # the partly annotated scenes share the scenes' floor, whichever arm probed it
+    done = {
+        ("clip_partial", 2): {
+            "arm": "clip_partial",
+            "seed": 2,
+            "data": "scenes_annotated",
+            "run_id": "c2",
+            "x/random_init/y": 0.2,
+        }
+    }
+    assert random_init_row(done, 2, "scenes")["run_id"] == "c2"
+    assert {a.slug: a.floor_data for a in ARMS if a.table == "partial"} == {
+        "ab_clip_partial": "scenes",
+        "clip_partial": "scenes",
+    }
+
+
+def test_a_tables_floor_is_one_figure_per_seed():
+    """Both partly annotated arms carry seed 0's floor (copied from one row): it counts once, no spread."""
+    rows = [
+        _row("ab_clip_partial", 0, 0.40, 0.20, data="scenes"),
+        _row("clip_partial", 0, 0.50, 0.20, data="scenes_annotated"),
+    ]
+    rows += [_row("ab_clip_partial", 1, 0.42, 0.24, data="scenes")]
+    lines = summarise(rows, ARMS, "partial")
+    assert f"| Random-init encoder (same probes) | 2 | 22.0 ± {statistics.stdev([20.0, 24.0]):.1f} |" in lines[2]
 
 
 def test_the_published_study_tables_are_the_committed_rows_tables():
     """docs/study.md's study block names its raw rows under benchmarks/results/ and shows exactly the
-    tables `abpipe study --report` makes of them; the README shows the same three tables."""
+    tables `abpipe study --report` makes of them; the README shows the same tables."""
     import re
     from pathlib import Path
 
@@ -109,6 +154,8 @@ def test_the_published_study_tables_are_the_committed_rows_tables():
     tables = report(repo / "benchmarks" / "results" / named[0])
     assert tables and tables in block, "docs/study.md's tables differ from the committed rows' report"
     readme = (repo / "README.md").read_text()
-    for name in TABLES:  # Tables 2/4, Table 3 and the object-centric pair
+    shown = [name for name in TABLES if f"**{TABLES[name]}**" in tables]  # every table with rows
+    assert {"scenes", "clip", "objects"} <= set(shown)
+    for name in shown:
         table = tables.split(f"**{TABLES[name]}**\n\n")[1].split("\n\n")[0]
         assert table in readme, f"the README's {name} table differs from the committed rows'"

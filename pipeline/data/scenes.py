@@ -415,3 +415,26 @@ def write_scenes(spec: ScenesConfig, out: str | os.PathLike | None = None, objec
         }
     marker.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def annotated_subset(root: str | os.PathLike, fraction: float, folder: str = "train2017") -> dict[str, str]:
+    """A split's first `fraction` of scenes as their own COCO jsons (instances + captions), for runs whose
+    annotations cover part of the data: ingesting them yields the annotated shard set, the full jsons the
+    unlabelled one. The scenes are independent draws, so the first ones are a random sample. Returns
+    {"instances": path, "captions": path}; rewritten on every call (it is cheap and deterministic)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"annotated fraction must be in (0, 1], got {fraction}")
+    ann_dir = Path(root) / "scenes" / "annotations"
+    tag = f"annotated{fraction * 100:g}"
+    out = {}
+    for kind in ("instances", "captions"):
+        data = json.loads((ann_dir / f"{kind}_{folder}.json").read_text())
+        n = max(1, int(np.ceil(fraction * len(data["images"]))))
+        data["images"] = data["images"][:n]
+        kept = {image["id"] for image in data["images"]}
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
+        data["info"] = {**data.get("info", {}), "description": f"{data['info']['description']}, first {n} scenes"}
+        path = ann_dir / f"{kind}_{folder}_{tag}.json"
+        path.write_text(json.dumps(data))
+        out[kind] = str(path)
+    return out
