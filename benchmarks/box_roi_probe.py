@@ -4,7 +4,8 @@ The study's box-classification column comes from the decoder probe (a transforme
 tokens), which reads the random-init encoder's tokens as well as the pretrained ones' (docs/study.md). This
 asks the same question with a readout that cannot re-learn the features: the mean of the patch tokens whose
 centres lie inside the box (the nearest patch for a box smaller than one), standardised on the training
-boxes, then multinomial logistic regression (scikit-learn). A feature that already separates the objects
+boxes, then multinomial logistic regression (scikit-learn); the eval job's `box_linear` probe is the same pooling
+with the linear probe's classifier, for new evaluations. A feature that already separates the objects
 scores high here; a readout that only works after a trained decoder scores low.
 
 Reads the feature cache an `abpipe study` left under its root, names each cached encoder by the study
@@ -31,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pipeline.config import EvalConfig  # noqa: E402
 from pipeline.eval.cache import CacheKey, FeatureCache, digest  # noqa: E402
+from pipeline.eval.probes.box_linear import roi_features  # noqa: E402  (the eval job's box_linear pooling)
 from pipeline.eval.tasks import load_task  # noqa: E402
 
 
@@ -51,26 +53,6 @@ def encoder_names(root: str) -> dict[str, str]:
         seed = re.search(r"-s(\d+)$", arm).group(1)
         names.setdefault(random_init_fingerprint(model_cfg), f"random-s{seed}")
     return names
-
-
-def roi_features(tokens: np.ndarray, boxes: list[np.ndarray]) -> np.ndarray:
-    """Mean of the patch tokens whose centres fall inside each box, in the order of the images' boxes."""
-    n_tokens = tokens.shape[1]
-    side = int(np.sqrt(n_tokens))
-    prefix = n_tokens - side * side  # class/register tokens come first
-    centres = (np.arange(side) + 0.5) / side
-    cx, cy = np.meshgrid(centres, centres)  # raster order: row (y) major
-    cx, cy = cx.ravel(), cy.ravel()
-    out = []
-    for img_tokens, img_boxes in zip(tokens, boxes):
-        patches = np.asarray(img_tokens[prefix:], np.float32)
-        for x1, y1, x2, y2 in img_boxes:
-            inside = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
-            if not inside.any():
-                inside = np.zeros_like(inside)
-                inside[np.argmin((cx - (x1 + x2) / 2) ** 2 + (cy - (y1 + y2) / 2) ** 2)] = True
-            out.append(patches[inside].mean(0))
-    return np.stack(out)
 
 
 def main() -> None:

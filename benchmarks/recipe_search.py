@@ -94,8 +94,8 @@ def _decode(samples: list[dict]) -> np.ndarray:
 
 
 def box_features(encoder, samples: list[dict], size: int, prefix: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean patch token inside each ground-truth box (at least the patch under its centre): box_roi_probe's pooling."""
-    from box_roi_probe import roi_features  # benchmarks/ is on sys.path when a benchmark runs as a script
+    """Mean patch token inside each ground-truth box (at least the patch under its centre): box_linear's pooling."""
+    from pipeline.eval.probes.box_linear import roi_features
 
     tokens = tokens_of(encoder, _decode(samples), size)[:, prefix:].numpy()  # roi_features wants patches only here
     boxes = [

@@ -387,6 +387,7 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     linear_epochs: int = 500
+    box_linear_epochs: int = 1500  # box_linear's full-batch steps: box features fit slower (docs/evaluation.md)
     linear_lr: float = 1e-2
     linear_weight_decay: float = 1e-4
     probes: list[str] = field(default_factory=lambda: ["knn", "linear"])

@@ -38,6 +38,7 @@ DEFAULT_CONFIG = packaged_config("scenes_small.yaml")  # package data: the study
 # The metrics a study row keeps (eval job keys, `<task>/<probe>_<metric>`), with their table headers.
 METRICS = {
     "coco_objects/decoder_top1": "box cls (decoder top-1 %)",
+    "coco_objects/box_linear_top1": "box cls (linear on the box's tokens, top-1 %)",
     "coco_detection/decoder_map50": "detection (decoder mAP@50)",
     "coco_detection/decoder_map": "detection (decoder mAP)",
     "folder/linear_top1": "objects (linear top-1 %)",
@@ -222,12 +223,16 @@ def eval_config(cfg: Config, checkpoint: str, seed: int) -> Config:
     return dataclasses.replace(cfg, eval=ev)
 
 
-def random_init_row(done: dict[tuple[str, int], dict], seed: int, data: str) -> dict | None:
+def random_init_row(done: dict[tuple[str, int], dict], seed: int, data: str, probes: Sequence[str] = ()) -> dict | None:
     """An earlier row of this seed and pretraining data that holds the random-init floor: every arm of a
     seed starts from the same random encoder (same architecture, view size, seed), so its probes are
-    trained once per (seed, data), not once per arm."""
+    trained once per (seed, data), not once per arm. A row whose floor lacks one of `probes` (it was
+    probed before the study's `eval.probes` grew) is not taken: the arm probes the floor again."""
     for row in done.values():
-        if row["seed"] == seed and floor_data(row.get("data", "")) == data and any("/random_init/" in k for k in row):
+        if row["seed"] != seed or floor_data(row.get("data", "")) != data:
+            continue
+        floor = [k.split("/random_init/")[1] for k in row if "/random_init/" in k]
+        if floor and all(any(f.startswith(f"{p}_") for f in floor) for p in probes):
             return row
     return None
 
@@ -364,7 +369,7 @@ def run_study(
     for arm, seed in todo:
         if (arm.slug, seed) in done:
             continue
-        floor = random_init_row(done, seed, arm.floor_data) if base.eval.random_init else None
+        floor = random_init_row(done, seed, arm.floor_data, base.eval.probes) if base.eval.random_init else None
         row = run_arm(arm, seed, base, config, overrides, shards, floor)
         row = {**row, "data": arm.data, "objects": base.scenes.objects}
         done[(arm.slug, seed)] = row

@@ -333,7 +333,8 @@ def test_bad_task_data_fails_that_task_only(ray_cluster, digits_folder, pretrain
 
 
 def test_box_task_uses_tokens_and_stretch_resize(ray_cluster, pretrain_setup, tmp_path):
-    """A box task: whole-image resize, the encoder's tokens reach the decoder probe; kNN is not run on it."""
+    """A box task: whole-image resize, the encoder's tokens reach the decoder and box-linear probes; kNN is
+    not run on it."""
     from pipeline.eval.job import run_eval
     from tests.task_fixtures import make_coco
 
@@ -346,14 +347,17 @@ def test_box_task_uses_tokens_and_stretch_resize(ray_cluster, pretrain_setup, tm
             ckpt,
             tasks=["coco_objects"],
             task_roots={"coco_objects": root},
-            probes=["knn", "decoder"],
+            probes=["knn", "decoder", "box_linear"],
             probe=probe,
             random_init=False,
         )
     )
     res = result["tasks"]["coco_objects"]
     assert res["kind"] == "box_classification"
-    assert set(res["metrics"]) and all(k.startswith("decoder_") for k in res["metrics"]), res["metrics"]
+    assert set(res["metrics"]) and all(k.startswith(("decoder_", "box_linear_")) for k in res["metrics"]), res[
+        "metrics"
+    ]
+    assert res["metrics"]["box_linear_n_boxes"] == res["metrics"]["decoder_n_boxes"] > 0  # every test box, both probes
     cache_root = os.path.join(cfg.paths.root, "feature_cache", "coco_objects")
     metas = [os.path.join(d, "meta.json") for d, _, fs in os.walk(cache_root) if "meta.json" in fs]
     assert len(metas) == 2

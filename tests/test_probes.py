@@ -469,15 +469,10 @@ def test_registry_and_probe_config():
     assert ProbeConfig.paper_scale().decoder_depth == 4
 
 
-def test_box_roi_probe_pools_the_patches_whose_centres_lie_in_the_box():
-    """benchmarks/box_roi_probe.py (the study's linear box readout): one prefix token, a 3x3 grid in raster order."""
-    import importlib.util
-    from pathlib import Path
+def test_box_linear_pools_the_patches_whose_centres_lie_in_the_box():
+    """The box-linear probe's pooling (benchmarks/box_roi_probe.py's too): a prefix token, a 3x3 grid, raster order."""
+    from pipeline.eval.probes.box_linear import roi_features
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "box_roi_probe.py"
-    spec = importlib.util.spec_from_file_location("box_roi_probe", path)
-    roi = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(roi)
     grid = np.arange(9, dtype=np.float32).reshape(9, 1) * np.array([[1.0, 10.0]], np.float32)  # patch i = (i, 10 i)
     tokens = np.concatenate([np.full((1, 2), -100.0, np.float32), grid])[None]  # the prefix must never be pooled
     boxes = [
@@ -492,6 +487,53 @@ def test_box_roi_probe_pools_the_patches_whose_centres_lie_in_the_box():
             np.float32,
         )
     ]
-    got = roi.roi_features(tokens, boxes)
+    got = roi_features(tokens, boxes)
     np.testing.assert_allclose(got[:, 0], [4.0, 0.0, 1.5, 4.5, 8.0])
     np.testing.assert_allclose(got[:, 1], 10 * got[:, 0])
+    assert roi_features(tokens, [np.zeros((0, 4), np.float32)]).shape == (0, 2)
+
+
+def _box_split(rng, n_images: int, n_classes: int, codes: np.ndarray) -> ProbeSplit:
+    """4x4 patch grids of noise; each image's two objects write their class's code into the patches of
+    their box (one quadrant each), and the pooled feature is noise: only the box's patches say the class."""
+    quadrants = np.array([[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]], np.float32)
+    tokens = rng.normal(size=(n_images, 17, codes.shape[1])).astype(np.float32)  # a class token + 16 patches
+    boxes, labels = [], []
+    for i in range(n_images):
+        where = rng.choice(4, size=2, replace=False)
+        classes = rng.integers(0, n_classes, size=2)
+        for q, c in zip(where, classes):
+            rows, cols = divmod(int(q), 2)
+            for r in range(2 * rows, 2 * rows + 2):
+                for col in range(2 * cols, 2 * cols + 2):
+                    tokens[i, 1 + 4 * r + col] += codes[c]
+        boxes.append(quadrants[where])
+        labels.append(classes.astype(np.int64))
+    return ProbeSplit(
+        pooled=rng.normal(size=(n_images, codes.shape[1])).astype(np.float32),
+        tokens=tokens,
+        boxes=boxes,
+        box_labels=labels,
+    )
+
+
+def test_box_linear_reads_the_class_in_the_box_as_a_reference_logistic_regression_does():
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.eval.probes.box_linear import roi_features
+
+    rng = np.random.default_rng(0)
+    codes = rng.normal(size=(4, 16)).astype(np.float32) * 0.7
+    train, test = _box_split(rng, 150, 4, codes), _box_split(rng, 100, 4, codes)
+    info = TaskInfo("boxes", BOX_CLASSIFICATION, ["a", "b", "c", "d"])
+    cfg = EvalConfig(linear_epochs=200)
+    got = PROBES["box_linear"](train, test, info, cfg)
+    assert got["n_boxes"] == 200
+    reference = LogisticRegression(max_iter=2000).fit(
+        roi_features(train.tokens, train.boxes), np.concatenate(train.box_labels)
+    )
+    ref_top1 = reference.score(roi_features(test.tokens, test.boxes), np.concatenate(test.box_labels))
+    assert ref_top1 > 0.9 and abs(got["top1"] - ref_top1) < 0.05, (got, ref_top1)
+    # each image's two boxes swapped: a label now pools the other object's patches, and reads near chance
+    swapped = dataclasses.replace(test, boxes=[b[::-1] for b in test.boxes])
+    assert PROBES["box_linear"](train, swapped, info, cfg)["top1"] < 0.45

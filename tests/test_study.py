@@ -110,6 +110,10 @@ def test_the_random_init_floor_is_probed_once_per_seed_and_data():
     assert random_init_row(done, 0, "scenes")["run_id"] == "a0"
     assert random_init_row(done, 1, "scenes") is None  # seed 1's row has no floor: probe it
     assert random_init_row(done, 0, "objects") is None  # another pretraining set has its own floor row
+    # a floor probed before the study's probes grew is not reused for a row that needs the new probe's
+    done[("ab_simclr", 0)]["x/random_init/decoder_top1"] = 0.3
+    assert random_init_row(done, 0, "scenes", ["decoder"])["run_id"] == "a0"
+    assert random_init_row(done, 0, "scenes", ["decoder", "box_linear"]) is None
     # the partly annotated scenes share the scenes' floor, whichever arm probed it
     done = {
         ("clip_partial", 2): {

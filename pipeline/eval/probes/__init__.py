@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from pipeline.eval.probes.attentive import ATTENTIVE
 from pipeline.eval.probes.base import Probe, ProbeInputError
+from pipeline.eval.probes.box_linear import BOX_LINEAR
 from pipeline.eval.probes.decoder import DECODER
 from pipeline.eval.probes.knn import KNN, knn_predict
 from pipeline.eval.probes.linear import LINEAR
 from pipeline.eval.probes.rankme import RANKME
 
-PROBES: dict[str, Probe] = {p.name: p for p in (KNN, LINEAR, ATTENTIVE, DECODER, RANKME)}
+PROBES: dict[str, Probe] = {p.name: p for p in (KNN, LINEAR, BOX_LINEAR, ATTENTIVE, DECODER, RANKME)}
 
 __all__ = ["PROBES", "Probe", "ProbeInputError", "knn_predict"]

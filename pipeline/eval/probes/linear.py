@@ -41,21 +41,36 @@ def train_linear(
     return layer
 
 
-def linear_probe(train: ProbeSplit, test: ProbeSplit, task: TaskInfo, cfg: EvalConfig) -> dict[str, float]:
-    """Test top1/top5 (and train top1, to show under/over-fitting) of a linear classifier on pooled features."""
-    ytr = torch.as_tensor(np.asarray(train.labels), dtype=torch.long)
-    xtr = torch.as_tensor(np.asarray(train.pooled), dtype=torch.float32)
-    xte = torch.as_tensor(np.asarray(test.pooled), dtype=torch.float32)
-    mean, std = xtr.mean(0), xtr.std(0).nan_to_num(1.0).clamp_min(1e-6)  # std of 1 row is NaN
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+def fit_linear(
+    xtr: np.ndarray,
+    ytr: np.ndarray,
+    xte: np.ndarray,
+    yte: np.ndarray,
+    num_classes: int,
+    cfg: EvalConfig,
+    epochs: int | None = None,
+) -> dict[str, float]:
+    """Standardise on the train rows, train the linear classifier, score the test rows: top1/top5 and
+    train top1 (to show under/over-fitting). The linear and box-linear probes differ only in their rows
+    (and `epochs`: default `cfg.linear_epochs`)."""
+    ytr_t = torch.as_tensor(np.asarray(ytr), dtype=torch.long)
+    xtr_t = torch.as_tensor(np.asarray(xtr), dtype=torch.float32)
+    xte_t = torch.as_tensor(np.asarray(xte), dtype=torch.float32)
+    mean, std = xtr_t.mean(0), xtr_t.std(0).nan_to_num(1.0).clamp_min(1e-6)  # std of 1 row is NaN
+    xtr_t, xte_t = (xtr_t - mean) / std, (xte_t - mean) / std
     with torch.enable_grad():
         layer = train_linear(
-            xtr, ytr, task.num_classes, cfg.linear_epochs, cfg.linear_lr, cfg.linear_weight_decay, cfg.seed
+            xtr_t, ytr_t, num_classes, epochs or cfg.linear_epochs, cfg.linear_lr, cfg.linear_weight_decay, cfg.seed
         )
     with torch.no_grad():
-        metrics = classification_metrics(layer(xte).numpy(), np.asarray(test.labels), task.num_classes)
-        metrics["train_top1"] = float((layer(xtr).argmax(1) == ytr).float().mean())
+        metrics = classification_metrics(layer(xte_t).numpy(), np.asarray(yte), num_classes)
+        metrics["train_top1"] = float((layer(xtr_t).argmax(1) == ytr_t).float().mean())
     return metrics
+
+
+def linear_probe(train: ProbeSplit, test: ProbeSplit, task: TaskInfo, cfg: EvalConfig) -> dict[str, float]:
+    """A linear classifier on the pooled features of each image."""
+    return fit_linear(train.pooled, train.labels, test.pooled, test.labels, task.num_classes, cfg)
 
 
 LINEAR = Probe("linear", linear_probe, kinds=(CLASSIFICATION,), needs_tokens=False)
