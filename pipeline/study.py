@@ -182,28 +182,21 @@ def prepare_data(cfg: Config, needed: set[str]) -> dict[str, str]:
             "shards", f"scenes_{cfg.scenes.objects}_annotated{ANNOTATED_FRACTION * 100:g}"
         ),
     }
+
+    def ingest_scenes(output: str, jsons: dict[str, str]) -> None:
+        coco = dataclasses.replace(cfg.ingest.coco, **jsons)
+        images = str(data / "scenes" / "train2017")
+        ingest = dataclasses.replace(cfg.ingest, source="coco", input=images, output=output, coco=coco)
+        run_ingest(dataclasses.replace(cfg, ingest=ingest))
+
     if "scenes" in needed:
         ann = data / "scenes" / "annotations"
-        coco = dataclasses.replace(
-            cfg.ingest.coco,
-            instances=str(ann / "instances_train2017.json"),
-            captions=str(ann / "captions_train2017.json"),
+        ingest_scenes(
+            shards["scenes"],
+            {"instances": str(ann / "instances_train2017.json"), "captions": str(ann / "captions_train2017.json")},
         )
-        ingest = dataclasses.replace(
-            cfg.ingest, source="coco", input=str(data / "scenes" / "train2017"), output=shards["scenes"], coco=coco
-        )
-        run_ingest(dataclasses.replace(cfg, ingest=ingest))
     if "scenes_annotated" in needed:
-        subset = annotated_subset(data, ANNOTATED_FRACTION)
-        coco = dataclasses.replace(cfg.ingest.coco, **subset)
-        ingest = dataclasses.replace(
-            cfg.ingest,
-            source="coco",
-            input=str(data / "scenes" / "train2017"),
-            output=shards["scenes_annotated"],
-            coco=coco,
-        )
-        run_ingest(dataclasses.replace(cfg, ingest=ingest))
+        ingest_scenes(shards["scenes_annotated"], annotated_subset(data, ANNOTATED_FRACTION))
     if "objects" in needed:
         ingest = dataclasses.replace(
             cfg.ingest, source="image_folder", input=str(data / "objects" / "train"), output=shards["objects"]
