@@ -24,7 +24,8 @@ from pipeline.eval.probe_data import ProbeSplit, TaskInfo  # noqa: E402
 from pipeline.eval.probes import PROBES  # noqa: E402
 
 RUNS = [
-    ("linear", "classification"),
+    ("linear", "classification"),  # first: the baseline of the ratio column
+    ("box_linear", "box_classification"),
     ("knn", "classification"),
     ("rankme", "classification"),
     ("attentive", "classification"),
@@ -57,7 +58,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)  # ViT-S
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--probes", default="", help="comma-separated probes to time (default: all); linear always runs")
     args = ap.parse_args()
+    only = set(args.probes.split(",")) | {"linear"} if args.probes else None
     import torch
 
     torch.set_num_threads(args.threads)
@@ -65,6 +68,8 @@ def main() -> None:
     names = [str(i) for i in range(args.classes)]
     rows = []
     for probe, kind in RUNS:
+        if only is not None and probe not in only:
+            continue
         wall, cpu = time.perf_counter(), time.process_time()
         PROBES[probe](split, split, TaskInfo("bench", kind, names), EvalConfig())
         rows.append((probe, kind, time.perf_counter() - wall, time.process_time() - cpu))
