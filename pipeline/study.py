@@ -142,6 +142,7 @@ ARMS: tuple[Arm, ...] = (
         # two streams (crops, annotations) each need an actor and a read task in the CPU training leaves
         (*AB_CLIP, "views.cpus_per_actor=0.25", "data.read_cpus=0.25"),
         annotations="scenes_annotated",
+        seeds=3,
         table="partial",
     ),
     Arm(
@@ -149,6 +150,7 @@ ARMS: tuple[Arm, ...] = (
         "CLIP on the annotated 10 % (equal views)",
         CLIP,
         data="scenes_annotated",
+        seeds=3,
         table="partial",
     ),
 )
