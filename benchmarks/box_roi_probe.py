@@ -14,11 +14,13 @@ job reads by default, or `... student` where an eval with `eval.weights=student`
 features), and prints one line per encoder:
 
     python benchmarks/box_roi_probe.py --root /work/study/root
+    python benchmarks/box_roi_probe.py --root /work/study/root --seeds 0 --probe-steps 1500  # box_linear's classifier
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -33,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pipeline.config import EvalConfig  # noqa: E402
 from pipeline.eval.cache import CacheKey, FeatureCache, digest  # noqa: E402
 from pipeline.eval.probes.box_linear import roi_features  # noqa: E402  (the eval job's box_linear pooling)
+from pipeline.eval.probes.linear import fit_linear  # noqa: E402
 from pipeline.eval.tasks import load_task  # noqa: E402
 
 
@@ -61,11 +64,20 @@ def main() -> None:
     ap.add_argument("--data", default="data/scenes_fashion_mnist/scenes", help="the task's dataset, under --root")
     ap.add_argument("--max-per-split", type=int, default=4000)
     ap.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    ap.add_argument(
+        "--probe-steps",
+        type=int,
+        default=0,
+        help="> 0: read out with the eval job's box_linear probe for this many full-batch steps instead",
+    )
     ap.add_argument("--seeds", default="0,1,2", help="the study's seeds (each seed's eval samples its own splits)")
     args = ap.parse_args()
     cache = FeatureCache(f"{args.root}/feature_cache")
     names = encoder_names(args.root)
-    print(f"# box classification, ROI-mean tokens + logistic regression (C={args.C}); coco_objects of {args.root}")
+    readout = (
+        f"box_linear probe ({args.probe_steps} steps)" if args.probe_steps else f"logistic regression (C={args.C})"
+    )
+    print(f"# box classification, ROI-mean tokens + {readout}; coco_objects of {args.root}")
     for seed in (int(s) for s in args.seeds.split(",")):
         probe_seed(args, cache, names, seed)
 
@@ -103,10 +115,15 @@ def probe_seed(args, cache: FeatureCache, names: dict[str, str], seed: int) -> N
         except LookupError as exc:
             print(f"{name:24s} skipped: {exc}", flush=True)
             continue
-        scaler = StandardScaler().fit(x_tr)
-        clf = LogisticRegression(C=args.C, max_iter=2000).fit(scaler.transform(x_tr), y_tr)
-        train_top1 = float((clf.predict(scaler.transform(x_tr)) == y_tr).mean())
-        test_top1 = float((clf.predict(scaler.transform(x_te)) == y_te).mean())
+        if args.probe_steps:  # the eval job's classifier: standardise, full-batch AdamW (probes/linear.py)
+            cfg = dataclasses.replace(ev, box_linear_epochs=args.probe_steps)
+            got = fit_linear(x_tr, y_tr, x_te, y_te, data.info.num_classes, cfg, epochs=args.probe_steps)
+            train_top1, test_top1 = got["train_top1"], got["top1"]
+        else:
+            scaler = StandardScaler().fit(x_tr)
+            clf = LogisticRegression(C=args.C, max_iter=2000).fit(scaler.transform(x_tr), y_tr)
+            train_top1 = float((clf.predict(scaler.transform(x_tr)) == y_tr).mean())
+            test_top1 = float((clf.predict(scaler.transform(x_te)) == y_te).mean())
         print(
             f"{name:24s} boxes {len(y_tr)}/{len(y_te)} dim {x_tr.shape[1]} "
             f"train top-1 {train_top1:.3f} test top-1 {test_top1:.3f} ({time.perf_counter() - t0:.0f} s)",
