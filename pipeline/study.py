@@ -119,7 +119,7 @@ ARMS: tuple[Arm, ...] = (
         paper={"coco_objects/decoder_top1": 70.4, "coco_detection/decoder_map": 0.24},
     ),
     # Equal views give SimCLR (2 views per image) 3x AB's steps (6 views per image); this check holds steps equal.
-    Arm("simclr_equal_steps", "SimCLR (equal steps: 1/3 of the views)", (*SIMCLR, "train.total_views=@third")),
+    Arm("simclr_equal_steps", "SimCLR (equal steps: 1/3 of the views)", (*SIMCLR, "train.total_views=@/3")),
     Arm("null_actions", "AB_SimCLR, no action tokens (Table 4)", ("objective.null_actions=true",)),
     Arm("no_target", "AB_SimCLR, no target network (Table 4)", ("objective.teacher=student",)),
     Arm("no_grounding", "AB_SimCLR, no grounding loss (Table 4)", ("objective.annotation_weight=0",)),
@@ -153,6 +153,13 @@ ARMS: tuple[Arm, ...] = (
         seeds=3,
         table="partial",
     ),
+    Arm(
+        "clip_partial_equal_steps",
+        "CLIP on the annotated 10 % (equal steps: 1/5 of the views)",
+        (*CLIP, "train.total_views=@/5"),
+        data="scenes_annotated",
+        table="partial",
+    ),
 )
 
 
@@ -160,9 +167,14 @@ def arm_config(
     arm: Arm, seed: int, base: Config, config: str, overrides: Sequence[str], shards: dict[str, str]
 ) -> Config:
     """The arm's resolved config: the study's config + its overrides + the arm's, at this seed."""
-    own = list(arm.overrides)
-    if "train.total_views=@third" in own:  # equal steps with AB: a third of the views (2 views per image vs 6)
-        own[own.index("train.total_views=@third")] = f"train.total_views={base.train.total_views // 3}"
+    # "train.total_views=@/N": the study's views / N, equal steps with AB for a method that cuts N times
+    # fewer views per image (SimCLR 2 vs AB_SimCLR's 6: N = 3; CLIP 1 vs AB_CLIP's 5: N = 5)
+    own = [
+        f"train.total_views={base.train.total_views // int(o.split('@/')[1])}"
+        if o.startswith("train.total_views=@/")
+        else o
+        for o in arm.overrides
+    ]
     named = [f"train.seed={seed}", f"train.run_name=study-{arm.slug}-s{seed}", f"data.shards={shards[arm.data]}"]
     if arm.annotations:
         named.append(f"data.annotation_shards={shards[arm.annotations]}")

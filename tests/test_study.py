@@ -70,6 +70,7 @@ def test_equal_views_and_equal_steps_arms():
     steps = {s: Budget.from_config(arm_config(arms[s], 0, base, DEFAULT_CONFIG, [], SHARDS), 1) for s in arms}
     assert steps["simclr"].total_steps == 3 * steps["ab_simclr"].total_steps
     assert steps["simclr_equal_steps"].total_steps == steps["ab_simclr"].total_steps
+    assert steps["clip_partial_equal_steps"].total_steps == steps["ab_clip_partial"].total_steps
     views = {s: b.views_per_step * b.total_steps for s, b in steps.items()}
     for slug in ("simclr", "ab_clip", "clip", "null_actions", "objects_simclr", "ab_clip_partial", "clip_partial"):
         assert abs(views[slug] - views["ab_simclr"]) < steps[slug].views_per_step  # equal views, to one step
@@ -128,6 +129,7 @@ def test_the_random_init_floor_is_probed_once_per_seed_and_data():
     assert {a.slug: a.floor_data for a in ARMS if a.table == "partial"} == {
         "ab_clip_partial": "scenes",
         "clip_partial": "scenes",
+        "clip_partial_equal_steps": "scenes",
     }
 
 
