@@ -60,7 +60,7 @@ TABLES = {
     "scenes": "Pretraining on the scenes (the paper's Table 2 and Table 4)",
     "clip": "Boxes + class names as text annotations (the paper's Table 3)",
     "objects": "Pretraining on the object-centric variant (the ImageNet analogue)",
-    "partial": "Boxes as text on 10 % of the scenes, crops from all of them (annotation bootstrapping)",
+    "partial": "Boxes as text on 10 % of the scenes (AB's own setting: AB_CLIP also crops the other 90 %)",
 }
 # The partly annotated arms: the share of the train scenes whose boxes (as text) they see.
 ANNOTATED_FRACTION = 0.1
