@@ -349,6 +349,27 @@ def report(results_path: str | Path) -> str:
     return "\n\n".join(parts)
 
 
+def hold_study_lock(root: Path):
+    """One `abpipe study` per root: two would train the same run names into the same folders and append
+    to one results file. Returns the open lock file (the OS drops the lock when the process ends);
+    a second study on the root gets a ConfigError naming it."""
+    import fcntl
+
+    from pipeline.config import ConfigError
+
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / "study.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(
+            f"another `abpipe study` is running on {root} (it holds {root / 'study.lock'}); "
+            "wait for it to finish, or give this one another paths.root"
+        ) from None
+    return handle
+
+
 def run_study(
     config: str = DEFAULT_CONFIG,
     overrides: Sequence[str] = (),
@@ -363,8 +384,9 @@ def run_study(
 
         raise ConfigError(f"unknown study arm(s) {unknown}; known: {', '.join(a.slug for a in ARMS)}")
     selected = [a for a in ARMS if arms is None or a.slug in arms]
-    shards = prepare_data(base, {a.data for a in selected} | {a.annotations for a in selected if a.annotations})
     results_path = Path(base.paths.under("study_results.jsonl"))
+    lock = hold_study_lock(results_path.parent)  # noqa: F841  (held until this process ends)
+    shards = prepare_data(base, {a.data for a in selected} | {a.annotations for a in selected if a.annotations})
     done = load_results(results_path)
     # Seed-major: every arm's seed 0 before any seed 1, so a study cut short still covers every arm.
     todo = [

@@ -83,6 +83,17 @@ def test_unknown_arm_is_a_config_error(tmp_path):
         run_study(DEFAULT_CONFIG, [f"paths.root={tmp_path}"], arms=["ab_simclr", "moco"])
 
 
+def test_a_second_study_on_the_same_root_is_refused_before_any_work(tmp_path):
+    from pipeline.study import hold_study_lock, run_study
+
+    held = hold_study_lock(tmp_path)  # a study already running on this root (flock: per open file)
+    with pytest.raises(ConfigError, match="another `abpipe study` is running on"):
+        run_study(DEFAULT_CONFIG, [f"paths.root={tmp_path}"], arms=["ab_simclr"])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "shards").exists()  # refused before the data
+    held.close()  # the first one ends: the root is free again
+    hold_study_lock(tmp_path).close()
+
+
 def test_study_report_prints_the_tables_of_a_results_file(tmp_path, capsys):
     import json
 
