@@ -20,7 +20,6 @@ features), and prints one line per encoder:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -116,8 +115,7 @@ def probe_seed(args, cache: FeatureCache, names: dict[str, str], seed: int) -> N
             print(f"{name:24s} skipped: {exc}", flush=True)
             continue
         if args.probe_steps:  # the eval job's classifier: standardise, full-batch AdamW (probes/linear.py)
-            cfg = dataclasses.replace(ev, box_linear_epochs=args.probe_steps)
-            got = fit_linear(x_tr, y_tr, x_te, y_te, data.info.num_classes, cfg, epochs=args.probe_steps)
+            got = fit_linear(x_tr, y_tr, x_te, y_te, data.info.num_classes, ev, epochs=args.probe_steps)
             train_top1, test_top1 = got["train_top1"], got["top1"]
         else:
             scaler = StandardScaler().fit(x_tr)
