@@ -56,14 +56,16 @@ WATCHED = (
     "rankme_head",
     "views_per_s",
 )
+# The partly annotated arms: the share of the train scenes whose boxes (as text) they see.
+ANNOTATED_FRACTION = 0.1
+_SHARE = f"{ANNOTATED_FRACTION * 100:g} %"  # "10 %", in the partly annotated arms' labels
 TABLES = {
     "scenes": "Pretraining on the scenes (the paper's Table 2 and Table 4)",
     "clip": "Boxes + class names as text annotations (the paper's Table 3)",
     "objects": "Pretraining on the object-centric variant (the ImageNet analogue)",
-    "partial": "Boxes as text on 10 % of the scenes (AB's own setting: AB_CLIP also crops the other 90 %)",
+    "partial": f"Boxes as text on {_SHARE} of the scenes (AB's own setting: AB_CLIP also crops the other "
+    f"{100 - ANNOTATED_FRACTION * 100:g} %)",
 }
-# The partly annotated arms: the share of the train scenes whose boxes (as text) they see.
-ANNOTATED_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ ARMS: tuple[Arm, ...] = (
     # AB's own setting: annotations on part of the data, the propagation loss carries them to the rest.
     Arm(
         "ab_clip_partial",
-        "AB_CLIP: boxes of 10 % of the scenes as text, crops from all",
+        f"AB_CLIP: boxes of {_SHARE} of the scenes as text, crops from all",
         # two streams (crops, annotations) each need an actor and a read task in the CPU training leaves
         (*AB_CLIP, "views.cpus_per_actor=0.25", "data.read_cpus=0.25"),
         annotations="scenes_annotated",
@@ -147,7 +149,7 @@ ARMS: tuple[Arm, ...] = (
     ),
     Arm(
         "clip_partial",
-        "CLIP on the annotated 10 % (equal views)",
+        f"CLIP on the annotated {_SHARE} (equal views)",
         CLIP,
         data="scenes_annotated",
         seeds=3,
@@ -155,7 +157,7 @@ ARMS: tuple[Arm, ...] = (
     ),
     Arm(
         "clip_partial_equal_steps",
-        "CLIP on the annotated 10 % (equal steps: 1/5 of the views)",
+        f"CLIP on the annotated {_SHARE} (equal steps: 1/5 of the views)",
         (*CLIP, "train.total_views=@/5"),
         data="scenes_annotated",
         table="partial",
