@@ -119,7 +119,8 @@ def cmd_scenes(args) -> dict:
 
 
 def cmd_study(args) -> dict:
-    """`study [--arms a,b] [--max-seeds N] [overrides]`: run or resume the scenes study (pipeline/study.py)."""
+    """`study [--preset dense] [--arms a,b] [--max-seeds N] [overrides]`: run or resume the scenes study
+    (pipeline/study.py)."""
     from pipeline.study import DEFAULT_CONFIG, report, run_study
 
     if args.report:  # tables only, from a results file: nothing is run
@@ -127,7 +128,7 @@ def cmd_study(args) -> dict:
             raise InputError(f"--report {args.report}: no such results file")
         return {"report": report(args.report), "results_file": args.report}
     arms = [a for a in args.arms.split(",") if a] if args.arms else None
-    return run_study(args.config or DEFAULT_CONFIG, args.overrides, arms, args.max_seeds)
+    return run_study(args.config or DEFAULT_CONFIG, args.overrides, arms, args.max_seeds, args.preset or "")
 
 
 def cmd_demo(args) -> dict:
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "study":
             p.add_argument("--arms", default=None, help="comma-separated arm slugs (default: all; see docs/study.md)")
             p.add_argument("--max-seeds", type=int, default=None, help="at most this many seeds per arm")
+            p.add_argument("--preset", default=None, help="scene preset (dense: COCO's density + learning curves)")
             p.add_argument("--report", default=None, help="print the tables of a results jsonl and run nothing")
         if name == "export":
             p.usage = (

@@ -309,6 +309,9 @@ class TrainConfig:
     threads_per_worker: int = 0
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources per training worker
     checkpoint_every_steps: int = 500
+    # > 0: checkpoint every this fraction of the run's steps instead (0.1: ten checkpoints, a learning curve
+    # inside the run for `abpipe sweep`); each is an MLflow artifact, keep_checkpoints bounds only Ray's copies
+    checkpoint_fraction: float = 0.0
     keep_checkpoints: int = 2
     log_every_steps: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
@@ -321,6 +324,10 @@ class TrainConfig:
     init_weights: str = "teacher"  # which of init_from's encoders (teacher | student; the same for MAE)
     online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
     key_log: str = ""  # a folder: each worker writes the (pass, row) of every row it trains on, per step (audit)
+    # auto: bf16 autocast on CUDA, fp32 on CPU | bf16: bf16 autocast (CPU too) | fp16: fp16 autocast + a GradScaler
+    # (an overflowing step is skipped and counted as a bad step) | fp32: no autocast (docs/training.md)
+    precision: str = "auto"
+    compile: bool = False  # torch.compile the transformer blocks of the objective's encoders / decoders, in place
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import Config, load_config, packaged_config
+from pipeline.config import Config, ConfigError, load_config, packaged_config
 
 DEFAULT_CONFIG = packaged_config("scenes_small.yaml")  # package data: the study runs from any install
 
@@ -55,6 +55,7 @@ WATCHED = (
     "rankme_encoder",
     "rankme_head",
     "views_per_s",
+    "flops_per_step",
 )
 # The partly annotated arms: the share of the train scenes whose boxes (as text) they see.
 ANNOTATED_FRACTION = 0.1
@@ -65,7 +66,34 @@ TABLES = {
     "objects": "Pretraining on the object-centric variant (the ImageNet analogue)",
     "partial": f"Boxes as text on {_SHARE} of the scenes (AB's own setting: AB_CLIP also crops the other "
     f"{100 - ANNOTATED_FRACTION * 100:g} %)",
+    "curve": "The budget grows: 1x, 3x and 10x the study's views (each budget its own run and schedule)",
+    "decoupled": "AB's decoupled setting (the paper's Fig. 3 top): annotations from the objects, crops from the scenes",
 }
+# Arms a table shows beside its own: the 1x runs are the curve's first budget, SimCLR on the scenes alone is
+# one of the decoupled setting's baselines.
+TABLE_EXTRA = {"curve": ("ab_simclr", "simclr"), "decoupled": ("simclr",)}
+
+# Scene presets, fixed before any of their results (issue 26). "dense": COCO's density (about 7 objects per
+# image, most of them small: Lin et al. 2014), where two random crops of a scene often hold different objects:
+# a 96 px canvas with 3-9 objects of 14-32 px, views still 48 px. Every run of the preset also checkpoints
+# every 10 % of its steps, and the study probes those checkpoints cheaply (CURVE_PROBES): the curve inside a run.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "dense": (
+        "scenes.canvas=96",
+        "scenes.min_objects=3",
+        "scenes.max_objects=9",
+        "scenes.min_size=14",
+        "scenes.max_size=32",
+        "train.checkpoint_fraction=0.1",
+    ),
+}
+# The probes run on every intermediate checkpoint of a run that keeps them (train.checkpoint_fraction > 0):
+# the cheap ones that separate encoders; the decoder probe and detection run on the last checkpoint only.
+CURVE_PROBES = ("knn", "linear", "box_linear")
+CURVE_TASKS = ("coco_objects", "folder")
+CURVE_MAX_PER_SPLIT = (
+    1000  # images per split for those probes (the last checkpoint's full eval keeps eval.max_per_split)
+)
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,19 @@ BOX_TEXT = (
 )
 CLIP = ("objective.name=clip", "views.num_views=0", *BOX_TEXT)
 AB_CLIP = ("objective.name=ab_clip", *BOX_TEXT)
+# DINO's two global views (the annotation views, no locals) and its head at the study's scale: 4,096 prototypes
+# behind a 512-wide MLP (SimCLR's projector width), not the ViT-S recipe's 65,536 behind 2,048.
+DINO = (
+    "objective.name=dino",
+    "views.num_views=0",
+    "objective.dino.out_dim=4096",
+    "objective.dino.hidden_dim=512",
+    "objective.dino.bottleneck_dim=128",
+)
+CURVE = ("train.checkpoint_fraction=0.1",)  # ten checkpoints per run, probed by the study's curve sweep
+X3, X10 = "train.total_views=@*3", "train.total_views=@*10"
+# two streams (crops, annotations) each need an actor and a read task in the CPU training leaves
+TWO_STREAMS = ("views.cpus_per_actor=0.25", "data.read_cpus=0.25")
 
 ARMS: tuple[Arm, ...] = (
     Arm(
@@ -162,6 +203,45 @@ ARMS: tuple[Arm, ...] = (
         data="scenes_annotated",
         table="partial",
     ),
+    # The budget grows (issue 26): each budget is its own run with its own cosine schedule.
+    Arm("ab_simclr_3x", "AB_SimCLR, 3x the views", (*CURVE, X3), seeds=2, table="curve"),
+    Arm("simclr_3x", "SimCLR, 3x the views", (*SIMCLR, *CURVE, X3), seeds=2, table="curve"),
+    Arm("ab_simclr_10x", "AB_SimCLR, 10x the views", (*CURVE, X10), seeds=2, table="curve"),
+    Arm("simclr_10x", "SimCLR, 10x the views", (*SIMCLR, *CURVE, X10), seeds=2, table="curve"),
+    # AB in its own setting: the annotation loss on object-centric images, propagation crops from the scenes.
+    Arm(
+        "ab_objects_to_scenes",
+        "AB_SimCLR, objects -> scenes (annotations: objects; crops: scenes)",
+        (*CURVE, *TWO_STREAMS),
+        data="scenes",
+        annotations="objects",
+        seeds=2,
+        table="decoupled",
+    ),
+    Arm("simclr_mix", "SimCLR on 50/50 objects + scenes", (*SIMCLR, *CURVE), data="mix", seeds=2, table="decoupled"),
+    Arm("dino_mix", "DINO on 50/50 objects + scenes", (*DINO, *CURVE), data="mix", seeds=2, table="decoupled"),
+    Arm(
+        "ab_objects_to_scenes_10x",
+        "AB_SimCLR, objects -> scenes, 10x the views",
+        (*CURVE, *TWO_STREAMS, X10),
+        data="scenes",
+        annotations="objects",
+        table="decoupled",
+    ),
+    Arm(
+        "simclr_10x_mix",
+        "SimCLR on 50/50 objects + scenes, 10x the views",
+        (*SIMCLR, *CURVE, X10),
+        data="mix",
+        table="decoupled",
+    ),
+    Arm(
+        "dino_10x_mix",
+        "DINO on 50/50 objects + scenes, 10x the views",
+        (*DINO, *CURVE, X10),
+        data="mix",
+        table="decoupled",
+    ),
 )
 
 
@@ -171,31 +251,39 @@ def arm_config(
     """The arm's resolved config: the study's config + its overrides + the arm's, at this seed."""
     # "train.total_views=@/N": the study's views / N, equal steps with AB for a method that cuts N times
     # fewer views per image (SimCLR 2 vs AB_SimCLR's 6: N = 3; CLIP 1 vs AB_CLIP's 5: N = 5)
-    own = [
-        f"train.total_views={base.train.total_views // int(o.split('@/')[1])}"
-        if o.startswith("train.total_views=@/")
-        else o
-        for o in arm.overrides
-    ]
-    named = [f"train.seed={seed}", f"train.run_name=study-{arm.slug}-s{seed}", f"data.shards={shards[arm.data]}"]
+    # "train.total_views=@*N": N times the study's views (a larger budget, its own schedule)
+    own = [scaled_views(o, base.train.total_views) for o in arm.overrides]
+    data = shards["scenes"] if arm.data == "mix" else shards[arm.data]
+    named = [f"train.seed={seed}", f"train.run_name=study-{arm.slug}-s{seed}", f"data.shards={data}"]
+    if arm.data == "mix":  # half the images from the scenes, half from the object-centric variant
+        named.append("data.mixture=" + json.dumps({shards["scenes"]: 0.5, shards["objects"]: 0.5}))
     if arm.annotations:
         named.append(f"data.annotation_shards={shards[arm.annotations]}")
     return load_config(config, [*overrides, *own, *named]).resolved()
 
 
-def prepare_data(cfg: Config, needed: set[str]) -> dict[str, str]:
+def scaled_views(override: str, views: int) -> str:
+    """ "train.total_views=@/N" -> views // N, "train.total_views=@*N" -> views * N; any other override as is."""
+    for mark, scale in (("@/", lambda n: views // n), ("@*", lambda n: views * n)):
+        if override.startswith(f"train.total_views={mark}"):
+            return f"train.total_views={scale(int(override.split(mark)[1]))}"
+    return override
+
+
+def prepare_data(cfg: Config, needed: set[str], tag: str = "") -> dict[str, str]:
     """Write the scene set (once) and ingest what the arms need; returns {scenes|objects|scenes_annotated:
-    shard dir}."""
+    shard dir}. `tag` ("_dense") names a preset's shard sets apart from the default scenes' ones."""
     from pipeline.data.scenes import annotated_subset, write_scenes
     from pipeline.ingest import run_ingest
 
     write_scenes(cfg.scenes)
     data = Path(cfg.scenes.output)
+    needed = needed | ({"scenes", "objects"} if "mix" in needed else set())
     shards = {
-        "scenes": cfg.paths.under("shards", f"scenes_{cfg.scenes.objects}"),
-        "objects": cfg.paths.under("shards", f"objects_{cfg.scenes.objects}"),
+        "scenes": cfg.paths.under("shards", f"scenes_{cfg.scenes.objects}{tag}"),
+        "objects": cfg.paths.under("shards", f"objects_{cfg.scenes.objects}{tag}"),
         "scenes_annotated": cfg.paths.under(
-            "shards", f"scenes_{cfg.scenes.objects}_annotated{ANNOTATED_FRACTION * 100:g}"
+            "shards", f"scenes_{cfg.scenes.objects}{tag}_annotated{ANNOTATED_FRACTION * 100:g}"
         ),
     }
 
@@ -258,6 +346,7 @@ def run_arm(
     """Pretrain and probe one (arm, seed); with `floor` (random_init_row), its random-init figures are
     taken over instead of probing the random encoder again."""
     from pipeline.eval.job import run_eval
+    from pipeline.train.step import Budget
     from pipeline.train.trainer import run_pretrain
 
     cfg = arm_config(arm, seed, base, config, overrides, shards)
@@ -273,14 +362,48 @@ def run_arm(
         metrics["random_init_from"] = floor["run_id"]
     watch = {f"train/{k}": v for k, v in train["metrics"].items() if k in WATCHED}
     timing = {"pretrain_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t0 - train_s, 1)}
+    steps = train["metrics"].get("step")
+    views = Budget.from_config(cfg, cfg.train.num_workers).views_per_step
+    costs = {"views": steps * views if steps else None, "views_per_step": views}
+    if "train/flops_per_step" in watch and steps:
+        costs["train_flops"] = watch["train/flops_per_step"] * steps
+    row = {"arm": arm.slug, "seed": seed, "run_id": train["run_id"], "steps": steps, **metrics, **watch, **timing}
+    if cfg.train.checkpoint_fraction > 0:
+        row.update(run_curve(cfg, train["run_id"], seed, views, watch.get("train/flops_per_step")))
+    return {**row, **costs}
+
+
+def run_curve(cfg: Config, run_id: str, seed: int, views_per_step: int, flops_per_step: float | None) -> dict:
+    """The curve inside a run: `abpipe sweep` over every checkpoint of pretraining run `run_id` with the
+    cheap probes (CURVE_PROBES on CURVE_TASKS; a checkpoint already swept is skipped, so a study resumed
+    after a kill sweeps only what is left). Returns {"curve": [{step, views, flops, <task>/<metric>...}],
+    "curve_eval_s", "curve_checkpoints", "curve_failures"}."""
+    from pipeline.eval.sweep import run_sweep
+
+    ev = eval_config(cfg, "", seed).eval
+    roots = {t: ev.task_roots[t] for t in CURVE_TASKS}
+    ev = dataclasses.replace(
+        ev,
+        checkpoint="",
+        tasks=list(roots),
+        task_roots=roots,
+        probes=list(CURVE_PROBES),
+        random_init=False,
+        max_per_split=min(ev.max_per_split or CURVE_MAX_PER_SPLIT, CURVE_MAX_PER_SPLIT),
+    )
+    t0 = time.perf_counter()
+    result = run_sweep(dataclasses.replace(cfg, eval=ev, sweep=dataclasses.replace(cfg.sweep, runs=[run_id])))
+    points: dict[int, dict] = {}
+    for rec in result["records"]:
+        point = points.setdefault(rec["step"], {"step": rec["step"], "views": rec["step"] * views_per_step})
+        if flops_per_step:
+            point["flops"] = rec["step"] * flops_per_step
+        point.update({f"{rec['task']}/{k}": v for k, v in rec["metrics"].items()})
     return {
-        "arm": arm.slug,
-        "seed": seed,
-        "run_id": train["run_id"],
-        "steps": train["metrics"].get("step"),
-        **metrics,
-        **watch,
-        **timing,
+        "curve": [points[s] for s in sorted(points)],
+        "curve_eval_s": round(time.perf_counter() - t0, 1),
+        "curve_checkpoints": len(points),
+        "curve_failures": len(result["failures"]),
     }
 
 
@@ -298,11 +421,19 @@ def _fmt(values: list[float], metric: str) -> str:
 
 
 def summarise(
-    results: list[dict], arms: Sequence[Arm], table: str, metrics: Sequence[str] = tuple(METRICS)
+    results: list[dict],
+    arms: Sequence[Arm],
+    table: str,
+    metrics: Sequence[str] = tuple(METRICS),
+    with_extras_only: bool = False,
 ) -> list[str]:
     """Markdown table of one study table: mean ± sd over seeds per metric, the random-init floor first,
-    the paper's figure in brackets where it reported one for that metric."""
-    rows = [a for a in arms if a.table == table]
+    the paper's figure in brackets where it reported one for that metric. A table shows up once rows of
+    its own arms exist, or (`with_extras_only`) rows of the arms it shows beside them (TABLE_EXTRA)."""
+    own = {a.slug for a in arms if a.table == table or (with_extras_only and a.slug in TABLE_EXTRA.get(table, ()))}
+    if not any(r["arm"] in own for r in results):
+        return []
+    rows = [a for a in arms if a.table == table or a.slug in TABLE_EXTRA.get(table, ())]
     shown = [m for m in metrics if any(m in r for r in results if r["arm"] in {a.slug for a in rows})]
     if not shown:
         return []
@@ -357,8 +488,6 @@ def hold_study_lock(root: Path):
     a second study on the root gets a ConfigError naming it."""
     import fcntl
 
-    from pipeline.config import ConfigError
-
     root.mkdir(parents=True, exist_ok=True)
     handle = open(root / "study.lock", "w")
     try:
@@ -372,23 +501,51 @@ def hold_study_lock(root: Path):
     return handle
 
 
+def preset_overrides(preset: str, config: str, overrides: Sequence[str]) -> list[str]:
+    """The study's overrides under scene preset `preset` ("" = the default scenes): the preset's own first (the
+    user's win), and the preset's scene set in a folder of its own (`data/scenes_<objects>_<preset>`)."""
+    if not preset:
+        return list(overrides)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown study preset {preset!r}; known: {', '.join(PRESETS)}")
+    full = [*PRESETS[preset], *overrides]
+    if not any(o.startswith("scenes.output=") for o in overrides):
+        base = load_config(config, full).resolved()
+        full.append(f"scenes.output={Path(base.paths.root) / 'data' / f'scenes_{base.scenes.objects}_{preset}'}")
+    return full
+
+
+def default_arms(preset: str = "") -> list[str]:
+    """The arms a study runs when none are named: the scenes study's tables on the default scenes; on a preset,
+    the curves (1x, 3x, 10x) and the decoupled setting. Other arms run when named (`--arms`)."""
+    curves = [a.slug for a in ARMS if a.table in TABLE_EXTRA or a.slug in TABLE_EXTRA["curve"]]
+    return curves if preset else [a.slug for a in ARMS if a.table not in TABLE_EXTRA]
+
+
+def results_file(root: str, preset: str = "") -> Path:
+    """`<root>/study_results.jsonl`, or `study_results_<preset>.jsonl` for a scene preset's rows."""
+    return Path(root) / (f"study_results_{preset}.jsonl" if preset else "study_results.jsonl")
+
+
 def run_study(
     config: str = DEFAULT_CONFIG,
     overrides: Sequence[str] = (),
     arms: Sequence[str] | None = None,
     max_seeds: int | None = None,
+    preset: str = "",
 ) -> dict:
-    """Run (or resume) the study; returns the rows and the markdown tables."""
+    """Run (or resume) the study; returns the rows and the markdown tables. `preset` ("dense") runs the arms on
+    that scene preset, into its own results file and shard sets under the same root."""
+    overrides = preset_overrides(preset, config, overrides)
     base = load_config(config, overrides).resolved()
     unknown = sorted(set(arms or ()) - {a.slug for a in ARMS})
     if unknown:
-        from pipeline.config import ConfigError
-
         raise ConfigError(f"unknown study arm(s) {unknown}; known: {', '.join(a.slug for a in ARMS)}")
-    selected = [a for a in ARMS if arms is None or a.slug in arms]
-    results_path = Path(base.paths.under("study_results.jsonl"))
+    selected = [a for a in ARMS if (a.slug in arms if arms is not None else a.slug in default_arms(preset))]
+    results_path = results_file(base.paths.root, preset)
     lock = hold_study_lock(results_path.parent)  # noqa: F841  (held until this process ends)
-    shards = prepare_data(base, {a.data for a in selected} | {a.annotations for a in selected if a.annotations})
+    needed = {a.data for a in selected} | {a.annotations for a in selected if a.annotations}
+    shards = prepare_data(base, needed, f"_{preset}" if preset else "")
     done = load_results(results_path)
     # Seed-major: every arm's seed 0 before any seed 1, so a study cut short still covers every arm.
     todo = [
@@ -402,7 +559,7 @@ def run_study(
             continue
         floor = random_init_row(done, seed, arm.floor_data, base.eval.probes) if base.eval.random_init else None
         row = run_arm(arm, seed, base, config, overrides, shards, floor)
-        row = {**row, "data": arm.data, "objects": base.scenes.objects}
+        row = {**row, "data": arm.data, "objects": base.scenes.objects, **({"preset": preset} if preset else {})}
         done[(arm.slug, seed)] = row
         with results_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/make_figures.py                  # all three; the curves need a 300-step run (minutes)
     .venv/bin/python scripts/make_figures.py --only crops,study
+    .venv/bin/python scripts/make_figures.py --only budget    # the curves study's plot + docs/study.md block
     .venv/bin/python scripts/make_figures.py --only curves --tracking-uri sqlite:///abpipe_runs/mlflow.db --run demo
 
 - crops.png: one of scikit-image's shipped photos with AB's M crop boxes drawn on it, the M crops,
@@ -11,6 +12,10 @@
   jobs/configs/tiny.yaml, the demo's config, under a temporary root; `--config` another recipe; or any
   logged run named with --tracking-uri/--run), with log(global batch), chance for the batch softmaxes,
   drawn on the loss and teacher-entropy panels.
+- budget.png: the curves study (`abpipe study --preset dense`, benchmarks/curves_study.sh) read from its jsonl
+  (default: the newest benchmarks/results/curves_study_*.jsonl): each cheap readout against seen views and
+  against counted training FLOPs, one line per run over its checkpoints; its tables, costs and the gap's trend
+  replace the block between `<!-- curves-study:start -->` and `<!-- curves-study:end -->` in docs/study.md.
 - study.png: the small-scale study read from its jsonl (default: the newest
   benchmarks/results/repro_study_*.jsonl). Nothing is assumed about arms or metrics beyond the
   columns `arm`, `seed` and numeric metric columns: each arm is a group of bars (mean over seeds,
@@ -346,6 +351,92 @@ def newest_study_jsonl() -> Path:
     return found[-1]
 
 
+# ---- the curves study: readouts against seen views and training compute --------------------------
+
+CURVES_START, CURVES_END = "<!-- curves-study:start -->", "<!-- curves-study:end -->"
+BUDGET_METRICS = {
+    "coco_objects/box_linear_top1": "box cls (linear on box tokens) %",
+    "folder/linear_top1": "objects (linear) %",
+    "folder/knn_top1": "objects (kNN) %",
+}
+FAMILIES = {  # arm prefix -> (label, colour): the longest prefix that matches wins
+    "ab_simclr": ("AB_SimCLR", COLOURS[0]),
+    "simclr": ("SimCLR", COLOURS[1]),
+    "ab_objects_to_scenes": ("AB_SimCLR objects->scenes", COLOURS[2]),
+    "simclr_mix": ("SimCLR 50/50 mix", COLOURS[3]),
+    "simclr_10x_mix": ("SimCLR 50/50 mix", COLOURS[3]),
+    "dino": ("DINO 50/50 mix", COLOURS[4]),
+}
+
+
+def family(arm: str) -> tuple[str, tuple]:
+    best = max((p for p in FAMILIES if arm.startswith(p)), key=len, default=None)
+    return FAMILIES[best] if best else (arm, COLOURS[7])
+
+
+def budget_figure(out: Path, rows: list[dict], source: str) -> Path:
+    """Each readout of the cheap curve probes against seen views (top) and training FLOPs (bottom), log axes:
+    one thin line per run (its checkpoints every 10 %), a marker at each run's end; the random-init floor
+    (the full eval's, dashed grey)."""
+    fig, axes = plt.subplots(2, len(BUDGET_METRICS), figsize=(5 * len(BUDGET_METRICS), 8), squeeze=False)
+    shown: dict[str, tuple] = {}
+    for col, (metric, title) in enumerate(BUDGET_METRICS.items()):
+        floors = [
+            r[metric.replace("/", "/random_init/", 1)] for r in rows if metric.replace("/", "/random_init/", 1) in r
+        ]
+        for row_i, x_key in enumerate(("views", "flops")):
+            ax = axes[row_i][col]
+            for row in rows:
+                points = [p for p in row.get("curve", []) if metric in p and p.get(x_key)]
+                if not points:
+                    continue
+                label, colour = family(row["arm"])
+                xs, ys = [p[x_key] for p in points], [100 * p[metric] for p in points]
+                ax.plot(xs, ys, color=colour, lw=0.9, alpha=0.6)
+                ax.plot(xs[-1:], ys[-1:], "o", color=colour, ms=6)
+                shown[label] = colour
+            if floors:
+                ax.axhline(100 * statistics.mean(floors), color="grey", ls="--", lw=1)
+            ax.set_xscale("log")
+            ax.set_xlabel("seen views" if x_key == "views" else "training FLOPs (counted, one step x steps)")
+            ax.set_ylabel(title)
+            ax.grid(alpha=0.3, which="both")
+    handles = [plt.Line2D([], [], color=c, marker="o", lw=1) for c in shown.values()]
+    handles.append(plt.Line2D([], [], color="grey", ls="--"))
+    fig.legend(handles, [*shown, "random init"], loc="upper center", ncol=len(handles), frameon=False)
+    fig.suptitle(f"Dense scenes: readouts as the budget grows ({source})", y=0.93)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return _save(fig, out)
+
+
+def curves_block(rows: list[dict], source: str) -> list[str]:
+    """docs/study.md's curves block: the curve and decoupled tables, the costs and the gap's trend, from `rows`."""
+    from pipeline.study import ARMS, TABLES, summarise
+    from pipeline.study_curves import curves_report
+
+    parts = [f"From `{source}`: {len(rows)} runs."]
+    for name in ("curve", "decoupled"):
+        lines = summarise(rows, ARMS, name, with_extras_only=name == "curve")  # the 1x runs start the curve
+        if lines:
+            parts.append(f"**{TABLES[name]}**\n\n" + "\n".join(lines))
+    parts.append(curves_report(rows))
+    return "\n\n".join(parts).split("\n")
+
+
+def replace_curves_block(text: str, lines: list[str]) -> str:
+    start, end = text.find(CURVES_START), text.find(CURVES_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"make_figures: {STUDY_DOC.name} needs the markers {CURVES_START} ... {CURVES_END}")
+    return text[: start + len(CURVES_START)] + "\n" + "\n".join(lines) + "\n" + text[end:]
+
+
+def newest_curves_jsonl() -> Path:
+    found = sorted((REPO / "benchmarks" / "results").glob("curves_study_*.jsonl"))
+    if not found:
+        raise SystemExit("make_figures: no benchmarks/results/curves_study_*.jsonl; pass --curves-jsonl")
+    return found[-1]
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -359,7 +450,12 @@ def _save(fig, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="crops,curves,study", help="comma-separated: crops, curves, study")
+    parser.add_argument(
+        "--only", default="crops,curves,study,budget", help="comma-separated: crops, curves, study, budget"
+    )
+    parser.add_argument(
+        "--curves-jsonl", type=Path, default=None, help="default: newest benchmarks/results/curves_study_*.jsonl"
+    )
     parser.add_argument("--out", type=Path, default=IMAGES, help="folder for the PNGs (default docs/images)")
     parser.add_argument(
         "--study-jsonl", type=Path, default=None, help="default: newest benchmarks/results/repro_study_*.jsonl"
@@ -382,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     wanted = set(args.only.split(","))
-    unknown = wanted - {"crops", "curves", "study"}
+    unknown = wanted - {"crops", "curves", "study", "budget"}
     if unknown:
         parser.error(f"--only: unknown figure(s) {sorted(unknown)}")
 
@@ -402,6 +498,17 @@ def main(argv: list[str] | None = None) -> int:
             print("updated the study table in", args.study_doc)
         else:
             print("\n".join(table))
+    if "budget" in wanted:
+        path = args.curves_jsonl or newest_curves_jsonl()
+        rows = read_rows(path)
+        source = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+        budget_figure(args.out / "budget.png", rows, path.name)
+        block = curves_block(rows, source)
+        if args.study_doc.exists():
+            args.study_doc.write_text(replace_curves_block(args.study_doc.read_text(), block))
+            print("updated the curves block in", args.study_doc)
+        else:
+            print("\n".join(block))
     if "curves" in wanted:
         if args.tracking_uri and args.run:
             uri, run = args.tracking_uri, args.run

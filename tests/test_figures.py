@@ -95,3 +95,52 @@ def test_a_row_without_an_arm_is_one_clear_error(tmp_path, figures):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"seed": 0, "probe_top1": 0.5}) + "\n")
     with pytest.raises(SystemExit, match=r"bad.jsonl:1: a study row needs an 'arm' column"):
         figures.read_rows(tmp_path / "bad.jsonl")
+
+
+def test_budget_plot_and_curves_block_from_study_rows(tmp_path, figures):
+    """The curves study's figure and docs block: a line per run over its checkpoints, the tables, the trend."""
+    rows = []
+    for arm, scale, per_step in (
+        ("ab_simclr", 1, 384),
+        ("simclr", 1, 128),
+        ("ab_simclr_3x", 3, 384),
+        ("simclr_3x", 3, 128),
+    ):
+        steps = 300 * scale * 384 // per_step
+        gap = -0.06 + 0.02 * np.log10(scale) if arm.startswith("ab") else 0.0
+        curve = [
+            {"step": s, "views": s * per_step, "flops": s * 1e10, "coco_objects/box_linear_top1": 0.3 + gap * s / steps}
+            for s in range(steps // 10, steps + 1, steps // 10)
+        ]
+        rows.append(
+            {
+                "arm": arm,
+                "seed": 0,
+                "views": steps * per_step,
+                "steps": steps,
+                "coco_objects/box_linear_top1": 0.4 + gap,
+                "coco_objects/random_init/box_linear_top1": 0.2,
+                "curve": curve,
+            }
+        )
+    (tmp_path / "curves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = tmp_path / "study.md"
+    doc.write_text(f"intro\n{figures.CURVES_START}\nold\n{figures.CURVES_END}\nafter\n")
+    figures.main(
+        [
+            "--only",
+            "budget",
+            "--curves-jsonl",
+            str(tmp_path / "curves.jsonl"),
+            "--out",
+            str(tmp_path),
+            "--study-doc",
+            str(doc),
+        ]
+    )
+    text = doc.read_text()
+    assert "old" not in text and text.endswith(f"{figures.CURVES_END}\nafter\n")
+    assert "| AB_SimCLR, 3x the views | 1 |" in text and "4 runs" in text
+    assert "-6.0 at 115,200 views (n=1); -5.0 at 345,600 views (n=1); fitted slope +2.0" in text
+    with Image.open(tmp_path / "budget.png") as image:
+        assert image.size[0] > 900 and image.size[1] > 500

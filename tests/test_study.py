@@ -46,7 +46,7 @@ def test_every_arm_resolves_to_a_real_config():
     for arm in ARMS:
         cfg = arm_config(arm, 1, base, DEFAULT_CONFIG, [], SHARDS)  # unknown keys would raise ConfigError
         assert cfg.train.seed == 1 and cfg.train.run_name == f"study-{arm.slug}-s1"
-        assert cfg.data.shards == SHARDS[arm.data]
+        assert cfg.data.shards == SHARDS["scenes" if arm.data == "mix" else arm.data]
         assert cfg.data.annotation_shards == (SHARDS[arm.annotations] if arm.annotations else "")
         assert cfg.data.decoupled == bool(arm.annotations)
         check_cpu_budget(cfg, cfg.ray.num_cpus)  # fits the study's CPUs: a decoupled run needs two streams

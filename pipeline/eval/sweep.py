@@ -300,7 +300,10 @@ def _probe_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """The probe results among an eval run's metrics (bookkeeping such as n_train left out)."""
     from pipeline.eval.probes import PROBES
 
-    return {k: v for k, v in metrics.items() if k.removeprefix(RANDOM_PREFIX).split("_", 1)[0] in PROBES}
+    def is_probe(name: str) -> bool:  # "<probe>_<metric>": box_linear_top1 is box_linear's, not a "box" probe's
+        return any(name.startswith(f"{probe}_") for probe in PROBES)
+
+    return {k: v for k, v in metrics.items() if is_probe(k.removeprefix(RANDOM_PREFIX))}
 
 
 def _experiment_ids(client, cfg: Config, runs: list) -> list[str]:
@@ -464,6 +467,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         "claimed_elsewhere": claimed,
         "failures": failures,
         "table": {"header": header, "rows": rows},
+        "records": records,  # every evaluated (checkpoint, task): row, step, task, checkpoint, eval_run_id, metrics
         "output": out_dir,
     }
 

@@ -78,7 +78,15 @@ class Checkpointer:
 
     def due(self, step: int) -> bool:
         """A periodic checkpoint (the final one is written after the loop)."""
-        return step % self.cfg.train.checkpoint_every_steps == 0 and step < self.total_steps
+        return step % self.every == 0 and step < self.total_steps
+
+    @property
+    def every(self) -> int:
+        """Steps between periodic checkpoints: `train.checkpoint_fraction` of the run when set."""
+        fraction = self.cfg.train.checkpoint_fraction
+        if fraction > 0:
+            return max(1, round(self.total_steps * fraction))
+        return self.cfg.train.checkpoint_every_steps
 
     def meta(self, counters: Counters) -> dict:
         return {

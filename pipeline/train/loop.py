@@ -21,6 +21,7 @@ from pipeline.console import StepReporter
 from pipeline.objectives.registry import build_objective
 from pipeline.tracking import RunLogger
 from pipeline.train.checkpointing import Checkpointer, Counters, restore
+from pipeline.train.flops import count_flops
 from pipeline.train.monitor import Monitor
 from pipeline.train.online_probe import OnlineProbe
 from pipeline.train.session import Session
@@ -94,13 +95,20 @@ def train(
     checkpointer = Checkpointer(cfg, session, objective, optimizer, logger, mlflow_run_id, budget.total_steps)
     probe = OnlineProbe(cfg, budget.total_steps, device) if rank == 0 and cfg.train.online_probe.root else None
     online: dict[str, float] = {}  # the last online-probe figures (opt-in), carried into the final report
+    flops: float | None = None  # training FLOPs of one step (all workers), counted on rank 0's first step
 
     objective.train()
     stream = batches(session, cfg, device, ledgers) if counters.step < budget.total_steps else iter(())
     for batch in stream:
         place = take_place(batch)  # (pass, row) of each row: recorded by the stream, not the model's
         logging = monitor.is_logging_step(counters.step)
-        result = step(batch, counters.step, logging=logging, diagnose=logging and rank == 0)
+        if flops is None and rank == 0:  # the first step of this process, counted once (train/flops.py)
+            with count_flops() as counted:
+                result = step(batch, counters.step, logging=logging, diagnose=logging and rank == 0)
+            flops = counted.total * session.world_size  # every worker runs the same shapes
+            logger.metrics({"flops_per_step": flops}, counters.step + 1)
+        else:
+            result = step(batch, counters.step, logging=logging, diagnose=logging and rank == 0)
         counters.step += 1
         counters.views_seen += budget.views_per_step
         keys.write(counters.step, place, ledgers)
@@ -127,5 +135,6 @@ def train(
     tally = {"mlflow_failed_calls": logger.failures, "mlflow_unlogged_points": unlogged}
     dropped = sum(ledger.dropped for ledger in ledgers.values())
     tally.update({"resume_dropped_rows": dropped} if dropped else {})
+    tally.update({"flops_per_step": flops} if flops is not None else {})
     checkpointer.save(counters, {**monitor.last_metrics, **online, **tally}, resume_state(session, ledgers))
     return {**monitor.last_metrics, **online}

@@ -134,6 +134,11 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     check_access(storage, write=True)  # one clear line for bad credentials or a missing bucket
     check_access(cfg.data.shards, write=False) if not cfg.data.mixture else None
     check_shards(cfg)
+    if not 0 <= cfg.train.checkpoint_fraction <= 1:
+        raise ConfigError(
+            f"train.checkpoint_fraction must be in [0, 1] (0: every checkpoint_every_steps), got "
+            f"{cfg.train.checkpoint_fraction}"
+        )
     init_ray(cfg.ray)
     cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
     check_cpu_budget(cfg, cluster_cpus)
