@@ -24,6 +24,7 @@ from pipeline.models.ab_model import build_model, images_to_float  # noqa: E402
 from pipeline.objectives.ab_simclr import ab_simclr_step  # noqa: E402
 from pipeline.objectives.contrastive import symmetric_info_nce  # noqa: E402
 from pipeline.objectives.ema import ema_update, make_teacher  # noqa: E402
+from pipeline.train.step import autocast_dtype, compile_blocks  # noqa: E402
 
 
 def synthetic_batch(b: int, m: int, a: int, size: int, device):
@@ -39,9 +40,9 @@ def make_ab_step(cfg, b: int, device, autocast, compiled: bool = False):
     torch.manual_seed(0)
     student = build_model(cfg.model, cfg.views.view_size).to(device)
     teacher = make_teacher(student)
-    if compiled:
-        student.encoder = torch.compile(student.encoder)
-        teacher.encoder = torch.compile(teacher.encoder)
+    if compiled:  # as train.compile: the blocks, in place (a compiled encoder module is bypassed by forward_features)
+        compile_blocks(student)
+        compile_blocks(teacher)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
     crops, boxes, ann = synthetic_batch(b, cfg.views.num_views, cfg.views.annotation_views, cfg.views.view_size, device)
 
@@ -79,13 +80,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    # train.precision's autocast; fp16 needs the TrainStep's GradScaler, which this bare step does not have
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     args = ap.parse_args()
     cfg = load_config(args.config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    )
+    dtype = autocast_dtype(args.precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
     b, m, a, size = args.batch, cfg.views.num_views, cfg.views.annotation_views, cfg.views.view_size
     rows = []
     for compiled in [False, True] if args.compile == "both" else [args.compile == "on"]:
@@ -108,7 +110,7 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"\nTrain step, {cfg.model.encoder} {size}px, batch {b} images, {dev}, "
-        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
+        f"{'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
     )
     print(f"| {'step':34s} | {'s/step':>8s} | {'views/s':>9s} | {'ratio vs SimCLR':>15s} | {'peak GiB':>8s} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 17}|{'-' * 10}|")

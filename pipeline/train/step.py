@@ -10,6 +10,11 @@ AdamW -> the objective's after-step (EMA teachers). Nothing in it reads a device
 - gradient norms are device tensors; the l-inf norm is computed only on logging steps;
 - the bad-step counters stay on the device; the loop reads them at logging and checkpoint steps only.
 A skipped step still counts as a step of the budget: its views were seen.
+
+`train.precision` picks the autocast (auto: bf16 on CUDA, fp32 on CPU; bf16; fp16; fp32). fp16 adds a
+GradScaler: the loss is scaled for the backward pass, the gradients unscaled before the norm and clipping, so an
+overflow shows as a non-finite norm and is skipped (and counted) like any other bad step; the scaler then lowers
+its scale. `train.compile` compiles the objective's transformer blocks in place (`compile_blocks`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.objectives.base import Objective, Progress, StepOutput
 from pipeline.schedules import ema_rate, warmup_cosine
 from pipeline.train.distributed import any_worker
@@ -92,6 +97,49 @@ def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> No
         optimizer.step()
 
 
+PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype `train.precision` asks for on `device`; None: no autocast (fp32)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return PRECISIONS[precision]
+
+
+def transformer_blocks(objective: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of every encoder and decoder in `objective` (students and teachers):
+    timm's ViT blocks (encoders, MAE's decoder), the action decoder's layers, open_clip's text blocks."""
+    from timm.models.vision_transformer import Block
+
+    from pipeline.models.decoder import DecoderLayer
+
+    kinds: tuple[type, ...] = (Block, DecoderLayer)
+    try:
+        from open_clip.transformer import ResidualAttentionBlock
+
+        kinds += (ResidualAttentionBlock,)
+    except ImportError:  # pragma: no cover - open_clip is a dependency; without it there is no text tower
+        pass
+    return [m for m in objective.modules() if isinstance(m, kinds)]
+
+
+def compile_blocks(objective: torch.nn.Module) -> int:
+    """`torch.compile` each transformer block of `objective` in place (`nn.Module.compile`); returns how many.
+
+    Regional compilation: the blocks are where the time goes, every block of a kind shares its compiled code
+    (recompiled once for new shapes and for the EMA teacher's no-grad pass), and it works whatever calls the
+    blocks (`forward_features`, MAE's visible-token pass, DINO's crops of two sizes). Parameter names, hence
+    checkpoints and state dicts, are unchanged.
+    """
+    blocks = transformer_blocks(objective)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 @dataclass
 class StepResult:
     """A step's outputs, all on the device: read them on the host only on logging steps."""
@@ -113,7 +161,12 @@ class TrainStep:
         self.cfg, self.objective, self.model, self.optimizer, self.budget = cfg, objective, model, optimizer, budget
         self.peak_lr = optimizer.defaults["lr"]
         self.params = [p for p in objective.parameters() if p.requires_grad]
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        dtype = autocast_dtype(cfg.train.precision, device)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+        # fp16: the loss is scaled for the backward pass (bf16 has fp32's range and needs no scaler)
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        if cfg.train.compile:
+            compile_blocks(objective)
 
     def schedules(self, step: int) -> tuple[float, float]:
         """(learning rate, EMA rate) at `step`."""
@@ -130,7 +183,11 @@ class TrainStep:
         with self.autocast:
             out = self.model(batch, progress)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        if self.scaler is None:
+            out.loss.backward()
+        else:  # an overflow leaves inf/NaN gradients after unscale_: a non-finite norm, so found_inf below
+            self.scaler.scale(out.loss).backward()
+            self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         linf = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if logging and grads else None
         if self.cfg.train.grad_clip > 0:
@@ -138,6 +195,10 @@ class TrainStep:
         else:
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=out.loss.device)
         found_inf = any_worker((~(torch.isfinite(out.loss.detach()) & torch.isfinite(norm))).float())
+        # With a scaler this is what scaler.step does for the fused AdamW (unscaled grads: grad_scale None, the
+        # device flag), with the loss and every worker in the flag; the scaler's update lowers the scale on overflow.
         step_unless(self.optimizer, found_inf)
+        if self.scaler is not None:
+            self.scaler.update()
         self.objective.after_step(dataclasses.replace(progress, ema_rate=tau * (1.0 - found_inf)))
         return StepResult(out, lr, tau, norm.detach(), linf, found_inf)
