@@ -40,6 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("eval", ("pipeline.eval",)),
     ("export", ("pipeline.export",)),  # a checkpoint's encoder out, its card reads eval results
     ("demo, study", ("pipeline.demo", "pipeline.study")),  # whole runs: ingest -> train -> eval
+    ("study readouts", ("pipeline.study_curves",)),  # the curves study's trend and costs, from the study's rows
     ("cli", ("pipeline.cli",)),
 ]
 
