@@ -384,7 +384,6 @@ def run_curve(cfg: Config, run_id: str, seed: int, views_per_step: int, flops_pe
     roots = {t: ev.task_roots[t] for t in CURVE_TASKS}
     ev = dataclasses.replace(
         ev,
-        checkpoint="",
         tasks=list(roots),
         task_roots=roots,
         probes=list(CURVE_PROBES),

@@ -184,6 +184,13 @@ def cost_table(rows: Sequence[dict], arms: Sequence[str], labels: dict[str, str]
     return lines
 
 
+def _sentences(rows: Sequence[dict], metrics: Sequence[str], points) -> list[str]:
+    """A trend_sentence line per (pair set of BUDGET_PAIRS, metric) with points; `points` is gap_points or
+    curve_gap_points."""
+    lines = (trend_sentence(label, m, points(rows, pairs, m)) for label, pairs in BUDGET_PAIRS.items() for m in metrics)
+    return [f"- {line}" for line in lines if line]
+
+
 def curves_report(rows: Sequence[dict]) -> str:
     """Markdown of the curves study: costs per arm, then the gap's trend sentences."""
     from pipeline.study import ARMS
@@ -191,20 +198,10 @@ def curves_report(rows: Sequence[dict]) -> str:
     labels = {a.slug: a.description for a in ARMS}
     present = [a.slug for a in ARMS if any(r["arm"] == a.slug for r in rows)]
     parts = ["**Cost of each run** (mean over seeds)\n\n" + "\n".join(cost_table(rows, present, labels))]
-    sentences = []
-    for label, pairs in BUDGET_PAIRS.items():
-        for metric in TREND_METRICS:
-            line = trend_sentence(label, metric, gap_points(rows, pairs, metric))
-            if line:
-                sentences.append(f"- {line}")
+    sentences = _sentences(rows, TREND_METRICS, gap_points)
     if sentences:
         parts.append("**The gap, AB minus baseline, seed by seed at equal views**\n\n" + "\n".join(sentences))
-    inside = []
-    for label, pairs in BUDGET_PAIRS.items():
-        for metric in CURVE_METRICS:
-            line = trend_sentence(label, metric, curve_gap_points(rows, pairs, metric))
-            if line:
-                inside.append(f"- {line}")
+    inside = _sentences(rows, CURVE_METRICS, curve_gap_points)
     if inside:
         parts.append(
             "**The gap inside the runs** (each checkpoint against the baseline's at the same views; the cheap "

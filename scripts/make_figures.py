@@ -336,12 +336,14 @@ def _wrap(text: str, width: int = 16) -> str:
     return "\n".join([*lines, line])
 
 
-def replace_block(text: str, lines: list[str]) -> str:
-    """Swap what sits between the study-table markers for `lines`; a text without both markers is an error."""
-    start, end = text.find(TABLE_START), text.find(TABLE_END)
+def replace_block(text: str, lines: list[str], markers: tuple[str, str] = (TABLE_START, TABLE_END)) -> str:
+    """Swap what sits between `markers` (default: the study-table ones) for `lines`; a text without both
+    markers is an error."""
+    first, last = markers
+    start, end = text.find(first), text.find(last)
     if start < 0 or end < start:
-        raise SystemExit(f"make_figures: {STUDY_DOC.name} needs the markers {TABLE_START} ... {TABLE_END}")
-    return text[: start + len(TABLE_START)] + "\n" + "\n".join(lines) + "\n" + text[end:]
+        raise SystemExit(f"make_figures: {STUDY_DOC.name} needs the markers {first} ... {last}")
+    return text[: start + len(first)] + "\n" + "\n".join(lines) + "\n" + text[end:]
 
 
 def newest_study_jsonl() -> Path:
@@ -423,13 +425,6 @@ def curves_block(rows: list[dict], source: str) -> list[str]:
     return "\n\n".join(parts).split("\n")
 
 
-def replace_curves_block(text: str, lines: list[str]) -> str:
-    start, end = text.find(CURVES_START), text.find(CURVES_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"make_figures: {STUDY_DOC.name} needs the markers {CURVES_START} ... {CURVES_END}")
-    return text[: start + len(CURVES_START)] + "\n" + "\n".join(lines) + "\n" + text[end:]
-
-
 def newest_curves_jsonl() -> Path:
     found = sorted((REPO / "benchmarks" / "results").glob("curves_study_*.jsonl"))
     if not found:
@@ -505,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         budget_figure(args.out / "budget.png", rows, path.name)
         block = curves_block(rows, source)
         if args.study_doc.exists():
-            args.study_doc.write_text(replace_curves_block(args.study_doc.read_text(), block))
+            args.study_doc.write_text(replace_block(args.study_doc.read_text(), block, (CURVES_START, CURVES_END)))
             print("updated the curves block in", args.study_doc)
         else:
             print("\n".join(block))
