@@ -104,6 +104,10 @@ class IngestConfig:
     min_side: int = 8  # smaller images are skipped (reason: too_small)
     samples_per_shard: int = 1000
     jpeg_quality: int = 90
+    # image_folder / files: a seeded permutation of the listing before it is cut into shards, so no shard holds
+    # one class (a folder listing is sorted by class, and the trainer's shuffle buffer mixes only nearby rows)
+    shuffle: bool = True
+    shuffle_seed: int = 0
     cc12m: UrlIngestConfig = field(default_factory=UrlIngestConfig)
     coco: CocoIngestConfig = field(default_factory=CocoIngestConfig)
     epic: EpicIngestConfig = field(default_factory=EpicIngestConfig)
@@ -207,6 +211,9 @@ class ModelConfig:
     text_model: str = "ViT-S-16"
     # overrides of its text_cfg (width, heads, layers); context length = views.text.context_length
     text_kwargs: dict[str, Any] = field(default_factory=dict)
+    # activation checkpointing of every transformer block (ViT encoder, action decoder, text tower): the blocks'
+    # activations are recomputed in the backward pass instead of stored. Same gradients, less memory, more compute.
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -328,6 +335,10 @@ class TrainConfig:
     # (an overflowing step is skipped and counted as a bad step) | fp32: no autocast (docs/training.md)
     precision: str = "auto"
     compile: bool = False  # torch.compile the transformer blocks of the objective's encoders / decoders, in place
+    # > 1: each step's forward/backward over this many equal sub-batches of batch_size (which it must divide), with
+    # the whole batch's gradient (cached embeddings for the contrastive losses): less activation memory, same
+    # batch, lr and budget; not dino / slip / silc (docs/training.md#gradient-accumulation)
+    accum_steps: int = 1
 
 
 @dataclass
@@ -397,7 +408,8 @@ class EvalConfig:
     box_linear_epochs: int = 1500  # box_linear's full-batch steps: box features fit slower (docs/evaluation.md)
     linear_lr: float = 1e-2
     linear_weight_decay: float = 1e-4
-    probes: list[str] = field(default_factory=lambda: ["knn", "linear"])
+    probes: list[str] = field(default_factory=lambda: ["knn", "linear"])  # + zero_shot, retrieval (text towers)
+    zero_shot_templates: list[str] = field(default_factory=list)  # "a photo of a {}."...; empty: the defaults
     seed: int = 0
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # decoder / attentive probe settings
     tasks: list[str] = field(default_factory=list)  # pipeline.eval.tasks names; empty: ["folder"] on eval.dataset

@@ -1,4 +1,4 @@
-"""`abpipe export`: a checkpoint's ViT encoder as timm weights, with a config and a model card.
+"""`abpipe export`: a checkpoint's ViT encoder as timm weights (+ text towers), a config and a model card.
 
 Every method trains the same timm ViT (pipeline/models/encoder.py), so one export serves all of
 them: the teacher or student encoder goes out as `model.safetensors` + timm's hub-style
@@ -14,6 +14,13 @@ and checked tensor by tensor and on features (pooled and token) against the enco
 before the export counts as done. Other frameworks' exports have loaded a handful of tensors and
 logged success (timm's own loader turns strict off when `num_classes` differs from its
 pretrained_cfg); the `pretrained_cfg` written here carries `num_classes: 0`, so timm stays strict.
+
+Text-tower methods (clip, slip, silc, ab_clip) also get what zero-shot scores need, in formats torch,
+timm and open_clip load without abpipe: `text.safetensors` (open_clip's text transformer),
+`image_head.safetensors` (the image projection; for ab_clip the decoder's identity-action path and
+the head as `nn.TransformerDecoderLayer`s, since phi(x) is the decoder's answer) and a `text` section
+in config.json (open_clip text_cfg, tokenizer, context length, logit scale, how z_img is formed).
+They are loaded back the same way (`load_exported_towers`) and must score as `load_towers` does.
 
 When the checkpoint belongs to an MLflow run, the folder is logged as that run's artifacts
 (`export/<weights>`) and registered as a new version of a registered model (if the tracking store
@@ -49,6 +56,9 @@ from pipeline.config import Config
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
+TEXT_FILE = "text.safetensors"  # open_clip text tower (text-tower methods only)
+IMAGE_HEAD_FILE = "image_head.safetensors"  # image projection, or ab_clip's decoder + head
+IMAGE_ENCODER_FILE = "image_encoder.safetensors"  # only where the towers' ViT is not model.safetensors
 WEIGHTS = ("teacher", "student")
 PARITY_ATOL = 1e-5  # max abs difference allowed between exported and checkpoint features (CPU fp32)
 # Eval-run metrics that describe the run, not the probe result (left out of the model card).
@@ -71,6 +81,9 @@ class ExportResult:
     step: int | None
     run_id: str | None
     registered: dict[str, str] = field(default_factory=dict)  # {"name", "version"} when registered
+    # text-tower methods: {"files", "image_embedding", "image_encoder", "towers", "max_abs_diff": {image, text,
+    # logit_scale}} (the export's zero-shot towers vs abpipe's own); None for methods without a text tower
+    text: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -200,6 +213,283 @@ def load_exported(directory: str | os.PathLike) -> tuple[torch.nn.Module, int]:
     return model.eval(), count
 
 
+# ----------------------------------------------------------------------------------------- text towers
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().cpu().contiguous().clone()
+
+
+def ab_head_tensors(image_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The identity-action path of an ABModel's decoder + head, in plain torch's layout.
+
+    phi(x) asks the decoder one question, the identity action, whose 5 query tokens (readout + the
+    identity box's 4 corner tokens) do not depend on the image: they are written once as `query`.
+    Each abpipe DecoderLayer (pre-norm self-attention, cross-attention to the normalised memory, GELU
+    MLP) is torch's `nn.TransformerDecoderLayer(norm_first=True)`: q and kv projections become
+    `in_proj_weight` = [q; k; v]. With a single question there is no block mask to carry.
+    """
+    from pipeline.geometry import box_corners
+
+    dec, head = image_model.decoder, image_model.head
+    with torch.no_grad():
+        identity = image_model.identity_action.float()  # (1, 1, 4)
+        corners = dec.corner_embed(box_corners(identity)) + dec.corner_index  # (1, 1, 4, D)
+        out = {"query": _copy(torch.cat([dec.readout, corners[0, 0]], dim=0))}  # (5, D)
+    out["memory_norm.weight"], out["memory_norm.bias"] = _copy(dec.memory_norm.weight), _copy(dec.memory_norm.bias)
+    for i, layer in enumerate(dec.layers):
+        p = f"layers.{i}."
+        for ours, theirs in (("self_attn", "self_attn"), ("cross_attn", "multihead_attn")):
+            attn = getattr(layer, ours)
+            out[p + theirs + ".in_proj_weight"] = _copy(torch.cat([attn.q.weight, attn.kv.weight]))
+            out[p + theirs + ".in_proj_bias"] = _copy(torch.cat([attn.q.bias, attn.kv.bias]))
+            out[p + theirs + ".out_proj.weight"] = _copy(attn.out.weight)
+            out[p + theirs + ".out_proj.bias"] = _copy(attn.out.bias)
+        for n in ("norm1", "norm2", "norm3"):
+            norm = getattr(layer, n)
+            out[p + n + ".weight"], out[p + n + ".bias"] = _copy(norm.weight), _copy(norm.bias)
+        for ours, theirs in ((0, "linear1"), (2, "linear2")):
+            out[p + theirs + ".weight"] = _copy(layer.mlp[ours].weight)
+            out[p + theirs + ".bias"] = _copy(layer.mlp[ours].bias)
+    out["norm.weight"], out["norm.bias"] = _copy(dec.norm.weight), _copy(dec.norm.bias)
+    for i in (0, 2):
+        out[f"head.{i}.weight"], out[f"head.{i}.bias"] = _copy(head.mlp[i].weight), _copy(head.mlp[i].bias)
+    return out
+
+
+def ab_head_spec(image_model: torch.nn.Module) -> dict[str, Any]:
+    """config.json's `text.image.decoder`: the sizes `build_ab_head` rebuilds the modules from."""
+    from pipeline.models.decoder import TOKENS_PER_ACTION
+
+    dec = image_model.decoder
+    layer = dec.layers[0]
+    return {
+        "queries": TOKENS_PER_ACTION,
+        "dim": int(dec.readout.shape[-1]),
+        "depth": len(dec.layers),
+        "heads": int(layer.self_attn.heads),
+        "dim_feedforward": int(layer.mlp[0].out_features),
+        "hidden_dim": int(image_model.head.mlp[0].out_features),
+        "layer": (
+            "torch.nn.TransformerDecoderLayer(dim, heads, dim_feedforward, dropout=0.0, activation='gelu', "
+            "batch_first=True, norm_first=True)"
+        ),
+    }
+
+
+def build_ab_head(spec: dict[str, Any], embed_dim: int) -> torch.nn.Module:
+    """Plain torch modules for `image_head.safetensors` of an ab_clip export (keys as ab_head_tensors)."""
+    from torch import nn
+
+    d = int(spec["dim"])
+    head = nn.Module()
+    head.query = nn.Parameter(torch.empty(int(spec["queries"]), d))
+    head.memory_norm = nn.LayerNorm(d)
+    head.layers = nn.ModuleList(
+        nn.TransformerDecoderLayer(
+            d,
+            int(spec["heads"]),
+            int(spec["dim_feedforward"]),
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        for _ in range(int(spec["depth"]))
+    )
+    head.norm = nn.LayerNorm(d)
+    hidden = int(spec["hidden_dim"])
+    head.head = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+    return head
+
+
+def ab_head_forward(head: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """ViT tokens (B, N, D) -> the identity-action embedding, before normalisation (B, P)."""
+    memory = head.memory_norm(tokens)
+    x = head.query.expand(tokens.shape[0], -1, -1)
+    for layer in head.layers:
+        x = layer(x, memory)
+    return head.head(head.norm(x[:, 0]))
+
+
+class ExportedTowers(torch.nn.Module):
+    """An export's zero-shot towers, rebuilt from its files with torch, timm and open_clip only."""
+
+    def __init__(self, directory: Path, cfg: dict[str, Any], vit, text, head, tokenizer):
+        super().__init__()
+        self.directory, self.spec = directory, cfg["text"]
+        self.vit, self.text, self.head = vit.eval(), text.eval(), head.eval()
+        self.tokenizer = tokenizer
+        self.logit_scale = float(self.spec["logit_scale"])
+
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(x)
+        if self.spec["image"]["embedding"] == "ab_decoder":
+            z = ab_head_forward(self.head, tokens)
+        else:
+            z = self.vit.forward_head(tokens, pre_logits=True) @ self.head.image_projection.T
+        return torch.nn.functional.normalize(z.float(), dim=-1)
+
+    def embed_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.text(tokens.long()).float(), dim=-1)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return torch.as_tensor(self.tokenizer(list(texts)), dtype=torch.long)
+
+
+def load_exported_towers(directory: str | os.PathLike) -> ExportedTowers:
+    """The text tower, the image embedding and the tokenizer of an export (`config.json`'s `text`
+    section), each file loaded strictly. Raises ExportError for an export without a text tower or
+    with files that do not fit the config."""
+    import open_clip
+    import timm
+    from open_clip.model import _build_text_tower
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    try:
+        cfg = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{directory}: unreadable {CONFIG_FILE}: {exc}") from None
+    spec = cfg.get("text")
+    if not spec:
+        raise ExportError(f"{directory}: no text tower in this export ({CONFIG_FILE} has no 'text' section)")
+
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(directory / name))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ExportError(f"{directory / name}: unreadable: {exc}") from None
+
+    vit = timm.create_model(cfg["architecture"], pretrained=False, **cfg.get("model_args", {}))
+    load_strict(vit, tensors(spec["image"]["encoder"]), f"{spec['image']['encoder']} in timm's {cfg['architecture']}")
+    text = _build_text_tower(int(spec["embed_dim"]), dict(spec["text_cfg"]), quick_gelu=bool(spec["quick_gelu"]))
+    load_strict(text, tensors(spec["weights"]), f"{spec['weights']} in open_clip's text tower")
+    image = spec["image"]
+    if image["embedding"] == "ab_decoder":
+        head = build_ab_head(image["decoder"], int(spec["embed_dim"]))
+    elif image["embedding"] == "projection":
+        head = torch.nn.Module()
+        head.image_projection = torch.nn.Parameter(torch.empty(int(spec["embed_dim"]), vit.embed_dim))
+    else:
+        raise ExportError(f"{directory}: unknown image embedding {image['embedding']!r} in {CONFIG_FILE}")
+    load_strict(head, tensors(image["head"]), f"{image['head']} ({image['embedding']})")
+    tokenizer = open_clip.get_tokenizer(spec["tokenizer"], context_length=int(spec["context_length"]))
+    return ExportedTowers(directory, cfg, vit, text, head, tokenizer)
+
+
+PARITY_TEXTS = ("a photo of a dog.", "a blurry photo of a red car.", "2 person, bicycle", "")
+
+
+def text_side(ckpt_dir: str, weights: str, encoder: torch.nn.Module, cfg: Config):
+    """(towers, {file: tensors}, config.json's `text` section) for a text-tower method, None otherwise.
+
+    The image encoder of the towers is normally the exported one; where it is not (SiLC's `teacher`
+    is the DINO branch's EMA copy, which has no image projection: its towers read the student), it
+    is written beside it as `image_encoder.safetensors` and the section names that file.
+    """
+    from pipeline.models.text import text_tower_config
+    from pipeline.objectives.towers import NoTextTower, load_towers
+
+    try:
+        towers, _ = load_towers(ckpt_dir, weights)
+    except NoTextTower:
+        return None
+    except CheckpointError as exc:
+        raise ExportError(f"{cfg.objective.name} has a text tower, but it cannot be exported: {exc}") from None
+    net = towers.modules_
+    if hasattr(net, "image_projection"):  # CLIPNet: clip, slip, silc
+        tower_encoder = net.encoder
+        head = {"image_projection": _copy(net.image_projection.weight)}
+        image = {
+            "embedding": "projection",
+            "formula": "normalize(forward_head(forward_features(x), pre_logits=True) @ image_projection.T)",
+        }
+    elif hasattr(net, "image") and hasattr(net.image, "decoder"):  # ABCLIPNet: ab_clip
+        tower_encoder = net.image.encoder
+        head = ab_head_tensors(net.image)
+        image = {
+            "embedding": "ab_decoder",
+            "formula": (
+                "phi(x) = normalize(head(norm(decoder layers(query, memory_norm(forward_features(x)))[:, 0]))): the AB "
+                "decoder's identity-action embedding"
+            ),
+            "decoder": ab_head_spec(net.image),
+        }
+    else:  # pragma: no cover - a new text-tower method must say how its image side exports
+        raise ExportError(f"{cfg.objective.name}: no export layout for its image tower ({type(net).__name__})")
+    exported = encoder.state_dict()
+    theirs = tower_encoder.state_dict()
+    same = set(theirs) == set(exported) and all(torch.equal(theirs[k], exported[k]) for k in theirs)
+    files = {TEXT_FILE: {k: _copy(v) for k, v in towers.text.transformer.state_dict().items()}, IMAGE_HEAD_FILE: head}
+    if same:
+        image["encoder"] = WEIGHTS_FILE
+    else:
+        image["encoder"] = IMAGE_ENCODER_FILE
+        image["encoder_note"] = (
+            f"the {weights} encoder in {WEIGHTS_FILE} is not the one the image projection was trained on; "
+            f"{IMAGE_ENCODER_FILE} is (same architecture and model_args)"
+        )
+        files[IMAGE_ENCODER_FILE] = {k: _copy(v) for k, v in theirs.items()}
+    image["head"] = IMAGE_HEAD_FILE
+    tower = text_tower_config(cfg.model, cfg.views.text.context_length)
+    section = {
+        "method": cfg.objective.name,
+        "towers": weights if cfg.objective.name == "ab_clip" and cfg.objective.teacher == "ema" else "student",
+        "weights": TEXT_FILE,
+        "builder": "open_clip.model._build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)",
+        "embed_dim": int(cfg.model.proj_dim),
+        "text_cfg": tower["text_cfg"],
+        "quick_gelu": tower["quick_gelu"],
+        "tokenizer": towers.tokenizer,
+        "context_length": towers.context_length,
+        "logit_scale": towers.logit_scale,
+        "score": "logit_scale * <z_img, z_txt>, z_img = normalize(image embedding), z_txt = normalize(text(tokens))",
+        "image": image,
+    }
+    return towers, files, section
+
+
+def towers_diff(towers, exported: ExportedTowers, image_size: int, seed: int = 0, n: int = 4) -> dict[str, float]:
+    """Max |abpipe's towers - the export's| on seeded random images and a few tokenised strings."""
+    x = torch.randn(n, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    ours, theirs = towers.tokenize(list(PARITY_TEXTS)), exported.tokenize(list(PARITY_TEXTS))
+    if not torch.equal(ours, theirs):
+        raise ExportError("the export's tokenizer gives other token ids than the training run's")
+    with torch.no_grad():
+        image = (towers.embed_images(x) - exported.embed_images(x)).abs().max().item()
+        text = (towers.embed_texts(ours) - exported.embed_texts(theirs)).abs().max().item()
+    return {"image": image, "text": text, "logit_scale": abs(towers.logit_scale - exported.logit_scale)}
+
+
+def write_text_side(directory: Path, files: dict[str, dict[str, torch.Tensor]], section: dict[str, Any]) -> None:
+    """The text-side safetensors files, and the `text` section added to timm's config.json."""
+    from safetensors.torch import save_file
+
+    for name, tensors in files.items():
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+    path = directory / CONFIG_FILE
+    cfg = json.loads(path.read_text())
+    cfg["text"] = section
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def check_text_side(directory: Path, towers, section: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """Load the written text side back without abpipe's modules and compare it with the towers."""
+    diff = towers_diff(towers, load_exported_towers(directory), image_size)
+    if not max(diff.values()) <= PARITY_ATOL:
+        raise ExportError(f"the exported zero-shot towers differ from the checkpoint's: {diff} (> {PARITY_ATOL:g})")
+    image = section["image"]
+    files = [TEXT_FILE, IMAGE_HEAD_FILE] + ([image["encoder"]] if image["encoder"] != WEIGHTS_FILE else [])
+    return {
+        "files": files,
+        "image_embedding": image["embedding"],
+        "image_encoder": image["encoder"],
+        "towers": section["towers"],
+        "max_abs_diff": diff,
+    }
+
+
 # ----------------------------------------------------------------------------------------- model card
 
 
@@ -255,8 +545,147 @@ Input: RGB at {size} px, ImageNet mean/std (`timm.data.resolve_data_config({{}},
 """
 
 
+ZERO_SHOT_HEADING = "## Zero-shot classification"
+
+_ZERO_SHOT_LOAD = """\
+```python
+import json, timm, open_clip, torch
+import torch.nn.functional as F
+from torch import nn
+from safetensors.torch import load_file
+
+cfg = json.load(open("config.json"))
+t = cfg["text"]  # the text tower and how the image embedding is formed
+overlay = dict(cfg["pretrained_cfg"], file=t["image"]["encoder"])
+vit = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **cfg["model_args"])
+vit.eval()
+preprocess = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=vit))
+text = open_clip.model._build_text_tower(t["embed_dim"], t["text_cfg"], quick_gelu=t["quick_gelu"]).eval()
+text.load_state_dict(load_file(t["weights"]), strict=True)
+tokenizer = open_clip.get_tokenizer(t["tokenizer"], context_length=t["context_length"])
+{image}
+
+@torch.no_grad()
+def classifier(classnames, templates):  # CLIP's prompt averaging: one unit row per class
+    rows = []
+    for name in classnames:
+        z = F.normalize(text(tokenizer([tpl.format(name) for tpl in templates])), dim=-1)
+        rows.append(F.normalize(z.mean(0), dim=-1))
+    return torch.stack(rows)
+```
+"""
+
+_PROJECTION_IMAGE = """\
+projection = load_file(t["image"]["head"])["image_projection"]  # (embed_dim, ViT width)
+
+
+def embed_images(x):  # preprocessed images (B, 3, H, W) -> unit embeddings (B, embed_dim)
+    pooled = vit.forward_head(vit.forward_features(x), pre_logits=True)
+    return F.normalize(pooled @ projection.T, dim=-1)
+"""
+
+_AB_DECODER_IMAGE = """\
+d = t["image"]["decoder"]  # the AB decoder's identity-action path, as plain torch modules
+head = nn.Module()
+head.query = nn.Parameter(torch.empty(d["queries"], d["dim"]))  # readout + the identity box's 4 corner tokens
+head.memory_norm, head.norm = nn.LayerNorm(d["dim"]), nn.LayerNorm(d["dim"])
+layer = dict(dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+head.layers = nn.ModuleList(
+    nn.TransformerDecoderLayer(d["dim"], d["heads"], d["dim_feedforward"], **layer) for _ in range(d["depth"])
+)
+head.head = nn.Sequential(nn.Linear(d["dim"], d["hidden_dim"]), nn.GELU(), nn.Linear(d["hidden_dim"], t["embed_dim"]))
+head.load_state_dict(load_file(t["image"]["head"]), strict=True)
+head.eval()
+
+
+def embed_images(x):  # phi(x), the decoder's answer for the identity action -> unit embeddings (B, embed_dim)
+    memory = head.memory_norm(vit.forward_features(x))
+    q = head.query.expand(len(x), -1, -1)
+    for block in head.layers:
+        q = block(q, memory)
+    return F.normalize(head.head(head.norm(q[:, 0])), dim=-1)
+"""
+
+_ZERO_SHOT_USE = """\
+```python
+from PIL import Image
+
+classnames = ["cat", "dog"]
+templates = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.", "a photo of the small {}."]
+x = torch.stack([preprocess(Image.open(path).convert("RGB")) for path in ["cat.png", "dog.png"]])
+with torch.no_grad():
+    logits = t["logit_scale"] * embed_images(x) @ classifier(classnames, templates).T  # (images, classes)
+predicted = [classnames[i] for i in logits.argmax(-1)]
+```
+"""
+
+
+def zero_shot_snippet(embedding: str) -> str:
+    """The card's self-contained loading code (torch, timm, open_clip, safetensors) for an image embedding."""
+    image = {"projection": _PROJECTION_IMAGE, "ab_decoder": _AB_DECODER_IMAGE}[embedding]
+    return _ZERO_SHOT_LOAD.format(image=image)
+
+
+def _zero_shot_section(cfg: Config, result: ExportResult) -> list[str]:
+    if result.text is None:
+        return [
+            "## Text tower",
+            "",
+            (
+                f"None: `{cfg.objective.name}` trains no text tower, so this export is the image encoder alone "
+                "(zero-shot classification and retrieval apply to the clip, slip, silc and ab_clip exports, which also "
+                "carry `text.safetensors` and `image_head.safetensors`)."
+            ),
+            "",
+        ]
+    t = result.text
+    embedding = t["image_embedding"]
+    how = (
+        "the linear image projection (`image_head.safetensors`) of the pooled ViT output"
+        if embedding == "projection"
+        else (
+            "phi(x), the AB decoder's identity-action embedding: the decoder and projection head are in "
+            "`image_head.safetensors`, in `torch.nn.TransformerDecoderLayer`'s layout"
+        )
+    )
+    enc = (
+        ""
+        if t["image_encoder"] == WEIGHTS_FILE
+        else (
+            f" The image side reads `{t['image_encoder']}` ({t['towers']} encoder), not `{WEIGHTS_FILE}`: the "
+            f"{result.weights} encoder was not trained with the image projection."
+        )
+    )
+    return [
+        ZERO_SHOT_HEADING,
+        "",
+        (
+            f"This export carries the text tower (`text.safetensors`, open_clip's text transformer) and the image "
+            f"embedding: {how}; `config.json` has both under `text` (tokenizer `{cfg.views.text.tokenizer}`, "
+            f"context length {cfg.views.text.context_length}). Scores are logit_scale * <z_img, z_txt> of unit "
+            f"embeddings, as in training.{enc} Nothing of abpipe is needed:"
+        ),
+        "",
+        zero_shot_snippet(embedding),
+        _ZERO_SHOT_USE,
+    ]
+
+
 def _described(mixture: dict[str, float], shards: str) -> str:
     return ", ".join(f"{k} (weight {w:g})" for k, w in mixture.items()) or shards
+
+
+def _text_checks(result: ExportResult) -> list[str]:
+    if result.text is None:
+        return []
+    d = result.text["max_abs_diff"]
+    return [
+        (
+            f"- zero-shot towers rebuilt from this folder (torch, timm, open_clip only) vs the checkpoint's: max abs "
+            f"diff {d['image']:.3g} (image embeddings), {d['text']:.3g} (text embeddings), {d['logit_scale']:.3g} "
+            "(logit scale)"
+        )
+    ]
 
 
 def model_card(
@@ -279,7 +708,8 @@ def model_card(
     lines = [
         "---",
         "library_name: timm",
-        f"tags: [image-feature-extraction, timm, abpipe, {cfg.objective.name}]",
+        f"tags: [image-feature-extraction, {'zero-shot-image-classification, ' if result.text else ''}timm, abpipe, "
+        f"{cfg.objective.name}]",
         "---",
         "",
         f"# {t.run_name}: {cfg.objective.name} {result.architecture} encoder ({result.weights} weights)",
@@ -292,6 +722,7 @@ def model_card(
         "## Load",
         "",
         _LOAD_SNIPPET.format(timm=timm_version, size=v.view_size),
+        *_zero_shot_section(cfg, result),
         "## Method and data",
         "",
         f"- method: `{cfg.objective.name}` ({result.weights} encoder; without a teacher, the student is both)",
@@ -327,6 +758,7 @@ def model_card(
             f"- features of the exported model vs the checkpoint's encoder: max abs diff {result.max_abs_diff:.3g} "
             "(CPU fp32)"
         ),
+        *_text_checks(result),
         "",
         "## Full training config",
         "",
@@ -418,12 +850,15 @@ def export_checkpoint(
     encoder = build_encoder(cfg.model, cfg.views.view_size)
     loaded = load_strict(encoder, tensors, f"{ckpt_dir} ({weights} encoder) in timm's {cfg.model.encoder}")
     run_id = run_id or meta.get("mlflow_run_id")
+    text = text_side(ckpt_dir, weights, encoder, cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # moved into place when complete
     try:
         model_args = {"img_size": cfg.views.view_size, **cfg.model.encoder_kwargs, "num_classes": 0}
         write_timm_folder(encoder, staging, model_args, cfg.views.view_size)
+        if text is not None:
+            write_text_side(staging, *text[1:])
         reloaded, count = load_exported(staging)
         if count != loaded:
             raise ExportError(f"wrote {loaded} tensors, timm loaded {count}")
@@ -441,6 +876,8 @@ def export_checkpoint(
             step=meta.get("step"),
             run_id=run_id,
         )
+        if text is not None:
+            result.text = check_text_side(staging, text[0], text[2], cfg.views.view_size)
         probes = None
         if run_id and tracking_uri:
             try:
@@ -493,4 +930,12 @@ def run_export(
         shutil.rmtree(download, ignore_errors=True)
 
 
-__all__ = ["CheckpointError", "ExportError", "ExportResult", "export_checkpoint", "load_exported", "run_export"]
+__all__ = [
+    "CheckpointError",
+    "ExportError",
+    "ExportResult",
+    "export_checkpoint",
+    "load_exported",
+    "load_exported_towers",
+    "run_export",
+]

@@ -40,16 +40,31 @@ def _lazy_list_items(module: str) -> ListItems:
     return list_items
 
 
+def shuffled(items: list[dict], ing: IngestConfig) -> list[dict]:
+    """The listing in a seeded order (`ingest.shuffle`, `ingest.shuffle_seed`), the same on every call.
+
+    A class-folder listing is sorted by class, so its shards would each hold one or two classes, and
+    the trainer's local shuffle buffer (`data.shuffle_buffer` rows) cannot mix what is far apart: a
+    contrastive batch would draw its negatives from one class. `data.deterministic` reads rows in
+    shard order with no shuffle at all, so there the shards' own order is the batches' order."""
+    if not ing.shuffle:
+        return items
+    import numpy as np
+
+    order = np.random.default_rng(ing.shuffle_seed).permutation(len(items))
+    return [items[i] for i in order]
+
+
 def _image_folder(ing: IngestConfig) -> list[dict]:
     from pipeline.data.sources.image_folder import list_image_folder
 
-    return list_image_folder(ing.input)
+    return shuffled(list_image_folder(ing.input), ing)
 
 
 def _file_list(ing: IngestConfig) -> list[dict]:
     from pipeline.data.sources.image_folder import list_image_files
 
-    return list_image_files(ing.input)
+    return shuffled(list_image_files(ing.input), ing)
 
 
 def _url_list(cfg: Config) -> dict[str, Any]:

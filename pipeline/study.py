@@ -44,8 +44,16 @@ METRICS = {
     "folder/linear_top1": "objects (linear top-1 %)",
     "folder/knn_top1": "objects (kNN top-1 %)",
     "folder/decoder_top1": "objects (decoder top-1 %)",
+    # the text-tower arms' own readouts (issue 27): their text tower against the class names and the captions
+    "coco_objects/zero_shot_top1": "box cls (zero-shot top-1 %)",
+    "folder/zero_shot_top1": "objects (zero-shot top-1 %)",
+    "coco_captions/retrieval_i2t_r5": "retrieval image->text (R@5 %)",
+    "coco_captions/retrieval_t2i_r5": "retrieval text->image (R@5 %)",
 }
-PERCENT = ("top1",)  # metrics shown in percent; mAP is shown as is
+PERCENT = ("top1", "_r1", "_r5", "_r10")  # metrics shown in percent; mAP is shown as is
+# Methods with a text tower: their eval adds the zero-shot and retrieval readouts (docs/evaluation.md)
+TEXT_METHODS = ("clip", "slip", "silc", "ab_clip")
+TEXT_READOUTS = ("zero_shot", "retrieval")
 WATCHED = (
     "loss",
     "loss_annotation",
@@ -68,6 +76,7 @@ TABLES = {
     f"{100 - ANNOTATED_FRACTION * 100:g} %)",
     "curve": "The budget grows: 1x, 3x and 10x the study's views (each budget its own run and schedule)",
     "decoupled": "AB's decoupled setting (the paper's Fig. 3 top): annotations from the objects, crops from the scenes",
+    "captions": "Captions as text annotations: zero-shot and retrieval readouts of the text tower",
 }
 # Arms a table shows beside its own: the 1x runs are the curve's first budget, SimCLR on the scenes alone is
 # one of the decoupled setting's baselines.
@@ -132,6 +141,8 @@ BOX_TEXT = (
 )
 CLIP = ("objective.name=clip", "views.num_views=0", *BOX_TEXT)
 AB_CLIP = ("objective.name=ab_clip", *BOX_TEXT)
+# The scenes' generated captions as the text (the COCO layout's captions_*.json), CLIP's crop otherwise as above.
+CAPTION_TEXT = ("views.text.source=captions", *BOX_TEXT[2:])
 # DINO's two global views (the annotation views, no locals) and its head at the study's scale: 4,096 prototypes
 # behind a 512-wide MLP (SimCLR's projector width), not the ViT-S recipe's 65,536 behind 2,048.
 DINO = (
@@ -202,6 +213,21 @@ ARMS: tuple[Arm, ...] = (
         (*CLIP, "train.total_views=@/5"),
         data="scenes_annotated",
         table="partial",
+    ),
+    # The text tower read back (issue 27): captions instead of box names, so retrieval has sentences to find.
+    Arm(
+        "ab_clip_captions",
+        "AB_CLIP, captions as text",
+        ("objective.name=ab_clip", *CAPTION_TEXT),
+        seeds=2,
+        table="captions",
+    ),
+    Arm(
+        "clip_captions",
+        "CLIP, captions as text (equal views)",
+        ("objective.name=clip", "views.num_views=0", *CAPTION_TEXT),
+        seeds=2,
+        table="captions",
     ),
     # The budget grows (issue 26): each budget is its own run with its own cosine schedule.
     Arm("ab_simclr_3x", "AB_SimCLR, 3x the views", (*CURVE, X3), seeds=2, table="curve"),
@@ -316,7 +342,13 @@ def eval_config(cfg: Config, checkpoint: str, seed: int) -> Config:
         "coco_detection": str(data / "scenes"),
         "folder": str(data / "objects"),
     }
-    ev = dataclasses.replace(cfg.eval, checkpoint=checkpoint, tasks=list(roots), task_roots=roots, seed=seed)
+    probes = list(cfg.eval.probes)
+    if cfg.objective.name in TEXT_METHODS:  # the text tower's own readouts, on the scenes' val captions too
+        roots["coco_captions"] = str(data / "scenes")
+        probes += [p for p in TEXT_READOUTS if p not in probes]
+    ev = dataclasses.replace(
+        cfg.eval, checkpoint=checkpoint, tasks=list(roots), task_roots=roots, seed=seed, probes=probes
+    )
     return dataclasses.replace(cfg, eval=ev)
 
 

@@ -1,27 +1,44 @@
 """`abpipe export`: every method's encoder out as timm safetensors + config.json + model card, loaded
 back strictly through timm (three ways) with features equal to the objective's own encoder, bad input
-as one error line, and the export registered as an MLflow model version whose files load."""
+as one error line, and the export registered as an MLflow model version whose files load. The
+text-tower methods' exports also carry the text tower and the image embedding: a fresh interpreter
+without abpipe runs the model card's zero-shot code on PNGs and scores as abpipe's own towers do."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoints import save_checkpoint
 from pipeline.cli import main
 from pipeline.config import Config, ViewsConfig
-from pipeline.export import PARITY_ATOL, ExportError, encoder_features, export_checkpoint, load_exported
+from pipeline.export import (
+    PARITY_ATOL,
+    ExportError,
+    encoder_features,
+    export_checkpoint,
+    load_exported,
+    load_exported_towers,
+)
 from pipeline.objectives.registry import OBJECTIVES, build_objective
 from tests.micro import MICRO_MODEL
 from tests.test_objectives_ssl import method_config
 from tests.test_objectives_text import text_config
 
 FIGURES: dict[str, float] = {}  # method/weights/loader -> max abs feature diff, method -> tensors (printed with -s)
+TEXT_METHODS = ("clip", "slip", "silc", "ab_clip")
+TEXT_FILES = ("text.safetensors", "image_head.safetensors")
 
 
 def micro_method_config(name: str) -> Config:
@@ -107,6 +124,11 @@ def test_export_loads_strictly_and_matches_the_objectives_encoder(name, tmp_path
         ]
         card = (out / "README.md").read_text()
         assert f"`{cfg.objective.name}`" in card and f"{n} of {n} tensors" in card
+        has_text = name in TEXT_METHODS
+        assert all((out / f).exists() == has_text for f in TEXT_FILES) and ("text" in config) == has_text
+        assert ("## Zero-shot classification" in card) == has_text
+        assert (f"None: `{name}` trains no text tower" in card) == (not has_text)
+        assert (result.text is not None) == has_text
         exported[weights] = load_file(str(out / "model.safetensors"))
     has_teacher = getattr(objective, "teacher_encoder", None) is not None
     differs = any(not torch.equal(exported["teacher"][k], v) for k, v in exported["student"].items())
@@ -221,6 +243,166 @@ def test_export_by_run_id_is_registered_with_probe_results_in_its_card(tmp_path,
         ]
     )
     assert json.loads(capsys.readouterr().out)["registered"]["version"] == "2"
+
+
+# ----------------------------------------------------------------------------------------- text towers
+
+CLASSES = ("red square", "green circle", "blue triangle")
+TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {} on a plain background.")
+CHECK_SCRIPT = Path(__file__).with_name("export_zero_shot_check.py")
+
+
+def write_shape_pngs(folder: Path, per_class: int = 2, size: int = 64) -> tuple[list[str], list[int]]:
+    """Real PNG files: a coloured shape per class on a noisy background, at twice the model's input size
+    (so the image side's resize runs)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for label, name in enumerate(CLASSES):
+        for k in range(per_class):
+            background = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            image = Image.fromarray(background)
+            draw = ImageDraw.Draw(image)
+            lo, hi = int(rng.integers(4, 16)), int(rng.integers(44, 60))
+            colour = {"red square": (220, 30, 30), "green circle": (30, 200, 40), "blue triangle": (40, 60, 230)}[name]
+            if name == "red square":
+                draw.rectangle([lo, lo, hi, hi], fill=colour)
+            elif name == "green circle":
+                draw.ellipse([lo, lo, hi, hi], fill=colour)
+            else:
+                draw.polygon([(lo, hi), (hi, hi), ((lo + hi) // 2, lo)], fill=colour)
+            path = folder / f"{label}_{k}.png"
+            image.save(path)
+            paths.append(str(path))
+            labels.append(label)
+    return paths, labels
+
+
+def _text_objective(name: str):
+    """A text-tower method with every weight off its init (text tower, projection / decoder, scale) and
+    the student off its EMA teacher."""
+    cfg, objective = trained_objective(name)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in objective.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return cfg, objective
+
+
+def run_check_script(spec: dict, tmp_path: Path) -> dict:
+    """tests/export_zero_shot_check.py in a fresh interpreter, in an empty folder (nothing of abpipe on
+    its path); returns its JSON summary."""
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    work = tmp_path / "user"
+    work.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(CHECK_SCRIPT), str(tmp_path / "spec.json")],
+        cwd=work,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", TEXT_METHODS)
+def test_text_tower_export_scores_zero_shot_without_abpipe_as_abpipes_towers(name, tmp_path):
+    from pipeline.eval.features import load_and_resize
+    from pipeline.eval.zero_shot import class_embeddings, zero_shot_metrics
+    from pipeline.models.ab_model import images_to_float
+    from pipeline.objectives.towers import load_towers
+
+    cfg, objective = _text_objective(name)
+    ckpt = save_like_the_loop(objective, cfg, tmp_path / "ckpt")
+    weights = ("teacher", "student")
+    results = {w: export_checkpoint(ckpt, tmp_path / f"out-{w}", w) for w in weights}
+    for w, result in results.items():
+        out = Path(result.out)
+        section = json.loads((out / "config.json").read_text())["text"]
+        assert section["tokenizer"] == cfg.views.text.tokenizer and section["context_length"] == 16
+        assert section["embed_dim"] == cfg.model.proj_dim and section["text_cfg"]["width"] == 32
+        assert section["image"]["embedding"] == ("ab_decoder" if name == "ab_clip" else "projection")
+        assert max(result.text["max_abs_diff"].values()) <= PARITY_ATOL
+        # SiLC's EMA teacher is the DINO branch's: its zero-shot image side is the student encoder, carried beside
+        beside = name == "silc" and w == "teacher"
+        assert (out / "image_encoder.safetensors").exists() == beside
+        assert section["image"]["encoder"] == ("image_encoder.safetensors" if beside else "model.safetensors")
+        if beside:
+            own = load_file(str(out / "image_encoder.safetensors"))
+            student = objective.encoders()["student"].state_dict()
+            assert own.keys() == student.keys() and all(torch.equal(own[k], v) for k, v in student.items())
+
+    paths, labels = write_shape_pngs(tmp_path / "images")
+    out_dir = tmp_path / "scores"
+    out_dir.mkdir()
+    spec = {
+        "exports": [results[w].out for w in weights],
+        "images": paths,
+        "labels": labels,
+        "classnames": list(CLASSES),
+        "templates": list(TEMPLATES),
+        "out": str(out_dir),
+    }
+    start = time.perf_counter()
+    summary = run_check_script(spec, tmp_path)
+    FIGURES[f"{name}/zero_shot_script_s"] = round(time.perf_counter() - start, 1)
+    assert summary["pipeline_imported"] is False
+
+    size = cfg.views.view_size
+    uint8 = np.stack([load_and_resize(p, size, "crop") for p in paths])  # the eval job's own image reading
+    prompts = [t.format(c) for c in CLASSES for t in TEMPLATES]
+    embeddings = {}
+    for i, w in enumerate(weights):
+        got = np.load(out_dir / f"{i}.npz")
+        towers, _ = load_towers(ckpt, w)
+        with torch.no_grad():
+            x = images_to_float(torch.from_numpy(uint8))
+            z_img = towers.embed_images(x)
+            z_classes = class_embeddings(towers, CLASSES, TEMPLATES)
+            tokens = towers.tokenize(prompts)
+            z_prompts = towers.embed_texts(tokens)
+        logits = towers.logit_scale * z_img @ z_classes.T
+        metrics = zero_shot_metrics(z_img, z_classes, np.asarray(labels))
+        assert np.array_equal(got["tokens"], tokens.numpy()), "the export's tokenizer is the run's"
+        diffs = {
+            "input": float(np.abs(got["input"] - x.numpy()).max()),
+            "image": float(np.abs(got["z_img"] - z_img.numpy()).max()),
+            "prompts": float(np.abs(got["z_prompts"] - z_prompts.numpy()).max()),
+            "classes": float(np.abs(got["classes"] - z_classes.numpy()).max()),
+            "logits": float(np.abs(got["logits"] - logits.numpy()).max()),
+        }
+        FIGURES.update({f"{name}/{w}/zero_shot/{k}": v for k, v in diffs.items()})
+        assert max(diffs.values()) <= PARITY_ATOL, (w, diffs)
+        assert np.array_equal(got["pred"], logits.argmax(-1).numpy())
+        assert float(got["top1"]) == pytest.approx(metrics["zero_shot_top1"], abs=1e-12)
+        FIGURES[f"{name}/{w}/zero_shot/top1"] = metrics["zero_shot_top1"]
+        embeddings[w] = got["z_img"]
+    if name == "ab_clip":  # the decoder + head follow --weights (EMA teacher vs student)
+        assert np.abs(embeddings["teacher"] - embeddings["student"]).max() > 1e-3
+
+
+def test_text_side_bad_input_is_a_clear_error(tmp_path):
+    cfg, objective = trained_objective("simclr")
+    export_checkpoint(save_like_the_loop(objective, cfg, tmp_path / "simclr"), tmp_path / "simclr-out")
+    with pytest.raises(ExportError, match="no text tower in this export"):
+        load_exported_towers(tmp_path / "simclr-out")
+
+    cfg, objective = trained_objective("clip")
+    ckpt = save_like_the_loop(objective, cfg, tmp_path / "clip")
+    export_checkpoint(ckpt, tmp_path / "clip-out")
+    text = load_file(str(tmp_path / "clip-out" / "text.safetensors"))
+    text.pop("ln_final.weight")
+    save_file(text, str(tmp_path / "clip-out" / "text.safetensors"))
+    with pytest.raises(ExportError, match="text.safetensors in open_clip's text tower.*1 missing: ln_final.weight"):
+        load_exported_towers(tmp_path / "clip-out")
+
+    state = torch.load(Path(ckpt) / "state.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "objective"}, Path(ckpt) / "state.pt")
+    with pytest.raises(ExportError, match="clip has a text tower, but it cannot be exported.*no objective state"):
+        export_checkpoint(ckpt, tmp_path / "clip-out-2")
+    assert not (tmp_path / "clip-out-2").exists()
 
 
 def teardown_module(module):

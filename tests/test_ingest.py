@@ -94,6 +94,29 @@ def test_kept_samples_read_back_with_schema(ray_cluster, messy_folder, photo_fil
         assert entry["status"] == "ok" and row["__url__"].endswith("/" + entry["shard"])
         labels[meta["id"]] = meta["labels"]
     assert labels["photos/as_png"] == ["photos"] and sum(v == ["digits"] for v in labels.values()) == 5
+    # the listing is sorted by class (7 photos, then 5 digits); the seeded shuffle mixes the shards
+    shard_classes = {}
+    for row in rows:
+        shard_classes.setdefault(row["__url__"], set()).add(json.loads(row["json"])["labels"][0])
+    assert any(len(classes) == 2 for classes in shard_classes.values()), shard_classes
+
+
+def test_listing_is_shuffled_with_its_seed_before_sharding():
+    from pipeline.ingest import shuffled
+
+    items = [{"id": f"{c}/{i}", "labels": [c]} for c in "abcd" for i in range(25)]  # sorted by class
+    ing = IngestConfig()
+    once, again = shuffled(items, ing), shuffled(items, ing)
+    assert once == again and once != items
+    assert sorted(x["id"] for x in once) == sorted(x["id"] for x in items), "a permutation: nothing lost"
+    assert shuffled(items, IngestConfig(shuffle_seed=1)) != once
+    assert shuffled(items, IngestConfig(shuffle=False)) == items
+
+    def classes_per_shard(listing, n=10):
+        return [len({x["labels"][0] for x in listing[i : i + n]}) for i in range(0, len(listing), n)]
+
+    assert max(classes_per_shard(items)) <= 2  # in listing order a shard of 10 holds one or two classes
+    assert min(classes_per_shard(once)) >= 3  # shuffled, every shard holds most of the four
 
 
 def test_small_jpeg_keeps_its_original_bytes(ray_cluster, photo_files, tmp_path):

@@ -52,6 +52,26 @@ def test_every_arm_resolves_to_a_real_config():
         check_cpu_budget(cfg, cfg.ray.num_cpus)  # fits the study's CPUs: a decoupled run needs two streams
 
 
+def test_text_tower_arms_add_the_zero_shot_and_retrieval_readouts(tmp_path):
+    """Only the methods with a text tower get the readouts and the captions task; the captions arms build."""
+    from pipeline.objectives.registry import build_objective
+    from pipeline.study import TEXT_READOUTS, eval_config
+
+    base = load_config(DEFAULT_CONFIG).resolved()
+    arms = {a.slug: arm_config(a, 0, base, DEFAULT_CONFIG, [], SHARDS) for a in ARMS}
+    for slug in ("ab_clip", "clip", "ab_clip_captions", "clip_captions"):
+        ev = eval_config(arms[slug], "ckpt", 0).eval
+        assert set(TEXT_READOUTS) <= set(ev.probes) and set(base.eval.probes) <= set(ev.probes), slug
+        assert ev.task_roots["coco_captions"] == ev.task_roots["coco_objects"], slug  # the scenes' val captions
+    for slug in ("ab_simclr", "simclr"):
+        ev = eval_config(arms[slug], "ckpt", 0).eval
+        assert ev.probes == base.eval.probes and "coco_captions" not in ev.task_roots, slug
+    for slug in ("ab_clip_captions", "clip_captions"):
+        cfg = arms[slug]
+        assert cfg.views.text.source == "captions" and cfg.objective.name == slug.split("_captions")[0]
+        build_objective(cfg)  # the crop stage feeds what the method reads (check_views raises otherwise)
+
+
 def test_the_partly_annotated_arms_see_boxes_of_the_same_scenes():
     """AB_CLIP's annotations and CLIP's whole data are the annotated share; AB_CLIP's crops are all scenes."""
     base = load_config(DEFAULT_CONFIG).resolved()

@@ -7,8 +7,10 @@ skips once done, so a failure on one task never throws away the others.
 Phases, per checkpoint: (1) load every task's examples (pipeline.eval.tasks); (2) one Ray Data pass
 extracts the features every task still lacks (GPU if the cluster has one), loading each model once,
 and the feature cache (pipeline.eval.cache) keeps them per task split; (3) every probe x encoder x
-task is its own Ray task, all submitted before any is awaited, so they train in parallel; (4) each
-task's run gets its metrics, a results table and a plot.
+task is its own Ray task, all submitted before any is awaited, so they train in parallel; beside them,
+the readouts of a text-tower method's image and text towers (`zero_shot`, `retrieval`,
+pipeline.eval.zero_shot) run as Ray tasks of their own on the model itself; (4) each task's run gets
+its metrics, a results table and a plot.
 
 Every probe also runs on the *randomly initialised* encoder the pretraining started from (same
 config, same seed): a random ViT is a surprisingly strong kNN baseline on easy data, so only the
@@ -40,6 +42,9 @@ BOX_TASK_KINDS = ("box_classification", "detection")
 SPLITS = ("train", "test")
 # eval.* settings that do not change a result: left out of the signature that marks a pair done
 _NOT_IN_SIGNATURE = ("checkpoint", "dataset", "tasks", "task_roots", "cache_dir", "use_gpu", "batch_size")
+# settings added after eval runs were recorded: at these defaults they stay out of the signature, so
+# the pairs done before them are not evaluated again
+_SIGNATURE_SINCE = {"zero_shot_templates": []}
 
 __all__ = [
     "EvalError",
@@ -83,7 +88,11 @@ def eval_signature(ev: EvalConfig, task: str, root: str) -> str:
     """Digest of everything that shapes a (checkpoint, task) result besides the weights."""
     from pipeline.eval.cache import digest
 
-    settings = {k: v for k, v in dataclasses.asdict(ev).items() if k not in _NOT_IN_SIGNATURE}
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(ev).items()
+        if k not in _NOT_IN_SIGNATURE and not (k in _SIGNATURE_SINCE and v == _SIGNATURE_SINCE[k])
+    }
     return digest({"task": task, "root": os.path.abspath(root) if "://" not in root else root, **settings})[:16]
 
 
@@ -93,6 +102,27 @@ def check_probe_names(ev: EvalConfig) -> None:
     unknown = [p for p in ev.probes if p not in PROBES]
     if unknown or not ev.probes:
         raise ConfigError(f"eval.probes: unknown {unknown or '(empty)'}; known: {', '.join(PROBES)}")
+    if "zero_shot" in ev.probes:
+        from pipeline.eval.zero_shot import check_templates
+
+        try:
+            check_templates(ev.zero_shot_templates)
+        except ValueError as exc:
+            raise ConfigError(f"eval.zero_shot_templates: {str(exc).removeprefix('templates: ')}") from None
+
+
+def text_tower_reason(model_cfg: Config) -> str | None:
+    """Why the checkpoint's method cannot run the text-tower readouts (zero_shot, retrieval); None if it can."""
+    from pipeline.objectives.registry import objective_class
+
+    name = model_cfg.objective.name
+    try:
+        has_towers = hasattr(objective_class(name), "image_text_towers")
+    except ConfigError as exc:
+        return f"its objective is not one this abpipe builds ({exc})"
+    if has_towers:
+        return None
+    return f"its method '{name}' has no text tower"
 
 
 def select_probes(ev: EvalConfig, kind: str) -> list[str]:
@@ -189,6 +219,8 @@ class _TaskRun:
     cached: list[str] = dataclasses.field(default_factory=list)
     extract_s: float = 0.0
     pending: list[tuple[str, str, Any]] = dataclasses.field(default_factory=list)  # (metric prefix, probe, ObjectRef)
+    readouts: list[str] = dataclasses.field(default_factory=list)  # MODEL_READOUTS to run on the model itself
+    skipped_readouts: dict[str, str] = dataclasses.field(default_factory=dict)  # readout -> why not run
     error: str | None = None
 
     def fail(self, exc: BaseException) -> None:
@@ -204,14 +236,24 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _open_task(tr: _TaskRun, ev: EvalConfig) -> None:
-    """Phase 1: the task's examples, validated, and what its probes need (tokens, resize mode)."""
-    from pipeline.eval.probes import PROBES
+def _open_task(tr: _TaskRun, ev: EvalConfig, no_text_tower: str | None = None) -> None:
+    """Phase 1: the task's examples, validated, and what its probes need (tokens, resize mode).
+
+    `tr.probes` are the feature probes, `tr.readouts` the model readouts; with `no_text_tower` (the
+    reason) the readouts are recorded as skipped instead."""
+    from pipeline.eval.probes import MODEL_READOUTS, PROBES
+    from pipeline.eval.task_formats.captions import CAPTIONS
     from pipeline.eval.tasks import load_task
 
     tr.data = load_task(tr.task, tr.root, max_per_split=ev.max_per_split or None, seed=ev.seed)
-    check_class_ids(tr.data, tr.root, ev.max_per_split)
-    tr.probes = select_probes(ev, tr.data.info.kind)
+    if tr.data.info.kind != CAPTIONS:  # a captions task has no classes
+        check_class_ids(tr.data, tr.root, ev.max_per_split)
+    chosen = select_probes(ev, tr.data.info.kind)
+    tr.probes = [p for p in chosen if p not in MODEL_READOUTS]
+    tr.readouts = [p for p in chosen if p in MODEL_READOUTS]
+    if no_text_tower and tr.readouts:
+        tr.skipped_readouts = {p: no_text_tower for p in tr.readouts}
+        tr.readouts = []
     tr.tokens = any(PROBES[p].needs_tokens for p in tr.probes)
     tr.resize = "stretch" if tr.data.info.kind in BOX_TASK_KINDS else "crop"
 
@@ -291,14 +333,22 @@ def _gather_features(
                 tr.features[enc.name][split] = feats
 
 
-def _submit_probes(tr: _TaskRun, probe_ev: EvalConfig, use_gpu: bool) -> None:
-    """Phase 3: one Ray task per probe x encoder; awaited in phase 4, after every task has submitted."""
+def _submit_probes(tr: _TaskRun, probe_ev: EvalConfig, use_gpu: bool, ckpt_dir: str) -> None:
+    """Phase 3: one Ray task per probe x encoder, and one per model readout (pretrained weights only:
+    they read the towers of `ckpt_dir`); awaited in phase 4, after every task has submitted."""
     import ray
 
     from pipeline.eval.probes import PROBES
 
     kind = tr.data.info.kind
+    for readout in tr.readouts:
+        ref = _readout_task.options(
+            num_cpus=1, num_gpus=1 if use_gpu else 0, name=f"readout-{readout}-{tr.task}"
+        ).remote(readout, ckpt_dir, tr.data.test, tr.data.info, probe_ev)
+        tr.pending.append(("", readout, ref))
     for encoder, prefix in (("pretrained", ""), ("random", RANDOM_PREFIX)):
+        if not tr.probes:
+            break
         if encoder not in tr.features:
             continue
         splits = {
@@ -333,17 +383,35 @@ def _run_probe(name: str, train, test, task_info, cfg: EvalConfig) -> dict[str, 
 _probe_task = None  # the Ray remote of _run_probe, made on first use (ray is imported lazily)
 
 
+def _run_readout(name: str, ckpt_dir: str, examples, task_info, cfg: EvalConfig) -> dict[str, Any]:
+    from pipeline.eval.zero_shot import run_readout
+
+    return run_readout(
+        name, ckpt_dir, examples, task_info, cfg.weights, cfg.zero_shot_templates, cfg.batch_size, bool(cfg.use_gpu)
+    )
+
+
+_readout_task = None  # the Ray remote of _run_readout
+
+
 def _finish_task(tr: _TaskRun, info_base: dict[str, Any], step: int, tmp: str, bar=None) -> dict[str, Any]:
     """Phase 4: collect the probes' metrics, log them with the results table and plot, close the run."""
     import ray
 
+    from pipeline.eval.probes import MODEL_READOUTS
+
     metrics: dict[str, float] = {}
     errors = []
+    read: dict[str, dict[str, Any]] = {}  # readout -> its {"metrics", "skipped", "n_images"}
     for prefix, probe, ref in tr.pending:
         if bar is not None:
             ray.wait([ref], fetch_local=False)
             bar.update(1, task=tr.task)
         try:
+            if probe in MODEL_READOUTS:
+                read[probe] = ray.get(ref)
+                metrics.update({k: float(v) for k, v in read[probe]["metrics"].items()})
+                continue
             for key, value in ray.get(ref).items():
                 name = key if key.startswith(probe) else f"{probe}_{key}"  # rankme's `rankme` stays `rankme`
                 metrics[f"{prefix}{name}"] = float(value)
@@ -354,38 +422,45 @@ def _finish_task(tr: _TaskRun, info_base: dict[str, Any], step: int, tmp: str, b
             )
     if errors:
         raise RuntimeError("; ".join(errors))
-    pre = tr.features["pretrained"]
-    skipped = {f"{s}/{reason}": n for s in SPLITS for reason, n in pre[s].skipped.items()}
+    pre = tr.features.get("pretrained")  # None: no feature probe ran on this task (readouts only)
+    skipped = {f"{s}/{reason}": n for s in SPLITS for reason, n in (pre[s].skipped.items() if pre else ())}
     for reason, n in getattr(tr.data, "skipped", {}).items():
         skipped[reason] = skipped.get(reason, 0) + n
+    for readout, out in read.items():  # what each readout left out of the images it read itself
+        skipped.update({f"{readout}/{reason}": n for reason, n in out["skipped"].items()})
     info = {
         **info_base,
         "task": tr.task,
         "root": tr.root,
         "kind": tr.data.info.kind,
         "n_classes": tr.data.info.num_classes,
-        "n_train": len(pre["train"].kept),
-        "n_test": len(pre["test"].kept),
+        "n_train": len(pre["train"].kept) if pre else 0,
+        "n_test": len(pre["test"].kept) if pre else max((r["n_images"] for r in read.values()), default=0),
         "skipped": skipped,
         "cached": tr.cached,
     }
+    bookkeeping = {"n_train": info["n_train"], "n_test": info["n_test"]}
+    if tr.features:
+        bookkeeping.update(features_cached=float(len(tr.cached) == len(tr.features)), extract_s=tr.extract_s)
     tr.logger.metrics(
         {
             **metrics,
             **{f"skipped/{k}": v for k, v in skipped.items()},
-            "n_train": info["n_train"],
-            "n_test": info["n_test"],
-            "features_cached": float(len(tr.cached) == len(tr.features)),
-            "extract_s": tr.extract_s,
+            **bookkeeping,
             "eval_s": time.perf_counter() - tr.started,
         },
         step=step,
     )
+    if tr.skipped_readouts:
+        tr.logger.tags(
+            {"abpipe.skipped_readouts": "; ".join(f"{p}: {why}" for p, why in tr.skipped_readouts.items())[:5000]}
+        )
     rows = result_rows(metrics)
     out = os.path.join(tmp, f"results-{tr.task}")
     os.makedirs(out, exist_ok=True)
     paths = write_eval_results(out, rows, info)
-    paths.append(plot_eval(os.path.join(out, "results.png"), rows, f"{tr.task} @ step {info['step']}"))
+    if rows:
+        paths.append(plot_eval(os.path.join(out, "results.png"), rows, f"{tr.task} @ step {info['step']}"))
     for path in paths:
         tr.logger.artifact(path)
     tr.logger.finish()
@@ -393,6 +468,7 @@ def _finish_task(tr: _TaskRun, info_base: dict[str, Any], step: int, tmp: str, b
         "run_id": tr.run_id,
         "metrics": metrics,
         "rows": rows,
+        "skipped_readouts": dict(tr.skipped_readouts),
         **{k: info[k] for k in ("kind", "n_train", "n_test", "n_classes", "skipped", "cached")},
     }
 
@@ -438,10 +514,11 @@ def evaluate_checkpoint(
     import ray
 
     from pipeline.eval.cache import FeatureCache
+    from pipeline.eval.probes import MODEL_READOUTS
     from pipeline.models.encoder import load_frozen_model
     from pipeline.tracking import RunLogger, start_run
 
-    global _probe_task
+    global _probe_task, _readout_task
     cfg = cfg.resolved()
     ev = cfg.eval
     tasks = tasks if tasks is not None else task_roots(ev)
@@ -457,6 +534,7 @@ def evaluate_checkpoint(
         _, model_cfg = load_frozen_model(ckpt_dir, which=ev.weights)
         init_ray(cfg.ray)  # after the checkpoint checks: a bad path fails in a second, not after Ray's start-up
         _probe_task = _probe_task or ray.remote(max_retries=0)(_run_probe)
+        _readout_task = _readout_task or ray.remote(max_retries=0)(_run_readout)
         use_gpu = _use_gpu(ev)
         probe_ev = dataclasses.replace(ev, use_gpu=use_gpu)
         meta = read_meta(ckpt_dir)
@@ -471,6 +549,18 @@ def evaluate_checkpoint(
                 ev.image_size,
                 image_size,
             )
+        no_text_tower = None
+        wanted = [p for p in MODEL_READOUTS if p in ev.probes]
+        if wanted:
+            no_text_tower = text_tower_reason(model_cfg)
+            if no_text_tower:  # the one line that says so; the feature probes still run
+                log.warning(
+                    "%s skipped: checkpoint %s: %s (these read the image and text towers of clip, slip, silc and "
+                    "ab_clip); the other probes still run",
+                    " and ".join(wanted),
+                    recorded_path,
+                    no_text_tower,
+                )
         encoders = [_Encoder("pretrained", fingerprint, ckpt_dir)]
         if ev.random_init:
             encoders.append(_Encoder("random", random_init_fingerprint(model_cfg), None))
@@ -515,18 +605,25 @@ def evaluate_checkpoint(
             tr = _TaskRun(task, root, run_id, RunLogger(uri, run_id), time.perf_counter())
             runs.append(tr)
             try:
-                _open_task(tr, ev)
+                _open_task(tr, ev, no_text_tower)
             except Exception as exc:  # one task's bad data must not stop the others
                 tr.fail(exc)
         results: dict[str, dict[str, Any]] = {}
         try:
             _gather_features(
-                [tr for tr in runs if not tr.error], encoders, model_cfg, image_size, ev, use_gpu, cache, tmp
+                [tr for tr in runs if not tr.error and tr.probes],
+                encoders,
+                model_cfg,
+                image_size,
+                ev,
+                use_gpu,
+                cache,
+                tmp,
             )
             for tr in runs:
                 if not tr.error:
                     try:
-                        _submit_probes(tr, probe_ev, use_gpu)
+                        _submit_probes(tr, probe_ev, use_gpu, ckpt_dir)
                     except Exception as exc:
                         tr.fail(exc)
             info_base = {"checkpoint": recorded_path, "step": meta.get("step", "?")}
@@ -572,6 +669,7 @@ def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[tuple]]:
         skipped = ", skipped " + ", ".join(f"{k} {v}" for k, v in res["skipped"].items()) if res.get("skipped") else ""
         rows.append((f"{task} ({res['n_train']} train / {res['n_test']} test{skipped}{cached})", None, None))
         rows += [(f"  {key}", value, ref) for key, value, ref in res["rows"]]
+        rows += [(f"  {name}: skipped, {why}", None, None) for name, why in res.get("skipped_readouts", {}).items()]
     rows += [(f"{task}: FAILED", None, None) for task in result.get("failures", {})]
     return ["task / metric", "pretrained", "random init"], rows
 

@@ -36,8 +36,10 @@ def random_init_fingerprint(model_cfg: Config) -> str:
 
     from pipeline.eval.cache import digest
 
+    # model keys that change how a step runs, not the weights, stay out (old fingerprints still match)
+    model = {k: v for k, v in dataclasses.asdict(model_cfg.model).items() if k not in ("grad_checkpointing",)}
     recipe = {
-        "model": dataclasses.asdict(model_cfg.model),
+        "model": model,
         "size": model_cfg.views.view_size,
         "seed": model_cfg.train.seed,
     }

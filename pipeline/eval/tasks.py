@@ -3,7 +3,10 @@
 One task per kind of read-out (AB paper appendix A.1; Beyer et al. 2023): classification on
 ImageNet-style folders, Food101, Pets, RESISC45, SUN397 and VTAB's CLEVR count/distance; object
 classification in a box and detection on COCO and VISOR; single-frame verb/noun recognition on
-EPIC-KITCHENS-100. `load_task` returns image paths and targets only; decoding is the eval job's.
+EPIC-KITCHENS-100. Beside these probe suites (TASKS: classes, a train and a test split each),
+CAPTION_TASKS holds the image-text sets only the retrieval readout reads (kind `captions`: images with
+their captions, a test split only, no classes). `load_task` reads either and returns image paths and
+targets only; decoding is the eval job's.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.eval.probe_data import BOX_CLASSIFICATION, CLASSIFICATION, DETECTION, TaskInfo
-from pipeline.eval.task_formats import clevr, coco, epic, folder, food101, pets, resisc45, sun397, visor
+from pipeline.eval.task_formats import captions, clevr, coco, epic, folder, food101, pets, resisc45, sun397, visor
 from pipeline.eval.task_formats.base import (
     Example,
     SplitData,
@@ -23,7 +26,7 @@ from pipeline.eval.task_formats.base import (
     subsample,
 )
 
-__all__ = ["TASKS", "Example", "TaskData", "TaskFormatError", "TaskSpec", "load_task"]
+__all__ = ["CAPTION_TASKS", "TASKS", "Example", "TaskData", "TaskFormatError", "TaskSpec", "load_task"]
 
 Loader = Callable[[str, int], tuple[list[str], SplitData, SplitData]]  # (root, seed) -> (classes, train, test)
 
@@ -31,15 +34,16 @@ Loader = Callable[[str, int], tuple[list[str], SplitData, SplitData]]  # (root, 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str  # one of probe_data.TASK_KINDS
+    kind: str  # one of probe_data.TASK_KINDS, or captions.CAPTIONS
     description: str
     layout: str  # the expected on-disk layout under `root`, for the README and error messages
     splits: str  # which official splits become train / test
     loader: Loader
+    needs_train: bool = True  # False: a readout that trains nothing (retrieval) reads the test split alone
 
 
-def _spec(name, kind, description, layout, splits, loader) -> tuple[str, TaskSpec]:
-    return name, TaskSpec(name, kind, description, layout, splits, loader)
+def _spec(name, kind, description, layout, splits, loader, needs_train=True) -> tuple[str, TaskSpec]:
+    return name, TaskSpec(name, kind, description, layout, splits, loader, needs_train)
 
 
 TASKS: dict[str, TaskSpec] = dict(
@@ -150,6 +154,19 @@ TASKS: dict[str, TaskSpec] = dict(
         ),
     ]
 )
+CAPTION_TASKS: dict[str, TaskSpec] = dict(
+    [
+        _spec(
+            "coco_captions",
+            captions.CAPTIONS,
+            "COCO 2017 captions: image-text retrieval (several captions per image)",
+            captions.LAYOUT,
+            "val2017 -> test (no train split)",
+            captions.load,
+            needs_train=False,
+        ),
+    ]
+)
 
 
 def _skip_counts(train: SplitData, test: SplitData) -> dict[str, int]:
@@ -162,14 +179,14 @@ def _skip_counts(train: SplitData, test: SplitData) -> dict[str, int]:
 
 
 def load_task(name: str, root: str, max_per_split: int | None = None, seed: int = 0) -> TaskData:
-    """Read task `name` from `root` (see TASKS[name].layout); `max_per_split` keeps a seeded subset.
+    """Read task `name` from `root` (see its TaskSpec.layout); `max_per_split` keeps a seeded subset.
 
     Raises KeyError for an unknown task and TaskFormatError, naming the file and the expected
     layout, when `root` does not hold the task's data in that layout.
     """
-    if name not in TASKS:
-        raise KeyError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
-    spec = TASKS[name]
+    spec = TASKS.get(name) or CAPTION_TASKS.get(name)
+    if spec is None:
+        raise KeyError(f"unknown task '{name}'; known tasks: {', '.join([*TASKS, *CAPTION_TASKS])}")
     try:
         if not os.path.isdir(root):
             raise TaskFormatError(f"{root}: not a folder")
@@ -179,7 +196,7 @@ def load_task(name: str, root: str, max_per_split: int | None = None, seed: int 
             "test": subsample(test.examples, max_per_split, seed + 1),
         }
         for split, examples in splits.items():
-            if not examples:
+            if not examples and (split == "test" or spec.needs_train):
                 raise TaskFormatError(f"{root}: the {split} split has no examples")
             check_inputs_exist(examples, split)
     except TaskFormatError as exc:

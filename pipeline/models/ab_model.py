@@ -54,7 +54,13 @@ class ABModel(nn.Module):
         self.encoder = build_encoder(cfg, img_size)
         dim = self.encoder.embed_dim
         self.decoder = ActionDecoder(
-            dim, cfg.decoder_depth, cfg.decoder_heads, cfg.action_embedding, cfg.fourier_bands, cfg.learned_action_bins
+            dim,
+            cfg.decoder_depth,
+            cfg.decoder_heads,
+            cfg.action_embedding,
+            cfg.fourier_bands,
+            cfg.learned_action_bins,
+            grad_checkpointing=cfg.grad_checkpointing,
         )
         self.head = ProjectionHead(dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.register_buffer("identity_action", torch.tensor([[IDENTITY_BOX]]), persistent=False)

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.geometry import box_corners
 
@@ -97,8 +98,10 @@ class ActionDecoder(nn.Module):
         action_embedding: str = "fourier",
         fourier_bands: int = 16,
         learned_bins: int = 32,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing  # recompute each layer's activations in the backward pass
         if action_embedding == "fourier":
             self.corner_embed: nn.Module = FourierCornerEmbedding(dim, fourier_bands)
         elif action_embedding == "learned":
@@ -122,6 +125,10 @@ class ActionDecoder(nn.Module):
         group = torch.arange(g, device=memory.device).repeat_interleave(TOKENS_PER_ACTION)
         self_mask = group[:, None] == group[None, :]  # True = may attend
         memory = self.memory_norm(memory)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, memory, self_mask)
+            if recompute:  # model.grad_checkpointing: the layer's activations are recomputed in the backward pass
+                x = checkpoint(layer, x, memory, self_mask, use_reentrant=False)
+            else:
+                x = layer(x, memory, self_mask)
         return self.norm(x.view(b, g, TOKENS_PER_ACTION, -1)[:, :, 0])

@@ -7,11 +7,13 @@ plus the model config rebuild it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import timm
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.checkpoints import CheckpointError, checkpoint_config, encoder_state, load_state
 from pipeline.config import ModelConfig
@@ -28,10 +30,49 @@ def pooled_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pool_tokens(encoder, encoder.forward_features(x))
 
 
+def checkpointing_active(module: nn.Module) -> bool:
+    """Whether a checkpointed module recomputes now: training and building a graph (no EMA teacher, no eval)."""
+    return module.training and torch.is_grad_enabled()
+
+
+class CheckpointedBlocks(nn.Sequential):
+    """timm's `blocks` container that checkpoints each block when called directly (`encoder.blocks(x)`).
+
+    timm's own `set_grad_checkpointing` covers `forward_features` (its `checkpoint_seq` runs the children, not
+    this `forward`), but callers that run the blocks themselves (MAE's visible-token pass) would escape it.
+    Same children, same names (`blocks.0...`), so state dicts and timm exports are unchanged.
+    """
+
+    checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.checkpointing and checkpointing_active(self)):
+            return super().forward(x)
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+
+def set_grad_checkpointing(encoder: nn.Module, enable: bool = True) -> nn.Module:
+    """Activation checkpointing of every transformer block of a timm ViT (`model.grad_checkpointing`), in place:
+    each block's activations are recomputed in the backward pass instead of kept from the forward pass."""
+    encoder.set_grad_checkpointing(enable)
+    blocks = getattr(encoder, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and not isinstance(blocks, CheckpointedBlocks):
+        encoder.blocks = blocks = CheckpointedBlocks(*blocks)
+    if isinstance(blocks, CheckpointedBlocks):
+        blocks.checkpointing = enable
+    return encoder
+
+
 def build_encoder(cfg: ModelConfig, img_size: int) -> nn.Module:
-    """A randomly initialised timm ViT (never downloads weights) sized for `img_size` views."""
+    """A randomly initialised timm ViT (never downloads weights) sized for `img_size` views, with activation
+    checkpointing of its blocks when `cfg.grad_checkpointing` (no parameter or initialisation changes)."""
     kwargs = {"img_size": img_size, **cfg.encoder_kwargs}
-    return timm.create_model(cfg.encoder, pretrained=False, num_classes=0, **kwargs)
+    encoder = timm.create_model(cfg.encoder, pretrained=False, num_classes=0, **kwargs)
+    if cfg.grad_checkpointing:
+        set_grad_checkpointing(encoder)
+    return encoder
 
 
 class FrozenEncoder(nn.Module):
@@ -65,7 +106,7 @@ def load_frozen_model(directory: str | os.PathLike, which: str = "teacher", devi
     state = load_state(directory, map_location=device)
     if which not in ("teacher", "student"):
         raise ValueError("which must be 'teacher' or 'student'")
-    model = FrozenEncoder(build_encoder(cfg.model, cfg.views.view_size))
+    model = FrozenEncoder(build_encoder(dataclasses.replace(cfg.model, grad_checkpointing=False), cfg.views.view_size))
     try:
         model.encoder.load_state_dict(encoder_state(state, which))
     except (KeyError, RuntimeError) as exc:

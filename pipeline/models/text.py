@@ -52,6 +52,8 @@ class TextEncoder(nn.Module):
         self.context_length = int(context_length)
         self.vocab_size = int(spec["text_cfg"]["vocab_size"])
         self.transformer = _build_text_tower(output_dim, spec["text_cfg"], quick_gelu=spec["quick_gelu"])
+        if cfg.grad_checkpointing:  # open_clip's own: each residual block under torch.utils.checkpoint (non-reentrant)
+            self.transformer.set_grad_checkpointing(True)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[-1] != self.context_length:

@@ -65,21 +65,58 @@ def ab_clip_step(
 
     Terms `annotation` and `propagation`; metrics `teacher_entropy`, `logit_scale` and `pair_accuracy`
     (fraction of local images whose own text scores highest among local texts); with `diagnose`, the
-    per-pair propagation error with each pair's box IoU and the text and image embeddings.
+    per-pair propagation error with each pair's box IoU and the text and image embeddings. The three
+    parts (student embeddings, teacher targets, loss) are the functions below, which gradient
+    accumulation runs separately (pipeline/train/accumulate.py).
     """
-    x = images_to_float(crops)
-    a = images_to_float(ann_views)
-    actions = pair_actions(boxes.float(), cfg.null_actions)
-    pred, img = student.image(x, actions, a)
-    z_img = img[:, 0].float()
-    z_txt = student.text(tokens).float()
-    annotation = clip_loss(z_img, z_txt, student.log_scale)
+    embeddings = ab_clip_embeddings(student, crops, boxes, ann_views, tokens, cfg)
+    targets = ab_clip_targets(teacher, crops, tokens)
+    return ab_clip_loss(student, teacher, embeddings, targets, boxes, cfg, diagnose, propagation_weight)
 
+
+def ab_clip_embeddings(
+    student: ABCLIPNet,
+    crops: torch.Tensor,
+    boxes: torch.Tensor,
+    ann_views: torch.Tensor,
+    tokens: torch.Tensor,
+    cfg: ObjectiveConfig,
+) -> dict[str, torch.Tensor]:
+    """The student's pass: predictions `pred` (B, M, M, P), phi of the annotation image `image` (B, P)
+    and psi of its text `text` (B, P)."""
+    actions = pair_actions(boxes.float(), cfg.null_actions)
+    pred, img = student.image(images_to_float(crops), actions, images_to_float(ann_views))
+    return {"pred": pred, "image": img[:, 0], "text": student.text(tokens)}
+
+
+@torch.no_grad()
+def ab_clip_targets(teacher: ABCLIPNet, crops: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher's embeddings, without gradient: of each target crop (B, M, P) and of each text (B, P)."""
+    x = images_to_float(crops)
     b, m = x.shape[:2]
+    return {"crops": teacher.image.embed(x.flatten(0, 1)).view(b, m, -1).float(), "texts": teacher.text(tokens).float()}
+
+
+def ab_clip_loss(
+    student: ABCLIPNet,
+    teacher: ABCLIPNet,
+    embeddings: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    boxes: torch.Tensor,
+    cfg: ObjectiveConfig,
+    diagnose: bool = False,
+    propagation_weight: float | None = None,
+) -> base.StepOutput:
+    """Both losses from the batch's student embeddings and teacher targets; the student's logit scale gets
+    its gradient here. The teacher's distribution and the student's scores are over every text of the
+    global batch (gathered across workers)."""
+    pred = embeddings["pred"]
+    z_img = embeddings["image"].float()
+    z_txt = embeddings["text"].float()
+    annotation = clip_loss(z_img, z_txt, student.log_scale)
     with torch.no_grad():
-        z_targets = teacher.image.embed(x.flatten(0, 1)).view(b, m, -1).float()
-        z_txt_teacher = gather_no_grad(teacher.text(tokens).float())
-        probs = teacher_distribution(z_targets, z_txt_teacher, teacher.temperature())
+        z_txt_teacher = gather_no_grad(targets["texts"])
+        probs = teacher_distribution(targets["crops"], z_txt_teacher, teacher.temperature())
     # Eq. 4's psi-bar (the text tower) is trained by the propagation loss too, unless objective.detach_annotations
     z_txt_student = gather_no_grad(z_txt.detach()) if cfg.detach_annotations else gather_with_grad(z_txt)
     propagation = propagation_loss(pred.float(), probs, z_txt_student, student.temperature().detach())
@@ -132,15 +169,51 @@ class ABCLIP(base.Objective):
         return self.teacher.image.encoder if self.teacher is not None else None
 
     def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
-        teacher = self.teacher if self.teacher is not None else self.student
-        views, boxes, ann_views, tokens = batch["views"], batch["boxes"], batch["ann_views"], batch["tokens"]
+        return self.split_forward(batch, progress)
+
+    def embeddings(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> dict[str, torch.Tensor]:
+        b = batch
+        return ab_clip_embeddings(self.student, b["views"], b["boxes"], b["ann_views"], b["tokens"], self.cfg.objective)
+
+    def targets(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> dict[str, torch.Tensor]:
+        return ab_clip_targets(self._target_net(), batch["views"], batch["tokens"])
+
+    def embedding_loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        embeddings: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        progress: base.Progress,
+    ) -> base.StepOutput:
         weight = propagation_weight(self.cfg.objective, progress)
-        return ab_clip_step(
-            self.student, teacher, views, boxes, ann_views, tokens, self.cfg.objective, progress.diagnose, weight
+        return ab_clip_loss(
+            self.student,
+            self._target_net(),
+            embeddings,
+            targets,
+            batch["boxes"],
+            self.cfg.objective,
+            progress.diagnose,
+            weight,
         )
+
+    def _target_net(self) -> ABCLIPNet:
+        """The EMA teacher, or the student itself (`objective.teacher: student`)."""
+        return self.teacher if self.teacher is not None else self.student
 
     @torch.no_grad()
     def after_step(self, progress: base.Progress) -> None:
         clamp_logit_scale_(self.student.log_scale, self.cfg.objective.clip.logit_scale_max)
         if self.teacher is not None:
             ema_update(self.teacher, self.student, progress.ema_rate)
+
+    def image_text_towers(self, which: str = "teacher"):
+        """z_img = phi(x), the identity-action embedding through decoder and head; z_txt = psi(l), the text
+        tower; both from the EMA teacher (`which=teacher`, when there is one) or the student."""
+        from pipeline.objectives.towers import ContrastiveTowers
+
+        net = self.teacher if which == "teacher" and self.teacher is not None else self.student
+        t = self.cfg.views.text
+        return ContrastiveTowers(
+            net, net.image.embed, net.text, net.log_scale, self.cfg.objective.name, t.tokenizer, t.context_length
+        )

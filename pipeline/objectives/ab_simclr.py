@@ -50,19 +50,53 @@ def ab_simclr_step(
 
     Terms `annotation` and `propagation`, metric `teacher_entropy`; with `diagnose`, the per-pair
     propagation error with each pair's box IoU and the annotation embeddings (logged steps only).
+    The three parts (student embeddings, teacher targets, loss) are the functions below, which
+    gradient accumulation runs separately (pipeline/train/accumulate.py).
     """
-    propagation_weight = cfg.propagation_weight if propagation_weight is None else propagation_weight
-    x = images_to_float(crops)  # (B, M, 3, H, W)
-    a = images_to_float(ann_views)  # (B, A, 3, H, W)
-    actions = pair_actions(boxes.float(), cfg.null_actions)
-    pred, ann = student(x, actions, a)
-    annotation = symmetric_info_nce(ann[:, 0], ann[:, 1], cfg.temperature)
+    embeddings = ab_simclr_embeddings(student, crops, boxes, ann_views, cfg)
+    targets = ab_simclr_targets(teacher, crops, ann_views)
+    return ab_simclr_loss(embeddings, targets, boxes, cfg, diagnose, propagation_weight)
 
+
+def ab_simclr_embeddings(
+    student: nn.Module, crops: torch.Tensor, boxes: torch.Tensor, ann_views: torch.Tensor, cfg: ObjectiveConfig
+) -> dict[str, torch.Tensor]:
+    """The student's single pass: predictions `pred` (B, M, M, P) for every (source, target) pair and the
+    annotation embeddings `ann` (B, A, P)."""
+    actions = pair_actions(boxes.float(), cfg.null_actions)
+    pred, ann = student(images_to_float(crops), actions, images_to_float(ann_views))
+    return {"pred": pred, "ann": ann}
+
+
+@torch.no_grad()
+def ab_simclr_targets(teacher: nn.Module, crops: torch.Tensor, ann_views: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher's embeddings, without gradient: of each target crop (B, M, P) and of the second
+    annotation view (B, P), the annotations its distribution is over."""
+    x = images_to_float(crops)
     b, m = x.shape[:2]
+    return {
+        "crops": teacher.embed(x.flatten(0, 1)).view(b, m, -1),
+        "annotations": teacher.embed(images_to_float(ann_views[:, 1])),
+    }
+
+
+def ab_simclr_loss(
+    embeddings: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    boxes: torch.Tensor,
+    cfg: ObjectiveConfig,
+    diagnose: bool = False,
+    propagation_weight: float | None = None,
+) -> base.StepOutput:
+    """Both losses from the batch's student embeddings and teacher targets (their rows: this worker's
+    images). The teacher's distribution and the student's scores are over every annotation of the global
+    batch (gathered across workers)."""
+    propagation_weight = cfg.propagation_weight if propagation_weight is None else propagation_weight
+    pred, ann = embeddings["pred"], embeddings["ann"]
+    annotation = symmetric_info_nce(ann[:, 0], ann[:, 1], cfg.temperature)
     with torch.no_grad():
-        z_targets = teacher.embed(x.flatten(0, 1)).view(b, m, -1)
-        z_ann_teacher = gather_no_grad(teacher.embed(a[:, 1]))
-        probs = teacher_distribution(z_targets.float(), z_ann_teacher.float(), cfg.temperature)
+        z_ann_teacher = gather_no_grad(targets["annotations"])
+        probs = teacher_distribution(targets["crops"].float(), z_ann_teacher.float(), cfg.temperature)
     z_ann_student = gather_no_grad(ann[:, 1].detach()) if cfg.detach_annotations else gather_with_grad(ann[:, 1])
     propagation = propagation_loss(pred.float(), probs, z_ann_student.float(), cfg.temperature)
     loss = cfg.annotation_weight * annotation + propagation_weight * propagation
@@ -118,12 +152,26 @@ class ABSimCLR(base.Objective):
         return self.teacher.encoder if self.teacher is not None else None
 
     def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
-        teacher = self.teacher if self.teacher is not None else self.student
-        views, boxes, ann_views = batch["views"], batch["boxes"], batch["ann_views"]
-        weight = propagation_weight(self.cfg.objective, progress)
-        return ab_simclr_step(
-            self.student, teacher, views, boxes, ann_views, self.cfg.objective, progress.diagnose, weight
+        return self.split_forward(batch, progress)
+
+    def embeddings(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> dict[str, torch.Tensor]:
+        return ab_simclr_embeddings(
+            self.student, batch["views"], batch["boxes"], batch["ann_views"], self.cfg.objective
         )
+
+    def targets(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> dict[str, torch.Tensor]:
+        teacher = self.teacher if self.teacher is not None else self.student
+        return ab_simclr_targets(teacher, batch["views"], batch["ann_views"])
+
+    def embedding_loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        embeddings: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        progress: base.Progress,
+    ) -> base.StepOutput:
+        weight = propagation_weight(self.cfg.objective, progress)
+        return ab_simclr_loss(embeddings, targets, batch["boxes"], self.cfg.objective, progress.diagnose, weight)
 
     @torch.no_grad()
     def after_step(self, progress: base.Progress) -> None:

@@ -42,7 +42,16 @@ class StepOutput:
 
 class Objective(nn.Module):
     """Base class. Subclasses set `columns`, build `student_encoder` (and `teacher_encoder` when they
-    have a teacher) and implement `forward(batch, progress) -> StepOutput`."""
+    have a teacher) and implement `forward(batch, progress) -> StepOutput`.
+
+    A method whose loss couples the rows of the batch (contrastive losses: every row is another's
+    negative) may instead split its forward in three, which is what `train.accum_steps` > 1 needs to give
+    the whole batch's gradient while holding the activations of one sub-batch (pipeline/train/accumulate.py):
+    `embeddings` (the student's per-row outputs the loss reads, with gradient), `targets` (per-row outputs
+    computed without gradient: EMA teacher embeddings) and `embedding_loss` (the StepOutput from the whole
+    batch's embeddings and targets; parameters used only here, such as CLIP's logit scale, get their
+    gradient from it). Its `forward` is then `embedding_loss(batch, embeddings(batch), targets(batch))`.
+    """
 
     #: batch columns the method reads (the crop stage must produce them)
     columns: tuple[str, ...] = ()
@@ -55,6 +64,29 @@ class Objective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> StepOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def embeddings(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
+        """The student's outputs the loss reads, each (rows of `batch`, ...): one row's depend on that row only."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its forward into embeddings + loss")
+
+    def targets(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
+        """Per-row outputs computed without gradient (an EMA teacher's embeddings); none by default."""
+        return {}
+
+    def embedding_loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        embeddings: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        progress: Progress,
+    ) -> StepOutput:
+        """The step's loss, terms, metrics and diagnostics from the whole batch's embeddings and targets."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its forward into embeddings + loss")
+
+    def split_forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> StepOutput:
+        """`forward` of a method with the split: student embeddings, then the targets, then the loss."""
+        embeddings = self.embeddings(batch, progress)
+        return self.embedding_loss(batch, embeddings, self.targets(batch, progress), progress)
 
     @torch.no_grad()
     def after_step(self, progress: Progress) -> None:

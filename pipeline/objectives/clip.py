@@ -132,7 +132,25 @@ class CLIP(base.Objective):
         return clip_loss(z_img, z_txt, self.net.log_scale), z_img, z_txt
 
     def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
-        loss, z_img, z_txt = self.clip_terms(batch["ann_views"][:, 0], batch["tokens"])
+        return self.split_forward(batch, progress)
+
+    def embeddings(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> dict[str, torch.Tensor]:
+        """The two towers: unit image embeddings of `ann_views[:, 0]` and text embeddings of `tokens`."""
+        return {
+            "image": self.net.embed_images(self.net.pooled(batch["ann_views"][:, 0])),
+            "text": self.net.text(batch["tokens"]),
+        }
+
+    def embedding_loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        embeddings: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        progress: base.Progress,
+    ) -> base.StepOutput:
+        """CLIP's loss; the logit scale gets its gradient here."""
+        z_img, z_txt = embeddings["image"].float(), embeddings["text"].float()
+        loss = clip_loss(z_img, z_txt, self.net.log_scale)
         metrics = {"logit_scale": self.net.log_scale.detach().exp(), "pair_accuracy": pair_accuracy(z_img, z_txt)}
         diagnostics = {"image": z_img.detach(), "text": z_txt.detach()} if progress.diagnose else {}
         return base.StepOutput(loss, {"clip": loss.detach()}, metrics, diagnostics)
@@ -140,3 +158,18 @@ class CLIP(base.Objective):
     @torch.no_grad()
     def after_step(self, progress: base.Progress) -> None:
         clamp_logit_scale_(self.net.log_scale, self.cfg.objective.clip.logit_scale_max)
+
+    def image_text_towers(self, which: str = "teacher"):
+        """z_img = projection of the pooled ViT output, z_txt = the text tower (no EMA copy: `which` is ignored)."""
+        return clip_net_towers(self.net, self.cfg)
+
+
+def clip_net_towers(net: CLIPNet, cfg: Config):
+    """The ContrastiveTowers of a CLIPNet (CLIP, SLIP and SiLC share it)."""
+    from pipeline.objectives.towers import ContrastiveTowers
+
+    def image_fn(x: torch.Tensor) -> torch.Tensor:
+        return net.embed_images(pooled_features(net.encoder, x))
+
+    t = cfg.views.text
+    return ContrastiveTowers(net, image_fn, net.text, net.log_scale, cfg.objective.name, t.tokenizer, t.context_length)

@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.config import Config, ConfigError, MaeConfig
 from pipeline.models.ab_model import images_to_float
-from pipeline.models.encoder import build_encoder
+from pipeline.models.encoder import CheckpointedBlocks, build_encoder
 from pipeline.objectives import base
 
 
@@ -95,6 +95,9 @@ class MAE(base.Objective):
         self.decoder = MaeDecoder(
             self.encoder.embed_dim, grid, self.patch, self.encoder.num_prefix_tokens, cfg.objective.mae
         )
+        if cfg.model.grad_checkpointing:  # the decoder's blocks too (model.grad_checkpointing)
+            self.decoder.blocks = CheckpointedBlocks(*self.decoder.blocks)
+            self.decoder.blocks.checkpointing = True
 
     def check_views(self) -> None:
         v, m = self.cfg.views, self.cfg.objective.mae

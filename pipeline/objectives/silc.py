@@ -24,6 +24,7 @@ from pipeline.objectives.clip import (
     check_text_views,
     clamp_logit_scale_,
     clip_loss,
+    clip_net_towers,
     pair_accuracy,
 )
 from pipeline.objectives.dino import (
@@ -110,3 +111,7 @@ class SiLC(base.Objective):
         clamp_logit_scale_(self.net.log_scale, self.cfg.objective.clip.logit_scale_max)
         ema_update(self.teacher.encoder, self.net.encoder, progress.ema_rate)
         ema_update(self.teacher.head, self.dino_head, progress.ema_rate)
+
+    def image_text_towers(self, which: str = "teacher"):
+        """CLIP's towers on the student encoder: the EMA teacher is the DINO branch's and has no image projection."""
+        return clip_net_towers(self.net, self.cfg)

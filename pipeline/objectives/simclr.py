@@ -51,7 +51,19 @@ class SimCLR(base.Objective):
         return self.head(pooled_features(self.encoder, x)).view(b, a, -1)
 
     def forward(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> base.StepOutput:
-        z = self.embed(batch["ann_views"]).float()
+        return self.split_forward(batch, progress)
+
+    def embeddings(self, batch: dict[str, torch.Tensor], progress: base.Progress) -> dict[str, torch.Tensor]:
+        return {"z": self.embed(batch["ann_views"])}
+
+    def embedding_loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        embeddings: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        progress: base.Progress,
+    ) -> base.StepOutput:
+        z = embeddings["z"].float()
         loss = symmetric_info_nce(z[:, 0], z[:, 1], self.cfg.objective.temperature)
         with torch.no_grad():
             accuracy = ((z[:, 0] @ z[:, 1].T).argmax(-1) == torch.arange(len(z), device=z.device)).float().mean()

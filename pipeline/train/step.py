@@ -15,6 +15,8 @@ A skipped step still counts as a step of the budget: its views were seen.
 GradScaler: the loss is scaled for the backward pass, the gradients unscaled before the norm and clipping, so an
 overflow shows as a non-finite norm and is skipped (and counted) like any other bad step; the scaler then lowers
 its scale. `train.compile` compiles the objective's transformer blocks in place (`compile_blocks`).
+`train.accum_steps` > 1 runs the forward and backward over that many sub-batches of the batch, with the whole
+batch's gradient (pipeline/train/accumulate.py); the norm, clipping, skip and update then run once, as here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from pipeline.config import Config, ConfigError
 from pipeline.objectives.base import Objective, Progress, StepOutput
 from pipeline.schedules import ema_rate, warmup_cosine
+from pipeline.train.accumulate import CACHED, average_gradients, cached_step, check_accumulation, mean_step
 from pipeline.train.distributed import any_worker
 
 NO_DECAY_SUFFIXES = (
@@ -159,6 +162,8 @@ class TrainStep:
         self, cfg: Config, objective: Objective, model: torch.nn.Module, optimizer, budget: Budget, device: torch.device
     ):
         self.cfg, self.objective, self.model, self.optimizer, self.budget = cfg, objective, model, optimizer, budget
+        self.device = device
+        self.accumulation = check_accumulation(cfg)  # None (accum_steps 1), CACHED or MEAN; ConfigError if it cannot
         self.peak_lr = optimizer.defaults["lr"]
         self.params = [p for p in objective.parameters() if p.requires_grad]
         dtype = autocast_dtype(cfg.train.precision, device)
@@ -175,18 +180,29 @@ class TrainStep:
         ob = self.cfg.objective
         return lr, ema_rate(step, self.budget.total_steps, ob.ema_start, ob.ema_end, ob.ema_horizon)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, the loss scaled first under fp16 (unscaled once, after every backward of the step)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
     def __call__(self, batch: dict, step: int, logging: bool, diagnose: bool) -> StepResult:
         lr, tau = self.schedules(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         progress = Progress(step, self.budget.total_steps, tau, diagnose=diagnose)
-        with self.autocast:
-            out = self.model(batch, progress)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            out.loss.backward()
-        else:  # an overflow leaves inf/NaN gradients after unscale_: a non-finite norm, so found_inf below
-            self.scaler.scale(out.loss).backward()
+        if self.accumulation is None:
+            with self.autocast:
+                out = self.model(batch, progress)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.backward(out.loss)
+        else:  # K sub-batches on the objective itself (not its DDP wrapper), then one average over the workers
+            self.optimizer.zero_grad(set_to_none=True)
+            k = self.cfg.train.accum_steps
+            if self.accumulation == CACHED:
+                out = cached_step(self.objective, batch, progress, k, self.autocast, self.backward, self.device)
+            else:
+                out = mean_step(self.objective, batch, progress, k, self.autocast, self.backward)
+            average_gradients(self.params)
+        if self.scaler is not None:  # an overflow leaves inf/NaN gradients after unscale_: a non-finite norm
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         linf = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if logging and grads else None

@@ -17,6 +17,7 @@ from pipeline.checkpoints import latest_checkpoint, read_run_record, write_run_r
 from pipeline.config import Config, ConfigError
 from pipeline.runtime import init_ray
 from pipeline.storage import StorageError, check_access, explain, filesystem, join
+from pipeline.train.accumulate import check_accumulation
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.step import Budget
 from pipeline.train.stream import resume_point_name
@@ -129,6 +130,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     cfg = cfg.resolved()
+    check_accumulation(cfg)  # train.accum_steps, before any storage or cluster work (the train step checks it again)
     storage = cfg.train.storage_path
     os.makedirs(storage, exist_ok=True) if "://" not in storage else None
     check_access(storage, write=True)  # one clear line for bad credentials or a missing bucket

@@ -31,6 +31,7 @@ class Example:
     label: int | None = None  # classification / counting / distance target (class id)
     boxes: np.ndarray | None = None  # (K, 4) float32 xyxy in the FULL image's [0, 1] frame
     box_labels: np.ndarray | None = None  # (K,) int64 class ids
+    captions: list[str] | None = None  # retrieval: the image's captions (task_formats/captions.py)
 
 
 @dataclass
