@@ -64,6 +64,7 @@ WATCHED = (
     "rankme_head",
     "views_per_s",
     "flops_per_step",
+    "train_s",  # the training loop's seconds over every session of the run (pretrain_s: this call's wall clock)
 )
 # The partly annotated arms: the share of the train scenes whose boxes (as text) they see.
 ANNOTATED_FRACTION = 0.1

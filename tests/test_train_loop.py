@@ -207,6 +207,28 @@ def test_a_local_session_resumes_from_its_latest_checkpoint(tmp_path, capsys):
     assert meta["step"] == 6 and meta["views_seen"] == 6 * Budget.from_config(cfg, 1).views_per_step
 
 
+def test_a_resumed_run_keeps_its_cost_figures(tmp_path):
+    """FLOPs per step (counted on the run's first step) and the loop's seconds carry across a resume, so a
+    study row of a run that was interrupted, or resumed after it had finished, reports the whole run's cost."""
+    cfg = micro_config(tmp_path, tmp_path, steps=4, checkpoint_every_steps=2)
+    batches = [_batch(GOOD_BOXES)] * 4
+    first = LocalSession({"train": batches}, tmp_path / "ck")
+    train(cfg, first)
+    flops, train_s = first.reported[-1]["flops_per_step"], first.reported[-1]["train_s"]
+    assert flops > 0 and train_s > 0
+    again = LocalSession({"train": batches}, tmp_path / "ck")  # the run had finished: no step runs
+    train(cfg, again)
+    assert again.reported[-1]["flops_per_step"] == flops and again.reported[-1]["train_s"] == pytest.approx(
+        train_s, abs=1e-2
+    )
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_views=cfg.train.total_views * 3 // 2))
+    more = LocalSession({"train": batches}, tmp_path / "ck")
+    train(longer, more)
+    assert more.reported[-1]["flops_per_step"] == flops and more.reported[-1]["train_s"] > train_s
+    meta = read_meta(latest_checkpoint_dir(str(tmp_path / "ck"), "local"))
+    assert meta["flops_per_step"] == flops and meta["train_s"] == pytest.approx(more.reported[-1]["train_s"], abs=1e-2)
+
+
 def test_the_run_record_is_written_once(tmp_path):
     assert read_run_record(str(tmp_path), "run") is None
     write_run_record(str(tmp_path), "run", {"mlflow_run_id": "a" * 32})

@@ -23,11 +23,15 @@ from pipeline.train.session import Session
 
 @dataclass
 class Counters:
-    """Where the run is, on the host: the step, views seen and skipped steps up to the last check."""
+    """Where the run is, on the host: the step, views seen and skipped steps up to the last check, and what
+    the run's cost figures need across restarts: seconds spent in the training loop (all sessions) and the
+    FLOPs of one step (counted on the run's first step)."""
 
     step: int = 0
     views_seen: int = 0
     bad_steps: int = 0
+    train_s: float = 0.0
+    flops_per_step: float | None = None
 
 
 def restore(
@@ -40,7 +44,14 @@ def restore(
     objective.load_state_dict(state["objective"])
     optimizer.load_state_dict(state["optimizer"])
     keep_fused(optimizer)
-    counters = Counters(int(meta["step"]), int(meta["views_seen"]), int(meta.get("bad_steps", 0)))
+    flops = meta.get("flops_per_step")
+    counters = Counters(
+        int(meta["step"]),
+        int(meta["views_seen"]),
+        int(meta.get("bad_steps", 0)),
+        float(meta.get("train_s", 0.0)),
+        None if flops is None else float(flops),
+    )
     return counters, state.get("resume")
 
 
@@ -94,6 +105,8 @@ class Checkpointer:
             "views_seen": counters.views_seen,
             "total_steps": self.total_steps,
             "bad_steps": counters.bad_steps,
+            "train_s": round(counters.train_s, 3),
+            "flops_per_step": counters.flops_per_step,
             "mlflow_run_id": self.mlflow_run_id,
             "config": redact(self.cfg.to_dict()),  # no user:password@ of a URI in a checkpoint
             "world_size": self.session.world_size,

@@ -14,6 +14,8 @@ what Ray Train's TorchTrainer runs; `train` is the loop itself, for any session.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pipeline.config import Config, config_from_dict
@@ -95,7 +97,9 @@ def train(
     checkpointer = Checkpointer(cfg, session, objective, optimizer, logger, mlflow_run_id, budget.total_steps)
     probe = OnlineProbe(cfg, budget.total_steps, device) if rank == 0 and cfg.train.online_probe.root else None
     online: dict[str, float] = {}  # the last online-probe figures (opt-in), carried into the final report
-    flops: float | None = None  # training FLOPs of one step (all workers), counted on rank 0's first step
+    # training FLOPs of one step (all workers), counted on rank 0's first step of the run (kept by checkpoints)
+    flops: float | None = counters.flops_per_step
+    session_start, train_s_before = time.perf_counter(), counters.train_s
 
     objective.train()
     stream = batches(session, cfg, device, ledgers) if counters.step < budget.total_steps else iter(())
@@ -106,6 +110,7 @@ def train(
             with count_flops() as counted:
                 result = step(batch, counters.step, logging=logging, diagnose=logging and rank == 0)
             flops = counted.total * session.world_size  # every worker runs the same shapes
+            counters.flops_per_step = flops
             logger.metrics({"flops_per_step": flops}, counters.step + 1)
         else:
             result = step(batch, counters.step, logging=logging, diagnose=logging and rank == 0)
@@ -123,6 +128,7 @@ def train(
             logger.metrics(online, counters.step)
         # rank 0's step to the driver's bar (the loss only on logging steps: no host sync)
         reporter.step(counters.step, counters.views_seen, monitor.last_metrics if logging else None)
+        counters.train_s = train_s_before + time.perf_counter() - session_start
         if checkpoint:
             checkpointer.save(counters, monitor.last_metrics, resume_state(session, ledgers))
         if counters.step >= budget.total_steps:
@@ -136,5 +142,6 @@ def train(
     dropped = sum(ledger.dropped for ledger in ledgers.values())
     tally.update({"resume_dropped_rows": dropped} if dropped else {})
     tally.update({"flops_per_step": flops} if flops is not None else {})
+    tally["train_s"] = counters.train_s  # the loop's seconds over every session of the run (resumes included)
     checkpointer.save(counters, {**monitor.last_metrics, **online, **tally}, resume_state(session, ledgers))
     return {**monitor.last_metrics, **online}
