@@ -149,6 +149,8 @@ def trend_sentence(label: str, metric: str, points: list[tuple[float, float]]) -
     closing = trend.crossing_views is not None and (trend.gap_at(max(v for v, _ in points)) * trend.slope < 0)
     if closing:
         text += f", a line that would reach 0 at about {trend.crossing_views:.2g} views (extrapolated)."
+    elif trend.gap_at(max(v for v, _ in points)) > 0:  # the first arm ahead, and not losing its lead
+        text += ", a line that keeps the gap positive and widening at larger budgets."
     else:
         text += ", a line that does not close the gap at larger budgets."
     return text

@@ -176,6 +176,8 @@ def test_gap_points_pair_seeds_and_the_sentence_reports_the_rows_figures():
         "x", "coco_objects/box_linear_top1", gap_points(_rows(-1.0), pairs, "coco_objects/box_linear_top1")
     )
     assert "does not close the gap" in widening
+    ahead = trend_sentence("x", "folder/linear_top1", [(1e5, 0.01), (1e5, 0.02), (1e6, 0.03), (1e6, 0.04)])
+    assert "keeps the gap positive and widening" in ahead and "does not close" not in ahead
     assert gap_points([r for r in rows if r["arm"] != "simclr_3x"], pairs, "coco_objects/box_linear_top1") != points
 
 
