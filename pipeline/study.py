@@ -51,8 +51,7 @@ METRICS = {
     "coco_captions/retrieval_t2i_r5": "retrieval text->image (R@5 %)",
 }
 PERCENT = ("top1", "_r1", "_r5", "_r10")  # metrics shown in percent; mAP is shown as is
-# Methods with a text tower: their eval adds the zero-shot and retrieval readouts (docs/evaluation.md)
-TEXT_METHODS = ("clip", "slip", "silc", "ab_clip")
+# What the eval of a method with a text tower adds (pipeline.objectives.towers, docs/evaluation.md)
 TEXT_READOUTS = ("zero_shot", "retrieval")
 WATCHED = (
     "loss",
@@ -337,6 +336,8 @@ def prepare_data(cfg: Config, needed: set[str], tag: str = "") -> dict[str, str]
 
 
 def eval_config(cfg: Config, checkpoint: str, seed: int) -> Config:
+    from pipeline.objectives.towers import has_text_tower
+
     data = Path(cfg.scenes.output)
     roots = {
         "coco_objects": str(data / "scenes"),
@@ -344,7 +345,7 @@ def eval_config(cfg: Config, checkpoint: str, seed: int) -> Config:
         "folder": str(data / "objects"),
     }
     probes = list(cfg.eval.probes)
-    if cfg.objective.name in TEXT_METHODS:  # the text tower's own readouts, on the scenes' val captions too
+    if has_text_tower(cfg.objective.name):  # the text tower's own readouts, on the scenes' val captions too
         roots["coco_captions"] = str(data / "scenes")
         probes += [p for p in TEXT_READOUTS if p not in probes]
     ev = dataclasses.replace(

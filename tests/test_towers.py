@@ -79,6 +79,13 @@ def test_ab_clip_teacher_and_student_towers_differ_after_training(tmp_path):
     assert (teacher - student).abs().max() > 1e-3
 
 
+def test_the_registry_knows_which_methods_have_a_text_tower():
+    from pipeline.objectives.registry import OBJECTIVES
+    from pipeline.objectives.towers import has_text_tower
+
+    assert {name for name in OBJECTIVES if has_text_tower(name)} == set(TEXT_METHODS)
+
+
 def test_methods_without_a_text_tower_and_bad_checkpoints_say_so(tmp_path):
     cfg = micro_method_config("simclr")
     from pipeline.objectives.registry import build_objective

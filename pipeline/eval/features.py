@@ -36,16 +36,22 @@ from pipeline.data.schema import MISSING, OK, BadImage, decode_rgb
 RESIZE_MODES = ("crop", "stretch")
 
 
-def load_and_resize(path: str, image_size: int, resize: str = "crop") -> np.ndarray:
-    """RGB uint8 (S, S, 3) in `resize` mode (see module doc). Raises BadImage."""
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+def read_rgb(path: str, draft_to: int | None = None) -> np.ndarray:
+    """The file's RGB uint8 (H, W, 3) (with `draft_to`, JPEG-decoded at reduced size when that still covers
+    it). Raises BadImage (a missing file: `missing`)."""
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
         raise BadImage(MISSING, str(exc)) from None
-    image = Image.fromarray(decode_rgb(data, draft_to=image_size))
+    return decode_rgb(data, draft_to=draft_to)
+
+
+def load_and_resize(path: str, image_size: int, resize: str = "crop") -> np.ndarray:
+    """RGB uint8 (S, S, 3) in `resize` mode (see module doc). Raises BadImage."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    image = Image.fromarray(read_rgb(path, draft_to=image_size))
     if resize == "stretch":
         return np.asarray(image.resize((image_size, image_size), Image.BICUBIC))
     return np.asarray(ImageOps.fit(image, (image_size, image_size), Image.BICUBIC))

@@ -113,11 +113,11 @@ def check_probe_names(ev: EvalConfig) -> None:
 
 def text_tower_reason(model_cfg: Config) -> str | None:
     """Why the checkpoint's method cannot run the text-tower readouts (zero_shot, retrieval); None if it can."""
-    from pipeline.objectives.registry import objective_class
+    from pipeline.objectives.towers import has_text_tower
 
     name = model_cfg.objective.name
     try:
-        has_towers = hasattr(objective_class(name), "image_text_towers")
+        has_towers = has_text_tower(name)
     except ConfigError as exc:
         return f"its objective is not one this abpipe builds ({exc})"
     if has_towers:

@@ -23,12 +23,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["retrieval_ranks", "retrieval_recall"]
+__all__ = ["retrieval_ranks", "retrieval_recall", "unit_rows"]
 
 _CHUNK = 512  # query rows scored at once: bounds memory at _CHUNK x candidates float64
 
 
-def _normalised(emb, name: str) -> np.ndarray:
+def unit_rows(emb, name: str) -> np.ndarray:
+    """Rows of `emb` (n, dim) L2-normalised as float64; ValueError naming `name` if empty, non-finite or zero."""
     x = np.asarray(emb, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name}: expected a non-empty 2-D array (n, dim), got shape {x.shape}")
@@ -37,13 +38,13 @@ def _normalised(emb, name: str) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     zero = np.flatnonzero(norms[:, 0] == 0)
     if zero.size:
-        raise ValueError(f"{name}: row(s) {zero[:5].tolist()} have zero norm and cannot be L2-normalised")
+        raise ValueError(f"{name}: row(s) {zero[:5].tolist()} have zero norm (zero-norm rows cannot be L2-normalised)")
     return x / norms
 
 
 def _check(image_emb, text_emb, text_to_image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    images = _normalised(image_emb, "image_emb")
-    texts = _normalised(text_emb, "text_emb")
+    images = unit_rows(image_emb, "image_emb")
+    texts = unit_rows(text_emb, "text_emb")
     if images.shape[1] != texts.shape[1]:
         raise ValueError(
             f"image_emb has dim {images.shape[1]}, text_emb dim {texts.shape[1]}: they must share one embedding space"

@@ -124,13 +124,9 @@ def zero_shot_metrics(z_images, z_classes, labels) -> dict[str, float]:
 
 
 def _unit(x, name: str) -> np.ndarray:
-    arr = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
-    if arr.ndim != 2 or 0 in arr.shape:
-        raise ValueError(f"{name}: expected a non-empty 2-D array, got shape {arr.shape}")
-    norms = np.linalg.norm(arr, axis=1, keepdims=True)
-    if not np.all(np.isfinite(arr)) or np.any(norms == 0):
-        raise ValueError(f"{name}: NaN/inf or zero-norm rows")
-    return arr / norms
+    from pipeline.eval.retrieval import unit_rows
+
+    return unit_rows(x.detach().cpu() if hasattr(x, "detach") else x, name)
 
 
 # ------------------------------------------------------------------------------------ reading images
@@ -150,17 +146,6 @@ def box_crops(image: np.ndarray, boxes, size: int) -> np.ndarray:
         crop = Image.fromarray(np.ascontiguousarray(image[top:bottom, left:right]))
         out[k] = np.asarray(crop.resize((size, size), Image.BICUBIC))
     return out
-
-
-def _read_full(path: str) -> np.ndarray:
-    from pipeline.data.schema import MISSING, BadImage, decode_rgb
-
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise BadImage(MISSING, str(exc)) from None
-    return decode_rgb(data)
 
 
 def _batches(items: Sequence, load, batch_size: int, skipped: Counter) -> Iterator[tuple[list[int], np.ndarray]]:
@@ -202,7 +187,7 @@ def zero_shot_readout(
 
     Classification: each image centre-cropped to image_size. Box classification: every box of each
     image, cut from the full image (`box_crops`). Returns {"metrics", "skipped", "n_images"}."""
-    from pipeline.eval.features import load_and_resize
+    from pipeline.eval.features import load_and_resize, read_rgb
     from pipeline.eval.probe_data import BOX_CLASSIFICATION, CLASSIFICATION
 
     if task.kind not in (CLASSIFICATION, BOX_CLASSIFICATION):
@@ -215,7 +200,7 @@ def zero_shot_readout(
         skipped["no_boxes"] += len(examples) - len(items)
 
         def load(ex):
-            return box_crops(_read_full(ex.input), ex.boxes, image_size)
+            return box_crops(read_rgb(ex.input), ex.boxes, image_size)
 
     else:
         items = list(examples)

@@ -76,6 +76,14 @@ class ContrastiveTowers(nn.Module):
         return torch.as_tensor(self._tokenizer(list(texts)), dtype=torch.long)
 
 
+def has_text_tower(method: str) -> bool:
+    """Whether objective `method` says how to read its image and text towers (`image_text_towers`).
+    Raises ConfigError for a method this abpipe does not know."""
+    from pipeline.objectives.registry import objective_class
+
+    return hasattr(objective_class(method), "image_text_towers")
+
+
 def load_towers(directory: str | os.PathLike, which: str = "teacher", device: str | torch.device = "cpu"):
     """(ContrastiveTowers in eval mode without grads, Config) from a checkpoint directory.
 
@@ -85,12 +93,12 @@ def load_towers(directory: str | os.PathLike, which: str = "teacher", device: st
     if which not in ("teacher", "student"):
         raise ValueError("which must be 'teacher' or 'student'")
     cfg: Config = checkpoint_config(directory)
-    objective = build_objective(cfg)
-    if not hasattr(objective, "image_text_towers"):
+    if not has_text_tower(cfg.objective.name):
         raise NoTextTower(
             f"{directory}: objective '{cfg.objective.name}' has no text tower (zero-shot and retrieval read the "
             "image and text towers of clip, slip, silc and ab_clip)"
         )
+    objective = build_objective(cfg)
     state = load_state(directory, map_location="cpu")
     if "objective" not in state:
         raise CheckpointError(f"{directory}: the checkpoint has no objective state (text tower weights)")
