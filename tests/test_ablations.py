@@ -22,7 +22,7 @@ from pipeline.objectives.ab_simclr import ab_simclr_step
 from pipeline.objectives.base import Progress
 from pipeline.objectives.diagnostics import embedding_std, iou_binned_error
 from pipeline.objectives.registry import build_objective
-from tests.micro import MICRO_MODEL
+from tests.micro import MICRO_MODEL, sqlite_store
 from tests.test_train import BATCH, A, M, _batch, micro_config
 
 
@@ -85,7 +85,9 @@ def _draw(mode: str, n: int, seed: int = 0, m: int = 4, k: int = 4):
 
 
 def test_crop_distance_control_moves_pair_iou_but_not_the_box_marginal():
-    n = 600
+    # 200 images a mode (the near/far local search is the cost): the pair-IoU gaps stay ~0.16 / ~0.07 over
+    # seeds (thresholds 0.1 / 0.03), and a crop chosen by a biased group rule still fails a KS test at p < 1e-15.
+    n = 200
     iid, near, far = (_draw(mode, n, seed=i) for i, mode in enumerate(("iid", "near", "far")))
     pair_iou = {
         name: np.mean([mean_pair_iou(b) for b in draws]) for name, draws in (("iid", iid), ("near", near), ("far", far))
@@ -169,6 +171,7 @@ def test_diagnostics_reach_mlflow_on_logged_steps(tmp_path):
     from pipeline.train.session import LocalSession
 
     cfg = micro_config(tmp_path, tmp_path, steps=4, log_every_steps=2, checkpoint_every_steps=1000)
+    sqlite_store(tmp_path)  # cfg's store, sqlite:///<root>/mlflow.db, copied empty: no schema migrations
     run_id = start_run(cfg.tracking.tracking_uri, "unit", "diag", cfg.flat())
     train(cfg, LocalSession({"train": [_batch(_boxes())] * 4}, tmp_path / "ck"), run_id)
     metrics = MlflowClient(cfg.tracking.tracking_uri).get_run(run_id).data.metrics

@@ -250,6 +250,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.ray  # two spawned processes in a gloo process group: the full tier
 @pytest.mark.timeout(600)
 def test_two_gloo_workers_accumulate_to_the_single_process_gradient(tmp_path):
     """Each worker cuts its 8 rows into 2 sub-batches; the cached loss gathers all 16 rows' embeddings with

@@ -75,6 +75,7 @@ def single_worker_reference():
     return out.loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.ray  # two spawned processes in a gloo process group: the full tier
 @pytest.mark.timeout(300)
 def test_two_gloo_workers_match_single_worker(tmp_path):
     ref_loss, ref_grads = single_worker_reference()

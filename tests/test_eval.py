@@ -24,7 +24,7 @@ from pipeline.config import (
     ViewsConfig,
 )
 from pipeline.eval.probe_data import CLASSIFICATION, ProbeSplit, TaskInfo
-from tests.micro import MICRO_MODEL
+from tests.micro import MICRO_MODEL, sqlite_store
 
 # ----------------------------------------------------------------------------------------- probes
 
@@ -170,6 +170,7 @@ def trained_state(digits_folder, tmp_path_factory):
 def store_cfg(tmp_path_factory) -> Config:
     """One sqlite MLflow store for the module (creating one costs seconds); tests isolate by run ids."""
     root = tmp_path_factory.mktemp("eval_root")
+    sqlite_store(root)  # the store below (sqlite:///<root>/mlflow.db), copied empty: no schema migrations
     return Config(
         paths=PathsConfig(root=str(root)),
         ray=RayConfig(num_cpus=2),
@@ -179,8 +180,7 @@ def store_cfg(tmp_path_factory) -> Config:
     ).resolved()
 
 
-@pytest.fixture
-def pretrain_setup(tmp_path, trained_state, store_cfg):
+def _pretrain_checkpoint(tmp_path, state, store_cfg):
     """A checkpoint whose meta points at a real (sqlite) pretraining run; a feature cache of its own."""
     from pipeline.tracking import start_run
 
@@ -190,8 +190,24 @@ def pretrain_setup(tmp_path, trained_state, store_cfg):
         uri, cfg.tracking.experiment, "pretrain", {"x": 1}, {"abpipe.kind": "pretrain", "abpipe.objective": "ab_simclr"}
     )
     meta = {"config": cfg.to_dict(), "step": 7, "mlflow_run_id": parent}
-    ckpt = save_checkpoint(tmp_path / "ckpt", {"student": trained_state, "teacher": trained_state}, meta)
+    ckpt = save_checkpoint(tmp_path / "ckpt", {"student": state, "teacher": state}, meta)
     return cfg, ckpt, parent
+
+
+@pytest.fixture
+def pretrain_setup(tmp_path, trained_state, store_cfg):
+    """The trained weights' checkpoint: for the tests that extract and probe its features."""
+    return _pretrain_checkpoint(tmp_path, trained_state, store_cfg)
+
+
+@pytest.fixture
+def untrained_setup(tmp_path, store_cfg):
+    """The same checkpoint and run with random-init weights (no supervised training): for tests that only
+    resolve the checkpoint and never read its features."""
+    from pipeline.models.ab_model import build_model
+
+    torch.manual_seed(0)
+    return _pretrain_checkpoint(tmp_path, build_model(MICRO_MODEL, 32).state_dict(), store_cfg)
 
 
 def _eval_cfg(cfg: Config, checkpoint, dataset=None, **kwargs) -> Config:
@@ -407,10 +423,10 @@ def test_ray_features_match_in_process(ray_cluster, digits_folder, pretrain_setu
     assert np.abs(load_and_resize(str(wide), 32, "crop").astype(int) - crop).mean() < 3
 
 
-def test_resolve_checkpoint_by_run_id_prefers_local_path(pretrain_setup, tmp_path):
+def test_resolve_checkpoint_by_run_id_prefers_local_path(untrained_setup, tmp_path):
     from pipeline.checkpoints import resolve_checkpoint
 
-    cfg, ckpt, parent = pretrain_setup
+    cfg, ckpt, parent = untrained_setup
     uri = cfg.tracking.tracking_uri
     client = MlflowClient(uri)
     client.set_tag(parent, "abpipe.checkpoint_path", str(ckpt))

@@ -307,17 +307,48 @@ def run_check_script(spec: dict, tmp_path: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def text_exports(tmp_path_factory) -> dict:
+    """Every text-tower method's checkpoint exported with both weights, and ONE fresh interpreter running
+    tests/export_zero_shot_check.py over all the exports (a fresh process costs seconds; its checks are
+    per export folder, so one run serves every method)."""
+    tmp_path = tmp_path_factory.mktemp("text_exports")
+    weights = ("teacher", "student")
+    methods, exports = {}, []
+    for name in TEXT_METHODS:
+        cfg, objective = _text_objective(name)
+        ckpt = save_like_the_loop(objective, cfg, tmp_path / name / "ckpt")
+        results = {w: export_checkpoint(ckpt, tmp_path / name / f"out-{w}", w) for w in weights}
+        index = {w: len(exports) + i for i, w in enumerate(weights)}  # its <out>/<i>.npz
+        exports += [results[w].out for w in weights]
+        methods[name] = {"cfg": cfg, "objective": objective, "ckpt": ckpt, "results": results, "index": index}
+    paths, labels = write_shape_pngs(tmp_path / "images")
+    out_dir = tmp_path / "scores"
+    out_dir.mkdir()
+    spec = {
+        "exports": exports,
+        "images": paths,
+        "labels": labels,
+        "classnames": list(CLASSES),
+        "templates": list(TEMPLATES),
+        "out": str(out_dir),
+    }
+    start = time.perf_counter()
+    summary = run_check_script(spec, tmp_path)
+    FIGURES["zero_shot_script_s"] = round(time.perf_counter() - start, 1)
+    return {"methods": methods, "summary": summary, "paths": paths, "labels": labels, "out": out_dir}
+
+
 @pytest.mark.parametrize("name", TEXT_METHODS)
-def test_text_tower_export_scores_zero_shot_without_abpipe_as_abpipes_towers(name, tmp_path):
+def test_text_tower_export_scores_zero_shot_without_abpipe_as_abpipes_towers(name, text_exports):
     from pipeline.eval.features import load_and_resize
     from pipeline.eval.zero_shot import class_embeddings, zero_shot_metrics
     from pipeline.models.ab_model import images_to_float
     from pipeline.objectives.towers import load_towers
 
-    cfg, objective = _text_objective(name)
-    ckpt = save_like_the_loop(objective, cfg, tmp_path / "ckpt")
+    mine = text_exports["methods"][name]
+    cfg, objective, ckpt, results = mine["cfg"], mine["objective"], mine["ckpt"], mine["results"]
     weights = ("teacher", "student")
-    results = {w: export_checkpoint(ckpt, tmp_path / f"out-{w}", w) for w in weights}
     for w, result in results.items():
         out = Path(result.out)
         section = json.loads((out / "config.json").read_text())["text"]
@@ -334,28 +365,14 @@ def test_text_tower_export_scores_zero_shot_without_abpipe_as_abpipes_towers(nam
             student = objective.encoders()["student"].state_dict()
             assert own.keys() == student.keys() and all(torch.equal(own[k], v) for k, v in student.items())
 
-    paths, labels = write_shape_pngs(tmp_path / "images")
-    out_dir = tmp_path / "scores"
-    out_dir.mkdir()
-    spec = {
-        "exports": [results[w].out for w in weights],
-        "images": paths,
-        "labels": labels,
-        "classnames": list(CLASSES),
-        "templates": list(TEMPLATES),
-        "out": str(out_dir),
-    }
-    start = time.perf_counter()
-    summary = run_check_script(spec, tmp_path)
-    FIGURES[f"{name}/zero_shot_script_s"] = round(time.perf_counter() - start, 1)
-    assert summary["pipeline_imported"] is False
-
+    assert text_exports["summary"]["pipeline_imported"] is False
+    paths, labels, out_dir = text_exports["paths"], text_exports["labels"], text_exports["out"]
     size = cfg.views.view_size
     uint8 = np.stack([load_and_resize(p, size, "crop") for p in paths])  # the eval job's own image reading
     prompts = [t.format(c) for c in CLASSES for t in TEMPLATES]
     embeddings = {}
-    for i, w in enumerate(weights):
-        got = np.load(out_dir / f"{i}.npz")
+    for w in weights:
+        got = np.load(out_dir / f"{mine['index'][w]}.npz")
         towers, _ = load_towers(ckpt, w)
         with torch.no_grad():
             x = images_to_float(torch.from_numpy(uint8))

@@ -219,6 +219,7 @@ def _tar_keys(out: Path) -> list[str]:
     return keys
 
 
+@pytest.mark.ray  # an ingest subprocess killed mid-run and a second one resuming: the full tier
 def test_resume_after_kill_fetches_only_unfinished_shards(server, tmp_path):
     """Kill the CLI after its first shard is written; the re-run downloads nothing of that shard again."""
     fast = [(server.url(f"/img/{n}?resume"), f"fast {n}") for n in server.photos[:3]]

@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline.config import Config, DataConfig, PathsConfig, TextViewsConfig, TrackingConfig, TrainConfig, ViewsConfig
 from pipeline.tracking import RunLogger, start_run
 from pipeline.train import preview
+from tests.micro import sqlite_store
 
 M, A, N = 3, 2, 6
 
@@ -146,10 +147,10 @@ def test_text_annotations_appear_as_their_strings():
 
 
 def test_learning_curves_come_from_the_metric_history(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)  # copied empty: no schema migrations
     run_id = start_run(uri, "abpipe", "curves", {})
     logger = RunLogger(uri, run_id)
-    for step in range(1, 11):
+    for step in range(1, 4):  # 3 points a curve draw the same panels as 10 (the layout counts metrics, not steps)
         logger.metrics(
             {
                 "loss": 2.0 / step,
@@ -162,7 +163,7 @@ def test_learning_curves_come_from_the_metric_history(tmp_path):
             },
             step,
         )
-    logger.metrics({"wall_time_s": 12.0, "final_step": 10}, 10)
+    logger.metrics({"wall_time_s": 12.0, "final_step": 3}, 3)
     assert preview.log_learning_curves(uri, run_id, logger, "curves") == "learning_curves.png"
 
     client = MlflowClient(uri)
@@ -181,6 +182,7 @@ def test_a_preview_that_cannot_be_cut_never_stops_the_run(tmp_path, capsys):
     from pipeline.train.trainer import _log_preview
 
     cfg = Config(paths=PathsConfig(root=str(tmp_path)), data=DataConfig(shards=str(tmp_path / "no-shards"))).resolved()
+    sqlite_store(tmp_path)  # cfg's store, sqlite:///<root>/mlflow.db, copied empty: no schema migrations
     run_id = start_run(cfg.tracking.tracking_uri, "abpipe", "r", {})
     _log_preview(cfg, RunLogger(cfg.tracking.tracking_uri, run_id))
     assert "WARNING: no start-of-run preview images (FileNotFoundError: no _stats.json" in capsys.readouterr().out
