@@ -38,6 +38,7 @@ from tests.test_objectives_text import text_config
 
 FIGURES: dict[str, float] = {}  # method/weights/loader -> max abs feature diff, method -> tensors (printed with -s)
 TEXT_METHODS = ("clip", "slip", "silc", "ab_clip")
+WEIGHTS = ("teacher", "student")  # what `abpipe export --weights` takes
 TEXT_FILES = ("text.safetensors", "image_head.safetensors")
 
 
@@ -96,7 +97,7 @@ def test_export_loads_strictly_and_matches_the_objectives_encoder(name, tmp_path
     ckpt = save_like_the_loop(objective, cfg, tmp_path / "ckpt")
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     exported = {}
-    for weights in ("teacher", "student"):
+    for weights in WEIGHTS:
         out = tmp_path / f"out-{weights}"
         result = export_checkpoint(ckpt, out, weights)
         reference = objective.encoders()[weights]
@@ -313,14 +314,13 @@ def text_exports(tmp_path_factory) -> dict:
     tests/export_zero_shot_check.py over all the exports (a fresh process costs seconds; its checks are
     per export folder, so one run serves every method)."""
     tmp_path = tmp_path_factory.mktemp("text_exports")
-    weights = ("teacher", "student")
     methods, exports = {}, []
     for name in TEXT_METHODS:
         cfg, objective = _text_objective(name)
         ckpt = save_like_the_loop(objective, cfg, tmp_path / name / "ckpt")
-        results = {w: export_checkpoint(ckpt, tmp_path / name / f"out-{w}", w) for w in weights}
-        index = {w: len(exports) + i for i, w in enumerate(weights)}  # its <out>/<i>.npz
-        exports += [results[w].out for w in weights]
+        results = {w: export_checkpoint(ckpt, tmp_path / name / f"out-{w}", w) for w in WEIGHTS}
+        index = {w: len(exports) + i for i, w in enumerate(WEIGHTS)}  # its <out>/<i>.npz
+        exports += [results[w].out for w in WEIGHTS]
         methods[name] = {"cfg": cfg, "objective": objective, "ckpt": ckpt, "results": results, "index": index}
     paths, labels = write_shape_pngs(tmp_path / "images")
     out_dir = tmp_path / "scores"
@@ -348,7 +348,6 @@ def test_text_tower_export_scores_zero_shot_without_abpipe_as_abpipes_towers(nam
 
     mine = text_exports["methods"][name]
     cfg, objective, ckpt, results = mine["cfg"], mine["objective"], mine["ckpt"], mine["results"]
-    weights = ("teacher", "student")
     for w, result in results.items():
         out = Path(result.out)
         section = json.loads((out / "config.json").read_text())["text"]
@@ -371,7 +370,7 @@ def test_text_tower_export_scores_zero_shot_without_abpipe_as_abpipes_towers(nam
     uint8 = np.stack([load_and_resize(p, size, "crop") for p in paths])  # the eval job's own image reading
     prompts = [t.format(c) for c in CLASSES for t in TEMPLATES]
     embeddings = {}
-    for w in weights:
+    for w in WEIGHTS:
         got = np.load(out_dir / f"{mine['index'][w]}.npz")
         towers, _ = load_towers(ckpt, w)
         with torch.no_grad():
