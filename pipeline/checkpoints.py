@@ -20,12 +20,16 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config, config_from_dict
 from pipeline.storage import copy_to_local, explain, filesystem, join
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where weights are saved or loaded, not here: the CLI checks a checkpoint
+# reference (and reads meta.json) without torch's import, so a wrong path fails in a second.
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -36,6 +40,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    import torch
+
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / STATE_FILE)
@@ -54,6 +60,8 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_state(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    import torch
+
     path = Path(directory, STATE_FILE)
     if not path.is_file():
         raise CheckpointError(f"checkpoint has no {STATE_FILE}: {directory}")
@@ -94,6 +102,24 @@ _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _RUNS_URI = re.compile(r"runs:/([0-9a-f]{32})/(.+)")
 
 
+def check_reference(ref: str) -> str:
+    """What `ref` names, told without MLflow, object storage or torch: "dir" (a local checkpoint,
+    its meta.json read), "storage" (a URI), "runs" (`runs:/<run id>/<dir>`) or "run_id".
+
+    CheckpointError for a local path that is no checkpoint: callers check this first, so a typo
+    fails in a second, before the heavy imports and the cluster start."""
+    if os.path.isdir(ref):
+        read_meta(ref)
+        return "dir"
+    if "://" in ref and not ref.startswith("runs:/"):  # s3://, gs://, any storage Ray Train writes to
+        return "storage"
+    if _RUNS_URI.fullmatch(ref):
+        return "runs"
+    if not _RUN_ID.fullmatch(ref):
+        raise CheckpointError(f"checkpoint directory not found: {ref}")
+    return "run_id"
+
+
 def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[str, str | None, str]:
     """(local checkpoint dir, pretraining run id or None, what to record as its path).
 
@@ -102,16 +128,14 @@ def resolve_checkpoint(ref: str, tracking_uri: str, download_dir: str) -> tuple[
     when this machine has it; otherwise the artifact dir named by `abpipe.checkpoint_artifact` is
     downloaded into `download_dir`.
     """
-    if os.path.isdir(ref):
-        read_meta(ref)
+    kind = check_reference(ref)
+    if kind == "dir":
         return ref, None, os.path.abspath(ref)
-    if "://" in ref and not ref.startswith("runs:/"):  # s3://, gs://, any storage Ray Train writes to
+    if kind == "storage":
         return _copy_from_storage(ref, download_dir), None, ref
-    runs_uri = _RUNS_URI.fullmatch(ref)
-    if runs_uri:
-        return _download(runs_uri.group(1), runs_uri.group(2), tracking_uri, download_dir), runs_uri.group(1), ref
-    if not _RUN_ID.fullmatch(ref):
-        raise CheckpointError(f"checkpoint directory not found: {ref}")
+    if kind == "runs":
+        run_id, artifact = _RUNS_URI.fullmatch(ref).groups()
+        return _download(run_id, artifact, tracking_uri, download_dir), run_id, ref
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 

@@ -8,6 +8,7 @@ JSON document on stdout; the human output then goes to stderr). Each ends with a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -386,17 +387,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     run, summarize, _ = COMMANDS[args.command]
-    try:
-        result = run(args)
-    except KeyboardInterrupt:
-        console.error("interrupted")
-        return 130
-    except Exception as exc:
-        return _fail(exc)
-    if summarize is not None and result is not None:
-        summarize(result)
-    if args.json:
-        print(json.dumps(result, indent=1, default=str), flush=True)
+    out = sys.stdout
+    # `--json`: stdout carries the result only. Whatever else writes to stdout meanwhile goes to stderr:
+    # Ray's driver prints the raylet's warnings ("N PYTHON worker processes have been started ...")
+    # to sys.stdout whatever log_to_driver says, and one such line made the result unparseable.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        try:
+            result = run(args)
+        except KeyboardInterrupt:
+            console.error("interrupted")
+            return 130
+        except Exception as exc:
+            return _fail(exc)
+        if summarize is not None and result is not None:
+            summarize(result)
+        if args.json:
+            print(json.dumps(result, indent=1, default=str), file=out, flush=True)
     return 0
 
 

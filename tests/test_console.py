@@ -148,6 +148,8 @@ BAD_INPUTS = {
         "ray.address=127.0.0.1:1",
     ],
 }
+# the wrong path of these cases, which their line must name (checked before torch and Ray are imported)
+NAMES_THE_PATH = {"missing checkpoint": "no_ckpt", "shards never ingested": "no_shards"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -156,6 +158,8 @@ def test_bad_input_is_one_line_on_stderr_and_a_nonzero_exit(case, tmp_path):
     assert out.returncode != 0
     assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("abpipe: "), out.stderr
     assert "Traceback" not in out.stderr and out.stdout == "", out.stdout
+    if case in NAMES_THE_PATH:
+        assert str(tmp_path / NAMES_THE_PATH[case]) in out.stderr, out.stderr
 
 
 def test_verbose_shows_the_traceback_of_a_bad_input(tmp_path):
@@ -244,3 +248,28 @@ def test_training_plain_lines_and_json_off_a_tty(ray_address, train_config, tmp_
         p for p in Path(logs).rglob("*") if p.is_file() and "step 6/6 views 240 " in p.read_text(errors="replace")
     ]
     assert logged, f"rank 0's step line is in none of {logs}"
+
+
+def test_json_stdout_carries_only_the_result_while_ray_prints_to_stdout(monkeypatch, capfd):
+    """Ray's driver prints the raylet's warnings to sys.stdout (log_to_driver or not); with --json they
+    go to stderr, and stdout parses as the command's result."""
+    from ray._private.worker import print_to_stdstream
+
+    from pipeline import cli
+
+    def noisy_train(args):
+        warning = "WARNING: 8 PYTHON worker processes have been started on node: n1 with address: 127.0.0.1."
+        print_to_stdstream({"lines": [warning], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        print("a library's print")
+        return {"run_id": "r1", "metrics": {"step": 6}}
+
+    run, summarize, help_text = cli.COMMANDS["train"]
+    monkeypatch.setitem(cli.COMMANDS, "train", (noisy_train, summarize, help_text))
+    assert cli.main(["train", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"run_id": "r1", "metrics": {"step": 6}}
+    assert "8 PYTHON worker processes" in err and "a library's print" in err
+    # without --json, a print still reaches stdout as before
+    assert cli.main(["train"]) == 0
+    out, _ = capfd.readouterr()
+    assert "a library's print" in out

@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from pipeline import console
-from pipeline.checkpoints import CheckpointError, checkpoint_key, read_meta, resolve_checkpoint, weights_fingerprint
+from pipeline.checkpoints import (
+    CheckpointError,
+    check_reference,
+    checkpoint_key,
+    read_meta,
+    resolve_checkpoint,
+    weights_fingerprint,
+)
 from pipeline.config import Config, ConfigError, EvalConfig
 from pipeline.eval.random_init import random_init_fingerprint, write_random_init
 from pipeline.eval.report import RANDOM_PREFIX, plot_eval, result_rows, write_eval_results
@@ -511,11 +518,7 @@ def evaluate_checkpoint(
     A task that fails (wrong dataset format, class-count mismatch, probe error) is recorded in
     `failures` with its message, its run is marked FAILED, and the other tasks still run.
     """
-    import ray
-
     from pipeline.eval.cache import FeatureCache
-    from pipeline.eval.probes import MODEL_READOUTS
-    from pipeline.models.encoder import load_frozen_model
     from pipeline.tracking import RunLogger, start_run
 
     global _probe_task, _readout_task
@@ -524,12 +527,20 @@ def evaluate_checkpoint(
     tasks = tasks if tasks is not None else task_roots(ev)
     if ev.weights not in ("teacher", "student"):
         raise ConfigError(f"eval.weights: teacher or student, got {ev.weights!r}")
+    check_reference(ref)  # a wrong checkpoint path fails here, before the probes' import of torch
     check_probe_names(ev)
+    from pipeline.eval.probes import MODEL_READOUTS
+
     uri = cfg.tracking.tracking_uri
     cache = FeatureCache(ev.cache_dir or cfg.paths.under("feature_cache"))
 
     with tempfile.TemporaryDirectory(prefix="abpipe-eval-") as tmp:
         ckpt_dir, source_run, recorded_path = resolve_checkpoint(ref, uri, os.path.join(tmp, "download"))
+        # torch, timm and Ray are imported once the reference resolves: a wrong path fails in a second
+        import ray
+
+        from pipeline.models.encoder import load_frozen_model
+
         # validates the weights on the driver: clear errors
         _, model_cfg = load_frozen_model(ckpt_dir, which=ev.weights)
         init_ray(cfg.ray)  # after the checkpoint checks: a bad path fails in a second, not after Ray's start-up

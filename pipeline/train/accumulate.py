@@ -34,13 +34,17 @@ what DDP does. The cached loss still gathers every worker's embeddings with grad
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from pipeline.config import Config, ConfigError
-from pipeline.objectives.base import Objective, Progress, StepOutput
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.objectives.base import Objective, Progress, StepOutput
+
+# torch is imported by the functions that run a step, not here: the driver's `check_accumulation` (a config
+# check, before the shards, storage and Ray) then costs no torch import, so a wrong path fails in a second.
 
 CACHED, MEAN = "cached", "mean"
 #: how each method accumulates (objective.name -> mode)
@@ -87,6 +91,8 @@ def check_accumulation(cfg: Config) -> str | None:
 
 def split_batch(batch: dict, k: int) -> tuple[list[dict], int]:
     """(K dicts of consecutive, equal row slices of every tensor of `batch`, other values shared; their rows)."""
+    import torch
+
     rows = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim}
     if len(rows) != 1 or next(iter(rows)) % k:
         raise ValueError(f"cannot cut a batch with row counts {sorted(rows)} into {k} equal sub-batches")
@@ -102,6 +108,8 @@ class RngState:
     """The random state a sub-batch's forward starts from (CPU generator, and the CUDA one of `device`)."""
 
     def __init__(self, device: torch.device):
+        import torch
+
         self.cuda_device = device if device.type == "cuda" else None
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if self.cuda_device is not None else None
@@ -109,6 +117,8 @@ class RngState:
     @contextmanager
     def replay(self) -> Iterator[None]:
         """Run the block from this state; the global state afterwards is what it was before the block."""
+        import torch
+
         devices = [self.cuda_device] if self.cuda_device is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(self.cpu)
@@ -127,6 +137,8 @@ def cached_step(
     device: torch.device,
 ) -> StepOutput:
     """GradCache: the whole batch's loss and gradients from K sub-batch passes (module docstring)."""
+    import torch
+
     subs, n = split_batch(batch, k)
     states, parts, target_parts = [], [], []
     with torch.no_grad():
@@ -172,6 +184,10 @@ def mean_step(
     backward: Callable[[torch.Tensor], None],
 ) -> StepOutput:
     """Plain accumulation of a loss that is a mean of per-sample terms: sum of (sub-batch loss / K) gradients."""
+    import torch
+
+    from pipeline.objectives.base import StepOutput
+
     outs = []
     for sub in split_batch(batch, k)[0]:
         with autocast:
@@ -193,6 +209,8 @@ def mean_step(
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Average every gradient over the workers (what DDP's reducer does), one all-reduce per dtype."""
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors

@@ -18,9 +18,9 @@ from pipeline.config import Config, ConfigError
 from pipeline.runtime import init_ray
 from pipeline.storage import StorageError, check_access, explain, filesystem, join
 from pipeline.train.accumulate import check_accumulation
-from pipeline.train.loop import train_loop_per_worker
-from pipeline.train.step import Budget
-from pipeline.train.stream import resume_point_name
+
+# The loop, the step and Ray Train (torch, timm, Ray) are imported by the functions that run, after
+# `run_pretrain`'s checks: a wrong shards path or a bad setting fails in a second, not after those imports.
 
 
 def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
@@ -82,6 +82,8 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     from pipeline.data.crop_stage import build_crop_dataset, crop_node_cpus, crop_pool_size
     from pipeline.data.mixing import default_read_concurrency, passes_needed, stream_dataset, stream_size
     from pipeline.data.passes import resume_point_actor
+    from pipeline.train.step import Budget
+    from pipeline.train.stream import resume_point_name
 
     # The one-line-per-interval training log is the progress display here; Ray Data's bars from
     # the split coordinator would interleave with it.
@@ -126,9 +128,6 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
 
 def run_pretrain(cfg: Config) -> dict[str, Any]:
     """Run (or resume) pretraining; returns run id, final checkpoint path and last metrics."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     cfg = cfg.resolved()
     check_accumulation(cfg)  # train.accum_steps, before any storage or cluster work (the train step checks it again)
     storage = cfg.train.storage_path
@@ -141,6 +140,12 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
             f"train.checkpoint_fraction must be in [0, 1] (0: every checkpoint_every_steps), got "
             f"{cfg.train.checkpoint_fraction}"
         )
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.loop import train_loop_per_worker
+    from pipeline.train.step import Budget
+
     init_ray(cfg.ray)
     cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
     check_cpu_budget(cfg, cluster_cpus)
