@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,6 +220,22 @@ def checkpoint_key(meta: dict[str, Any], source_run: str | None, fingerprint: st
 
 
 _CHECKPOINT_DIR = re.compile(r"checkpoint_\d+")
+
+
+def checkpoint_step(path: str | None) -> int:
+    """The step in a checkpoint folder's name (`.../checkpoint_00000120` -> 120); -1 for None or another name."""
+    name = posixpath.basename((path or "").rstrip("/"))
+    return int(name.split("_", 1)[1]) if _CHECKPOINT_DIR.fullmatch(name) else -1
+
+
+def list_checkpoints(storage_path: str, run_name: str) -> list[str]:
+    """The names of a run's checkpoint folders (complete or not), oldest first: `checkpoint_<step, 8 digits>`."""
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(storage_path)
+    infos = fs.get_file_info(pafs.FileSelector(f"{base.rstrip('/')}/{run_name}", allow_not_found=True))
+    dirs = (i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    return sorted(name for name in dirs if _CHECKPOINT_DIR.fullmatch(name))
 
 
 def latest_checkpoint(storage_path: str, run_name: str) -> tuple[str, dict[str, Any]] | None:

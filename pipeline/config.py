@@ -308,7 +308,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers; 0: the loop runs in the driver process (docs/training.md#driver-mode)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     # torch's intra-op threads per CPU worker; 0: int(cpus_per_worker). More than the reservation helps only in a
@@ -339,6 +339,11 @@ class TrainConfig:
     # the whole batch's gradient (cached embeddings for the contrastive losses): less activation memory, same
     # batch, lr and budget; not dino / slip / silc (docs/training.md#gradient-accumulation)
     accum_steps: int = 1
+
+    @property
+    def world_size(self) -> int:
+        """The training processes: `num_workers` Ray Train workers, or the driver alone (`num_workers=0`)."""
+        return max(1, self.num_workers)
 
 
 @dataclass

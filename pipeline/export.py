@@ -704,7 +704,7 @@ def model_card(
     data = _described(cfg.data.mixture, cfg.data.shards) or "(not recorded)"
     ann = _described(cfg.data.annotation_mixture, cfg.data.annotation_shards)
     views_seen = int(meta.get("views_seen") or 0)
-    workers = meta.get("world_size", t.num_workers)
+    workers = meta.get("world_size", t.world_size)
     lines = [
         "---",
         "library_name: timm",

@@ -397,7 +397,7 @@ def run_arm(
     watch = {f"train/{k}": v for k, v in train["metrics"].items() if k in WATCHED}
     timing = {"pretrain_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t0 - train_s, 1)}
     steps = train["metrics"].get("step")
-    views = Budget.from_config(cfg, cfg.train.num_workers).views_per_step
+    views = Budget.from_config(cfg, cfg.train.world_size).views_per_step
     costs = {"views": steps * views if steps else None, "views_per_step": views}
     if "train/flops_per_step" in watch and steps:
         costs["train_flops"] = watch["train/flops_per_step"] * steps

@@ -403,8 +403,10 @@ def silc_shards(ray_cluster, digits_folder, session_tmp):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", sorted(VIEWS))
-def test_method_trains_through_ray_train(ray_cluster, request, tmp_path, name):
-    """2 steps of each method on the real crop stage + TorchTrainer + MLflow; eval loads the result.
+def test_method_trains_through_the_pipeline(ray_cluster, request, tmp_path, name):
+    """2 steps of each method on the real crop stage + MLflow + checkpoints; eval loads the result. The loop runs
+    in the driver (train.num_workers=0): what differs by method is the loop's, and Ray Train's own path (its
+    workers, their reports and restarts) is test_train's, test_resume's and test_production's, for AB.
     SiLC trains on digit shards that carry captions (its text annotations)."""
     from mlflow.tracking import MlflowClient
 
@@ -414,7 +416,7 @@ def test_method_trains_through_ray_train(ray_cluster, request, tmp_path, name):
     from tests.test_train import micro_config
 
     shards = request.getfixturevalue("silc_shards" if name == "silc" else "digit_shards")
-    base = micro_config(tmp_path, shards, steps=2)
+    base = micro_config(tmp_path, shards, steps=2, num_workers=0)
     views = dataclasses.replace(base.views, **VIEWS[name])
     per_image = views.num_views + views.annotation_views + views.local_views
     cfg = dataclasses.replace(

@@ -424,13 +424,15 @@ def test_crop_stage_on_ray_emits_tokens_and_counts_uncaptioned(caption_shards):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", sorted(LAYOUT))
-def test_pretrain_smoke_through_ray_train(name, caption_shards, tmp_path):
+def test_pretrain_smoke_through_the_pipeline(name, caption_shards, tmp_path):
+    """2 steps of each text method on caption shards, crop stage to checkpoint, the loop in the driver
+    (train.num_workers=0; Ray Train's own path is test_train's, test_resume's and test_production's)."""
     from pipeline.checkpoints import read_meta
     from pipeline.train.trainer import run_pretrain
     from tests.test_train import BATCH, micro_config
 
     m, a = LAYOUT[name]
-    base = micro_config(tmp_path, caption_shards, steps=2)
+    base = micro_config(tmp_path, caption_shards, steps=2, num_workers=0)
     views = dataclasses.replace(base.views, num_views=m, annotation_views=a, text=TEXT)
     cfg = dataclasses.replace(
         base,

@@ -28,7 +28,7 @@ BATCH, M, A = 8, 3, 2
 
 
 def micro_config(root, shards, steps: int, **train) -> Config:
-    views_per_step = BATCH * (M + A) * train.get("num_workers", 1)
+    views_per_step = BATCH * (M + A) * max(1, train.get("num_workers", 1))
     return Config(
         paths=PathsConfig(root=str(root)),
         ray=RayConfig(num_cpus=2),
@@ -56,10 +56,13 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_path, capsys):
+    """The first 6 steps in the driver (train.num_workers=0), then Ray Train's worker resumes them: it has no
+    checkpoint in its own record, so the one the driver found is handed to it (distributed.RaySession)."""
     from pipeline.train.trainer import run_pretrain
 
-    cfg = micro_config(tmp_path, digit_shards, steps=6)
+    cfg = micro_config(tmp_path, digit_shards, steps=6, num_workers=0)
     first = run_pretrain(cfg)
+    assert not os.path.exists(os.path.join(cfg.train.storage_path, "t", "checkpoint_manager_snapshot.json"))
     meta = read_meta(first["checkpoint"])
     assert meta["step"] == 6
     assert meta["views_seen"] == 6 * BATCH * (M + A)
@@ -83,8 +86,11 @@ def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_pa
     assert preview == {f"preview/{f}" for f in ("source_boxes.png", "crops.png", "annotations.png", "samples.json")}
     assert "learning_curves.png" in {a.path for a in client.list_artifacts(first["run_id"])}
 
-    # Resume: same storage + run name, larger budget -> continues from step 6 in the same MLflow run.
-    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_views=9 * BATCH * (M + A)))
+    # Resume on a Ray Train worker: same storage + run name, larger budget -> continues from step 6 in the same
+    # MLflow run.
+    longer = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, total_views=9 * BATCH * (M + A), num_workers=1)
+    )
     second = run_pretrain(longer)
     assert second["run_id"] == first["run_id"]
     meta2 = read_meta(second["checkpoint"])
@@ -93,6 +99,7 @@ def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_pa
     # the worker's note and rank 0's progress reach this console, with Ray's worker output off
     out = capsys.readouterr().out
     assert "[abpipe] resumed from step 6 (240 views seen)" in out and "[abpipe] train: 9/9" in out, out
+    assert os.path.exists(os.path.join(cfg.train.storage_path, "t", "checkpoint_manager_snapshot.json"))
     state = torch.load(os.path.join(second["checkpoint"], "state.pt"), weights_only=True)
     assert set(state) == {"objective", "optimizer", "encoder_student", "encoder_teacher", "resume"}
     assert set(state["resume"]) == {"streams", "rng"} and state["resume"]["streams"]["train"]["passes"]

@@ -239,3 +239,54 @@ def test_the_run_record_is_written_once(tmp_path):
     (tmp_path / "other" / "abpipe_run.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt run record"):
         read_run_record(str(tmp_path), "other")
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_the_driver_session_restores_the_newest_writes_meta_last_and_keeps_the_newest(tmp_path, where):
+    """`train.num_workers=0`'s checkpoints: Ray Train's layout on any storage. It restores the newest complete
+    checkpoint (an earlier submission's, a cut-short folder skipped), writes a folder whose meta.json marks it
+    complete, replaces a cut-short one of the same step, and keeps the newest `keep` by step."""
+    import uuid
+
+    from pipeline.checkpoints import list_checkpoints, save_checkpoint
+    from pipeline.storage import copy_to_local, exists, filesystem, join
+    from pipeline.train.session import DriverSession
+
+    storage = str(tmp_path / "ck") if where == "local" else f"memory://abpipe-{uuid.uuid4().hex}"
+    fs, run_dir = filesystem(join(storage, "run"))
+
+    def write(step: int, complete: bool = True) -> None:  # a folder as an earlier submission left it
+        folder = save_checkpoint(tmp_path / "src" / f"{step}", {"w": torch.full((2,), float(step))}, {"step": step})
+        files = ["state.pt", "meta.json"] if complete else ["state.pt"]
+        fs.create_dir(f"{run_dir}/checkpoint_{step:08d}", recursive=True)
+        for name in files:
+            with fs.open_output_stream(f"{run_dir}/checkpoint_{step:08d}/{name}") as out:
+                out.write((folder / name).read_bytes())
+
+    write(2), write(4), write(6, complete=False)
+    session = DriverSession({}, storage, "run", keep=2)
+    with session.restored_checkpoint() as directory:
+        assert read_meta(directory)["step"] == 4  # checkpoint_00000006 has no meta.json: cut short
+        assert torch.load(f"{directory}/state.pt")["w"].tolist() == [4.0, 4.0]
+    session.report({"loss": 1.0}, None, "unused")  # metrics only: no folder
+    for step in (6, 8):
+        folder = save_checkpoint(tmp_path / "new" / f"{step}", {"w": torch.full((2,), -float(step))}, {"step": step})
+        session.report({"loss": 1.0 / step, "step": step}, str(folder), f"checkpoint_{step:08d}")
+    assert list_checkpoints(storage, "run") == ["checkpoint_00000006", "checkpoint_00000008"]
+    assert not exists(join(storage, "run", "unused"))
+    assert session.last_checkpoint == join(storage, "run", "checkpoint_00000008")
+    assert [r["loss"] for r in session.reported] == [1.0, 1 / 6, 1 / 8]
+    six = copy_to_local(join(storage, "run", "checkpoint_00000006"), str(tmp_path / "six"))
+    assert read_meta(six)["step"] == 6 and torch.load(f"{six}/state.pt")["w"].tolist() == [-6.0, -6.0]
+    again = DriverSession({}, storage, "run", keep=2)  # the next submission sees both, restores the newest
+    with again.restored_checkpoint() as directory:
+        assert read_meta(directory)["step"] == 8
+    # a write cut short (a file that cannot be read, as a lost local disk would be) leaves no meta.json behind
+    broken = save_checkpoint(tmp_path / "new" / "10", {"w": torch.zeros(2)}, {"step": 10})
+    (broken / "state.pt").unlink()
+    (broken / "state.pt").symlink_to(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError):
+        again.report({"step": 10}, str(broken), "checkpoint_00000010")
+    assert not exists(join(storage, "run", "checkpoint_00000010", "meta.json"))
+    with DriverSession({}, storage, "run").restored_checkpoint() as directory:
+        assert read_meta(directory)["step"] == 8

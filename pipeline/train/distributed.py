@@ -15,6 +15,9 @@ from typing import Any, Iterator
 
 import torch
 
+from pipeline.checkpoints import checkpoint_step
+from pipeline.train.session import checkpoint_directory
+
 
 def any_worker(flag: torch.Tensor) -> torch.Tensor:
     """The max of a device flag over all workers, on the device (no host sync): one skips, all skip."""
@@ -26,8 +29,10 @@ def any_worker(flag: torch.Tensor) -> torch.Tensor:
 class RaySession:
     """The session of a Ray Train worker (TorchTrainer's `train_loop_per_worker`)."""
 
-    def __init__(self):
+    def __init__(self, resume_from: str | None = None):
         import ray.train
+
+        self.resume_from = resume_from  # the run's newest checkpoint as the driver found it (see restored_checkpoint)
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
@@ -53,8 +58,11 @@ class RaySession:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
+        # Ray Train's own record of the run, unless the driver found a newer checkpoint beside it: one that the
+        # driver loop (train.num_workers=0) wrote, or that a killed worker uploaded before the record named it
+        if checkpoint is None or checkpoint_step(self.resume_from) > checkpoint_step(checkpoint.path):
+            with checkpoint_directory(self.resume_from) as directory:
+                yield directory
             return
         with checkpoint.as_directory() as directory:
             yield directory

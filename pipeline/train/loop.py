@@ -34,13 +34,14 @@ __all__ = ["train", "train_loop_per_worker"]
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train's entry point: `{"config", "mlflow_run_id", "init_from_dir"}` from the driver."""
+    """Ray Train's entry point: `{"config", "mlflow_run_id", "init_from_dir", "progress", "resume_from"}` from
+    the driver."""
     from pipeline.train.distributed import RaySession
 
     cfg = config_from_dict(loop_config["config"])
     train(
         cfg,
-        RaySession(),
+        RaySession(loop_config.get("resume_from")),
         loop_config.get("mlflow_run_id"),
         loop_config.get("init_from_dir"),
         progress=loop_config.get("progress"),

@@ -34,14 +34,14 @@ def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
             f"train.threads_per_worker must be >= 0 (0: int(train.cpus_per_worker)), got {cfg.train.threads_per_worker}"
         )
     streams = 2 if cfg.data.decoupled else 1
-    budget = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker
+    budget = cluster_cpus - cfg.train.world_size * cfg.train.cpus_per_worker
     need = streams * (cfg.views.cpus_per_actor + cfg.data.read_cpus)
     if budget + 1e-9 < need:
         message = (
             f"the data stage needs {need:g} CPUs ({streams} stream(s) x "
             f"(views.cpus_per_actor={cfg.views.cpus_per_actor:g} + "
             f"data.read_cpus={cfg.data.read_cpus:g})) but only {budget:g} of the cluster's {cluster_cpus:g} are left "
-            f"after {cfg.train.num_workers} training worker(s) x train.cpus_per_worker={cfg.train.cpus_per_worker:g}; "
+            f"after {cfg.train.world_size} training worker(s) x train.cpus_per_worker={cfg.train.cpus_per_worker:g}; "
             "lower those settings or add CPUs"
         )
         if cfg.ray.address:  # an autoscaling cluster may still grow: warn instead of refusing
@@ -92,7 +92,7 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
     # Ray Train's ingest takes the driver's preserve_order: one row order, continued exactly on resume.
     context.execution_options.preserve_order = cfg.data.deterministic
     images_needed = (
-        Budget.from_config(cfg, cfg.train.num_workers).total_steps * cfg.train.batch_size * cfg.train.num_workers
+        Budget.from_config(cfg, cfg.train.world_size).total_steps * cfg.train.batch_size * cfg.train.world_size
     )
 
     def stream(key: str, shards: str, mixture: dict[str, float], views, seed: int):
@@ -115,7 +115,7 @@ def build_training_datasets(cfg: Config, cluster_cpus: float) -> dict:
         # neither can take all CPUs and starve the other (the trainer needs a batch from both every step).
         free = crop_node_cpus(cfg.views)
         if free is None:
-            free = cluster_cpus - cfg.train.num_workers * cfg.train.cpus_per_worker - 2 * cfg.data.read_cpus
+            free = cluster_cpus - cfg.train.world_size * cfg.train.cpus_per_worker - 2 * cfg.data.read_cpus
         per_stream = cfg.views.concurrency or max(1, int(free / 2 / cfg.views.cpus_per_actor))
     datasets = {}
     for key, (shards, mixture, views, seed) in stream_views(cfg, per_stream).items():
@@ -140,10 +140,10 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
             f"train.checkpoint_fraction must be in [0, 1] (0: every checkpoint_every_steps), got "
             f"{cfg.train.checkpoint_fraction}"
         )
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    if cfg.train.num_workers < 0:
+        raise ConfigError(f"train.num_workers must be >= 0 (0: the loop in the driver), got {cfg.train.num_workers}")
+    import ray
 
-    from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.step import Budget
 
     init_ray(cfg.ray)
@@ -174,14 +174,59 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
             )
 
     board = console.board_name()  # rank 0 reports its progress to this actor; the driver draws the bar
+    loop_config = {
+        "config": cfg.to_dict(),
+        "mlflow_run_id": run_id,
+        "init_from_dir": init.directory if init else None,
+        "progress": board,
+        # what the loop restores when Ray Train has no checkpoint of its own for the run: one the driver loop
+        # (train.num_workers=0) wrote, or one a killed worker uploaded before the controller recorded it
+        "resume_from": previous,
+    }
+    datasets = build_training_datasets(cfg, cluster_cpus)
+    fit = _fit_in_driver if cfg.train.num_workers == 0 else _fit_with_ray_train
+    logger = tracking.RunLogger(cfg.tracking.tracking_uri, run_id)
+    if cfg.tracking.log_preview and not previous:
+        _log_preview(cfg, logger)
+    started = time.perf_counter()
+    total_steps = Budget.from_config(cfg, cfg.train.world_size).total_steps
+    try:
+        with console.remote_progress(board, "train", total_steps, unit="step", initial=min(start_step, total_steps)):
+            checkpoint_path, final = fit(cfg, loop_config, datasets)
+    except BaseException as exc:
+        _log_learning_curves(cfg, run_id, logger)
+        logger.finish("FAILED")
+        error = explain(exc, storage, "training") if isinstance(exc, Exception) else None
+        if error is not None:  # storage lost mid-run: one line; resubmitting resumes from the last checkpoint
+            raise StorageError(f"{error}; resubmit the same job to resume") from None
+        raise
+    failed, unlogged = (int(final.get(k, 0) or 0) for k in ("mlflow_failed_calls", "mlflow_unlogged_points"))
+    if failed:  # the gap, counted and reported: late points arrived, lost ones are named by number
+        console.warn(
+            f"the MLflow tracking server was away during training ({failed} failed calls); "
+            f"{unlogged} metric points/artifacts never reached it"
+        )
+        logger.metrics({"mlflow_failed_calls": failed, "mlflow_unlogged_points": unlogged}, int(final.get("step", 0)))
+    logger.tags({"abpipe.checkpoint_path": checkpoint_path or "", "abpipe.storage_path": storage})
+    logger.metrics({"wall_time_s": time.perf_counter() - started}, int(final.get("step", 0)))
+    _log_learning_curves(cfg, run_id, logger)
+    logger.finish()
+    wall_s = time.perf_counter() - started
+    metrics, name = dict(final), cfg.train.run_name
+    return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": metrics, "run_name": name, "wall_s": wall_s}
+
+
+def _fit_with_ray_train(cfg: Config, loop_config: dict, datasets: dict) -> tuple[str | None, dict[str, Any]]:
+    """TorchTrainer over `train.num_workers` workers: (the last checkpoint's path, the last report's metrics)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.loop import train_loop_per_worker
+
+    storage = cfg.train.storage_path
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "mlflow_run_id": run_id,
-            "init_from_dir": init.directory if init else None,
-            "progress": board,
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -197,42 +242,23 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets=build_training_datasets(cfg, cluster_cpus),
+        datasets=datasets,
     )
-    logger = tracking.RunLogger(cfg.tracking.tracking_uri, run_id)
-    if cfg.tracking.log_preview and not previous:
-        _log_preview(cfg, logger)
-    started = time.perf_counter()
-    total_steps = Budget.from_config(cfg, cfg.train.num_workers).total_steps
-    try:
-        with console.remote_progress(board, "train", total_steps, unit="step", initial=min(start_step, total_steps)):
-            result = trainer.fit()
-    except BaseException as exc:
-        _log_learning_curves(cfg, run_id, logger)
-        logger.finish("FAILED")
-        error = explain(exc, storage, "training") if isinstance(exc, Exception) else None
-        if error is not None:  # storage lost mid-run: one line; resubmitting resumes from the last checkpoint
-            raise StorageError(f"{error}; resubmit the same job to resume") from None
-        raise
-    checkpoint_path = (
-        join(storage, cfg.train.run_name, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
-    )
-    failed, unlogged = (int(result.metrics.get(k, 0) or 0) for k in ("mlflow_failed_calls", "mlflow_unlogged_points"))
-    if failed:  # the gap, counted and reported: late points arrived, lost ones are named by number
-        console.warn(
-            f"the MLflow tracking server was away during training ({failed} failed calls); "
-            f"{unlogged} metric points/artifacts never reached it"
-        )
-        logger.metrics(
-            {"mlflow_failed_calls": failed, "mlflow_unlogged_points": unlogged}, int(result.metrics.get("step", 0))
-        )
-    logger.tags({"abpipe.checkpoint_path": checkpoint_path or "", "abpipe.storage_path": storage})
-    logger.metrics({"wall_time_s": time.perf_counter() - started}, int(result.metrics.get("step", 0)))
-    _log_learning_curves(cfg, run_id, logger)
-    logger.finish()
-    wall_s = time.perf_counter() - started
-    metrics, name = dict(result.metrics), cfg.train.run_name
-    return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": metrics, "run_name": name, "wall_s": wall_s}
+    result = trainer.fit()
+    checkpoint = result.checkpoint
+    path = join(storage, cfg.train.run_name, os.path.basename(checkpoint.path)) if checkpoint else None
+    return path, dict(result.metrics)
+
+
+def _fit_in_driver(cfg: Config, loop_config: dict, datasets: dict) -> tuple[str | None, dict[str, Any]]:
+    """`train.num_workers=0`: the same loop in this process on the Ray Data streams (session.DriverSession);
+    no controller, worker group or split coordinator to start. No restarts: `train.max_failures` does not apply."""
+    from pipeline.train.loop import train
+    from pipeline.train.session import DriverSession
+
+    session = DriverSession(datasets, cfg.train.storage_path, cfg.train.run_name, cfg.train.keep_checkpoints)
+    train(cfg, session, loop_config["mlflow_run_id"], loop_config["init_from_dir"], progress=loop_config["progress"])
+    return session.last_checkpoint, dict(session.reported[-1]) if session.reported else {}
 
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
