@@ -244,21 +244,17 @@ def latest_checkpoint(storage_path: str, run_name: str) -> tuple[str, dict[str, 
     Listed through the storage's own filesystem, so a job resubmitted on s3:// (or any pyarrow /
     fsspec storage) finds the MLflow run id its checkpoints carry, as a local one does. A checkpoint
     folder without a readable meta.json was cut short and does not count."""
-    import pyarrow.fs as pafs
-
     fs, base = filesystem(storage_path)
     best, best_step = None, -1
-    for info in fs.get_file_info(pafs.FileSelector(f"{base.rstrip('/')}/{run_name}", allow_not_found=True)):
-        if info.type != pafs.FileType.Directory or not _CHECKPOINT_DIR.fullmatch(info.base_name):
-            continue
+    for name in list_checkpoints(storage_path, run_name):
         try:
-            with fs.open_input_stream(f"{info.path}/{META_FILE}") as stream:
+            with fs.open_input_stream(f"{base.rstrip('/')}/{run_name}/{name}/{META_FILE}") as stream:
                 meta = json.loads(stream.read())
             step = int(meta["step"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if step > best_step:
-            best, best_step = (join(storage_path, run_name, info.base_name), meta), step
+            best, best_step = (join(storage_path, run_name, name), meta), step
     return best
 
 

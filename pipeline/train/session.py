@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 
-from pipeline.checkpoints import META_FILE, latest_checkpoint, latest_checkpoint_dir, list_checkpoints
+from pipeline.checkpoints import META_FILE, latest_checkpoint_dir, list_checkpoints
 
 
 @contextmanager
@@ -99,7 +99,9 @@ class LocalSession:
 
     @contextmanager
     def restored_checkpoint(self):
-        yield None if self.storage_path is None else latest_checkpoint_dir(self.storage_path, self.run_name)
+        newest = None if self.storage_path is None else latest_checkpoint_dir(self.storage_path, self.run_name)
+        with checkpoint_directory(newest) as directory:  # a URI's checkpoint is copied for the block's span
+            yield directory
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
         self.reported.append(dict(metrics))
@@ -142,12 +144,6 @@ class DriverSession(LocalSession):
                 batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=shuffle_buffer or None, device=device
             )
         )
-
-    @contextmanager
-    def restored_checkpoint(self):
-        found = latest_checkpoint(self.storage_path, self.run_name)
-        with checkpoint_directory(found[0] if found else None) as directory:
-            yield directory
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
         import pyarrow.fs as pafs
