@@ -249,14 +249,23 @@ def test_killed_mid_pass_and_restarted_trains_each_row_once_and_ends_on_the_same
     ray_cluster, digit_shards, tmp_path
 ):
     """Deterministic mode, 1 worker: SIGKILL after the step-40 checkpoint (pass 1 has begun: 300 digits,
-    8 per step), Ray Train restarts the worker; the run ends where an uninterrupted one does."""
+    8 per step), Ray Train restarts the worker; the run ends where an uninterrupted one does. The
+    uninterrupted reference runs in the driver (train.num_workers=0): the same loop on the same stream,
+    so it also checks that the two modes train batch for batch to the same weights."""
     from pipeline.checkpoints import load_state, read_meta
     from pipeline.train.trainer import run_pretrain
     from tests.test_train import BATCH, A, M
 
     steps = 56  # 448 rows: all of pass 0, half of pass 1
-    plain = run_pretrain(_resume_config(tmp_path, digit_shards, "plain", steps))
-    cfg = _resume_config(tmp_path, digit_shards, "killed", steps, max_failures=1)
+    # one torch thread in both (a Ray worker on half a CPU gets one): the same reduction order
+    threads = torch.get_num_threads()
+    try:
+        plain = run_pretrain(
+            _resume_config(tmp_path, digit_shards, "plain", steps, num_workers=0, threads_per_worker=1)
+        )
+    finally:
+        torch.set_num_threads(threads)  # the driver is this test process
+    cfg = _resume_config(tmp_path, digit_shards, "killed", steps, max_failures=1, threads_per_worker=1)
     killed: list[int] = []
     thread = _kill_after(os.path.join(cfg.train.storage_path, "killed"), "checkpoint_00000040", killed)
     resumed = run_pretrain(cfg)
