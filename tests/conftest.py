@@ -25,6 +25,10 @@ os.environ.update(
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     }
 )
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the fast tier, docs/development.md): one torch thread per test process, so two
+    # processes share two cores instead of four threads fighting over them
+    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own sqlite stores
 (_SESSION_TMP / "home").mkdir(exist_ok=True)

@@ -203,8 +203,9 @@ def test_two_sweeps_at_once_evaluate_each_pair_once_beside_a_training_run(
     address = ray_cluster.get_runtime_context().gcs_address
     sweeps = [_sweep_process(prod_run, digits_folder, address, tmp_path / f"sweep{i}.log") for i in range(2)]
     steps = 6
+    # in the driver (train.num_workers=0): this test is about the sweeps and concurrent logging, not Ray Train
     training = run_pretrain(
-        _server_config(prod_run["root"], prod_run["uri"], steps, run_name="beside-sweeps", workers=1)
+        _server_config(prod_run["root"], prod_run["uri"], steps, run_name="beside-sweeps", workers=0)
     )
     for proc in sweeps:
         proc.wait(timeout=600)
