@@ -161,7 +161,8 @@ class TwoNodeCluster:
         for node in reversed(self.nodes):
             if node.poll() is None:
                 node.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=20)
+        # what has not exited 5 s after SIGTERM is killed (the teardown took 22 s waiting 20 s for stragglers)
+        _, alive = psutil.wait_procs(procs, timeout=5)
         for proc in alive:
             try:
                 proc.kill()
