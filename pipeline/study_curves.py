@@ -27,7 +27,10 @@ BUDGET_PAIRS: dict[str, dict[int, tuple[str, str]]] = {
         3: ("ab_simclr_3x", "simclr_3x"),
         10: ("ab_simclr_10x", "simclr_10x"),
     },
-    "AB_SimCLR objects->scenes - SimCLR on the scenes": {1: ("ab_objects_to_scenes", "simclr")},
+    "AB_SimCLR objects->scenes - SimCLR on the scenes": {
+        1: ("ab_objects_to_scenes", "simclr"),
+        10: ("ab_objects_to_scenes_10x", "simclr_10x"),  # SimCLR on the scenes alone at 10x is the dense arm
+    },
     "AB_SimCLR objects->scenes - SimCLR on the mixture": {
         1: ("ab_objects_to_scenes", "simclr_mix"),
         10: ("ab_objects_to_scenes_10x", "simclr_10x_mix"),

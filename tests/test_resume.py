@@ -258,13 +258,15 @@ def test_killed_mid_pass_and_restarted_trains_each_row_once_and_ends_on_the_same
 
     steps = 56  # 448 rows: all of pass 0, half of pass 1
     # one torch thread in both (a Ray worker on half a CPU gets one): the same reduction order
-    threads = torch.get_num_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # not 1, so that the run's own setting (1) outliving it in this process shows
     try:
         plain = run_pretrain(
             _resume_config(tmp_path, digit_shards, "plain", steps, num_workers=0, threads_per_worker=1)
         )
+        assert torch.get_num_threads() == 3, "driver mode left the loop's thread count in the calling process"
     finally:
-        torch.set_num_threads(threads)  # the driver is this test process
+        torch.set_num_threads(before)
     cfg = _resume_config(tmp_path, digit_shards, "killed", steps, max_failures=1, threads_per_worker=1)
     killed: list[int] = []
     thread = _kill_after(os.path.join(cfg.train.storage_path, "killed"), "checkpoint_00000040", killed)

@@ -253,11 +253,19 @@ def _fit_with_ray_train(cfg: Config, loop_config: dict, datasets: dict) -> tuple
 def _fit_in_driver(cfg: Config, loop_config: dict, datasets: dict) -> tuple[str | None, dict[str, Any]]:
     """`train.num_workers=0`: the same loop in this process on the Ray Data streams (session.DriverSession);
     no controller, worker group or split coordinator to start. No restarts: `train.max_failures` does not apply."""
+    import torch
+
     from pipeline.train.loop import train
     from pipeline.train.session import DriverSession
 
     session = DriverSession(datasets, cfg.train.storage_path, cfg.train.run_name, cfg.train.keep_checkpoints)
-    train(cfg, session, loop_config["mlflow_run_id"], loop_config["init_from_dir"], progress=loop_config["progress"])
+    threads = torch.get_num_threads()  # the loop sets the worker's threads; here the worker is the caller
+    try:
+        train(
+            cfg, session, loop_config["mlflow_run_id"], loop_config["init_from_dir"], progress=loop_config["progress"]
+        )
+    finally:
+        torch.set_num_threads(threads)
     return session.last_checkpoint, dict(session.reported[-1]) if session.reported else {}
 
 
