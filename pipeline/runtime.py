@@ -40,8 +40,10 @@ def quiet_environment() -> None:
 
 # Only for a local instance: Ray then treats the machine as single-node and keeps every address on
 # loopback. Never for a cluster: it forbids joining nodes and makes workers report 127.0.0.1, which
-# breaks multi-node DDP rendezvous.
-LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# breaks multi-node DDP rendezvous. A local instance has no node that a cloud or an autoscaler can
+# drain, so Ray Train's preemption watcher (one more actor process, importing Ray Train, for every
+# run) has nothing to watch there; on a cluster it stays on.
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def init_ray(cfg: RayConfig | None = None):

@@ -71,6 +71,14 @@ def session_tmp() -> Path:
     return _SESSION_TMP
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_mlflow_stores_from_a_template():
+    """Every new sqlite MLflow store in this process starts as a copy of one built once (tests/mlflow_template.py)."""
+    from tests.mlflow_template import build_fresh_stores_from
+
+    build_fresh_stores_from(_SESSION_TMP / "mlflow-template.db")
+
+
 @pytest.fixture(scope="session")
 def digits_folder(session_tmp) -> Path:
     """sklearn's real digits as a labelled image folder (30 per class, 32 px PNG)."""

@@ -22,7 +22,7 @@ from pipeline.objectives.ab_simclr import ab_simclr_step
 from pipeline.objectives.base import Progress
 from pipeline.objectives.diagnostics import embedding_std, iou_binned_error
 from pipeline.objectives.registry import build_objective
-from tests.micro import MICRO_MODEL, sqlite_store
+from tests.micro import MICRO_MODEL
 from tests.test_train import BATCH, A, M, _batch, micro_config
 
 
@@ -171,7 +171,6 @@ def test_diagnostics_reach_mlflow_on_logged_steps(tmp_path):
     from pipeline.train.session import LocalSession
 
     cfg = micro_config(tmp_path, tmp_path, steps=4, log_every_steps=2, checkpoint_every_steps=1000)
-    sqlite_store(tmp_path)  # cfg's store, sqlite:///<root>/mlflow.db, copied empty: no schema migrations
     run_id = start_run(cfg.tracking.tracking_uri, "unit", "diag", cfg.flat())
     train(cfg, LocalSession({"train": [_batch(_boxes())] * 4}, tmp_path / "ck"), run_id)
     metrics = MlflowClient(cfg.tracking.tracking_uri).get_run(run_id).data.metrics

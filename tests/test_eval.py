@@ -24,7 +24,7 @@ from pipeline.config import (
     ViewsConfig,
 )
 from pipeline.eval.probe_data import CLASSIFICATION, ProbeSplit, TaskInfo
-from tests.micro import MICRO_MODEL, sqlite_store
+from tests.micro import MICRO_MODEL
 
 # ----------------------------------------------------------------------------------------- probes
 
@@ -170,7 +170,6 @@ def trained_state(digits_folder, tmp_path_factory):
 def store_cfg(tmp_path_factory) -> Config:
     """One sqlite MLflow store for the module (creating one costs seconds); tests isolate by run ids."""
     root = tmp_path_factory.mktemp("eval_root")
-    sqlite_store(root)  # the store below (sqlite:///<root>/mlflow.db), copied empty: no schema migrations
     return Config(
         paths=PathsConfig(root=str(root)),
         ray=RayConfig(num_cpus=2),

@@ -18,7 +18,6 @@ from pipeline.tracking import start_run
 from pipeline.train.loop import train
 from pipeline.train.online_probe import knn_top1, ridge_top1
 from pipeline.train.session import LocalSession
-from tests.micro import sqlite_store
 from tests.test_train import _batch, micro_config
 from tests.test_train_loop import GOOD_BOXES
 
@@ -32,7 +31,6 @@ def _run(tmp_path, name: str, probe_root: str = "", every: int = 2, steps: int =
     cfg = micro_config(tmp_path / name, tmp_path, steps=steps, log_every_steps=2, checkpoint_every_steps=100)
     probe = dataclasses.replace(cfg.train.online_probe, root=probe_root, every_steps=every, max_per_class=6)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, online_probe=probe))
-    sqlite_store(tmp_path / name)  # cfg's store, sqlite:///<root>/mlflow.db, copied empty: no schema migrations
     run_id = start_run(cfg.tracking.tracking_uri, "abpipe", name, {})
     metrics = train(cfg, LocalSession({"train": [_batch(GOOD_BOXES)] * steps}, tmp_path / name / "ck"), run_id)
     state = load_state(latest_checkpoint_dir(str(tmp_path / name / "ck"), "local"))

@@ -16,7 +16,6 @@ from PIL import Image
 from pipeline.config import Config, DataConfig, PathsConfig, TextViewsConfig, TrackingConfig, TrainConfig, ViewsConfig
 from pipeline.tracking import RunLogger, start_run
 from pipeline.train import preview
-from tests.micro import sqlite_store
 
 M, A, N = 3, 2, 6
 
@@ -147,7 +146,7 @@ def test_text_annotations_appear_as_their_strings():
 
 
 def test_learning_curves_come_from_the_metric_history(tmp_path):
-    uri = sqlite_store(tmp_path)  # copied empty: no schema migrations
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = start_run(uri, "abpipe", "curves", {})
     logger = RunLogger(uri, run_id)
     for step in range(1, 4):  # 3 points a curve draw the same panels as 10 (the layout counts metrics, not steps)
@@ -182,7 +181,6 @@ def test_a_preview_that_cannot_be_cut_never_stops_the_run(tmp_path, capsys):
     from pipeline.train.trainer import _log_preview
 
     cfg = Config(paths=PathsConfig(root=str(tmp_path)), data=DataConfig(shards=str(tmp_path / "no-shards"))).resolved()
-    sqlite_store(tmp_path)  # cfg's store, sqlite:///<root>/mlflow.db, copied empty: no schema migrations
     run_id = start_run(cfg.tracking.tracking_uri, "abpipe", "r", {})
     _log_preview(cfg, RunLogger(cfg.tracking.tracking_uri, run_id))
     assert "WARNING: no start-of-run preview images (FileNotFoundError: no _stats.json" in capsys.readouterr().out

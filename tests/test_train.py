@@ -22,7 +22,7 @@ from pipeline.config import (
 from pipeline.train.loop import train
 from pipeline.train.monitor import NonFiniteLossError
 from pipeline.train.session import LocalSession
-from tests.micro import MICRO_MODEL, sqlite_store
+from tests.micro import MICRO_MODEL
 
 BATCH, M, A = 8, 3, 2
 
@@ -103,6 +103,11 @@ def test_pretrain_logs_checkpoints_and_resumes(ray_cluster, digit_shards, tmp_pa
     state = torch.load(os.path.join(second["checkpoint"], "state.pt"), weights_only=True)
     assert set(state) == {"objective", "optimizer", "encoder_student", "encoder_teacher", "resume"}
     assert set(state["resume"]) == {"streams", "rng"} and state["resume"]["streams"]["train"]["passes"]
+    # a local instance runs Ray Train without its preemption watcher (pipeline/runtime.py: LOCAL_ONLY_ENV)
+    from ray._private.state import actors
+
+    started = {a["ActorClassName"] for a in actors().values()}
+    assert "TrainController" in started and "PreemptionWatcher" not in started, sorted(started)
 
 
 def test_cpu_budget_too_small_is_a_clear_error(ray_cluster, digit_shards, tmp_path):
@@ -152,7 +157,6 @@ def _fixed_batch_history(tmp_path, name: str, **objective) -> dict[str, list[flo
         tmp_path / name, tmp_path, steps=FIXED_STEPS, lr=4e-2, warmup_fraction=0.0, checkpoint_every_steps=1000
     )
     cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, **objective))
-    sqlite_store(tmp_path / name)  # cfg's store, sqlite:///<root>/mlflow.db, copied empty: no schema migrations
     run_id = start_run(cfg.tracking.tracking_uri, "unit", name, cfg.flat())
     torch.manual_seed(0)
     lo = torch.rand(BATCH, M, 2) * 0.4

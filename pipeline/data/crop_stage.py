@@ -30,14 +30,16 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from pipeline.config import ConfigError, ViewsConfig, section_from_dict
 from pipeline.data.crop_stats import crop_stats, crop_stats_actor  # noqa: F401 - crop_stats is this stage's read-out
 from pipeline.data.passes import row_copy
 from pipeline.data.schema import CORRUPT, OK, BadImage, decode_rgb
 from pipeline.data.text_annotations import MissingAnnotation, annotation_texts, check_text_config, pick
-from pipeline.data.views import make_views
+
+# torch and the view maker (torch, OpenCV) are imported by the cropper itself, not here: a Ray Dataset's
+# plan holds the MultiViewCropper class, so every process that unpickles the plan imports this module
+# (Ray Train's DatasetManager and SplitCoordinator, for a training run), and none of them crops anything.
 
 
 def draft_size(cfg: ViewsConfig) -> int:
@@ -97,6 +99,11 @@ class MultiViewCropper:
 
             self.tokenizer = build_tokenizer(self.text.tokenizer, self.text.context_length)
         self.keep_meta = keep_meta
+        import torch
+
+        from pipeline.data.views import make_views
+
+        self.make_views = make_views
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             torch.set_num_threads(1)  # a crop actor has one CPU (views.cpus_per_actor); views resize in torch
         self.draft = draft_size(self.cfg)
@@ -165,7 +172,9 @@ class MultiViewCropper:
         if c.local_views > 0:  # DINO multi-crop
             out["local_views"] = np.empty((len(kept), c.local_views, c.local_size, c.local_size, 3), np.uint8)
         for i, ((key, rgb, _), epoch, copy) in enumerate(zip(kept, epochs, copies)):
-            make_views(rgb, self.rng_for(key, epoch, copy), c, into={name: column[i] for name, column in out.items()})
+            self.make_views(
+                rgb, self.rng_for(key, epoch, copy), c, into={name: column[i] for name, column in out.items()}
+            )
         if exact:
             out["pass"] = np.asarray(batch["pass"][where], np.int64).reshape(len(kept))
             out["row"] = np.asarray(batch["row"][where], np.int64).reshape(len(kept))

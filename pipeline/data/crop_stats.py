@@ -1,8 +1,9 @@
 """The crop stage's per-run counter: one small named actor per run (skip counts and per-key epochs).
 
 Kept apart from crop_stage.py so that the actor's own process imports only Ray: it is created at
-the start of every execution, next to the crop actors, and importing the crop stage (torch, OpenCV)
-there would add a second of CPU to each start-up for nothing it uses.
+the start of every execution, next to the crop actors, and importing the crop stage (PIL, the config,
+the text annotations; torch and OpenCV only when a cropper is built) would add CPU to each start-up
+for nothing it uses.
 """
 
 from __future__ import annotations

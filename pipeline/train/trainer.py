@@ -216,16 +216,22 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     return {"run_id": run_id, "checkpoint": checkpoint_path, "metrics": metrics, "run_name": name, "wall_s": wall_s}
 
 
+def _train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's entry point, by reference: the loop (timm, the models, the objectives) is imported in the
+    workers that run it, not in the driver that only hands it over (about 2 s less start-up per job)."""
+    from pipeline.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
+
+
 def _fit_with_ray_train(cfg: Config, loop_config: dict, datasets: dict) -> tuple[str | None, dict[str, Any]]:
     """TorchTrainer over `train.num_workers` workers: (the last checkpoint's path, the last report's metrics)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train.loop import train_loop_per_worker
-
     storage = cfg.train.storage_path
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
