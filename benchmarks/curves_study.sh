@@ -20,4 +20,12 @@ stage ab_simclr_3x,simclr_3x 2
 stage ab_objects_to_scenes,simclr_mix,dino_mix 2
 stage ab_objects_to_scenes_10x,simclr_10x_mix,dino_10x_mix 1
 stage ab_simclr_10x,simclr_10x 2
+# the check on the 1-3-object scenes (no preset: the default scenes), with the preset's curve inside each run
+sparse() { # arms max_seeds
+  echo "[curves] $(date -u +%FT%TZ) sparse stage: $1 (seeds <= $2)"
+  "$ABPIPE" study --arms "$1" --max-seeds "$2" paths.root="$ROOT" train.checkpoint_fraction=0.1 \
+    || echo "[curves] stage failed: $1"
+}
+sparse simclr_10x,ab_simclr_10x 1
+sparse ab_simclr,simclr 1
 echo "[curves] $(date -u +%FT%TZ) all stages done"

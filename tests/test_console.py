@@ -208,22 +208,36 @@ def train_config(digit_shards, tmp_path_factory) -> Path:
     from tests.test_train import micro_config
 
     root = tmp_path_factory.mktemp("console_train")
-    cfg = micro_config(root, digit_shards, steps=6).to_dict()
+    config = micro_config(root, digit_shards, steps=6)
+    cfg = config.to_dict()
     cfg["train"]["log_every_steps"] = 2
     path = root / "micro.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    # the runs' MLflow store, built here from the session's template (tests/mlflow_template.py): the two CLI
+    # processes then open a migrated store instead of each running MLflow's migrations
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(config.tracking.tracking_uri).search_experiments()
     return path
 
 
 @pytest.mark.ray
-def test_training_bar_on_a_tty_from_rank_0_with_worker_logs_off(ray_address, train_config, tmp_path):
-    code, shown = run_tty(["train", "--config", str(train_config), f"ray.address={ray_address}", "train.run_name=tty"])
+def test_training_bar_on_a_tty(ray_address, train_config, tmp_path):
+    """The loop in the driver (train.num_workers=0): its steps reach the bar through the same progress board
+    as rank 0's (console.remote_progress); the Ray Train path and its quiet workers are the plain test's."""
+    code, shown = run_tty(
+        [
+            "train",
+            "--config",
+            str(train_config),
+            f"ray.address={ray_address}",
+            "train.run_name=tty",
+            "train.num_workers=0",
+        ]
+    )
     assert code == 0, shown[-3000:]
     bars = [part for part in shown.replace("\n", "\r").split("\r") if part.startswith("train:")]
     assert bars and BAR in bars[-1] and "6/6" in bars[-1] and "loss" in bars[-1], shown[-3000:]
-    assert "RayTrainWorker" not in shown and "TrainController" not in shown, (
-        "Ray's worker output stays in its log files"
-    )
     assert "== pretraining ==" in shown
 
 
@@ -239,6 +253,9 @@ def test_training_plain_lines_and_json_off_a_tty(ray_address, train_config, tmp_
     assert "\r" not in plain.stderr and BAR not in plain.stderr
     steps = [line for line in plain.stderr.splitlines() if line.startswith("[abpipe] train: ")]
     assert steps and steps[-1].startswith("[abpipe] train: 6/6") and "loss" in steps[-1], plain.stderr
+    assert "RayTrainWorker" not in plain.stderr and "TrainController" not in plain.stderr, (
+        "Ray's worker output stays in its log files"
+    )
     # rank 0's own log line is not on the console but in Ray's log files, whose folder is named once
     assert "step 6/6 views" not in plain.stderr
     (logs,) = [

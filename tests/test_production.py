@@ -258,12 +258,14 @@ def test_tracking_server_outage_mid_training_costs_warnings_not_the_run_nor_metr
     from pipeline.train.trainer import run_pretrain
 
     steps = 30
+    # in the driver (train.num_workers=0): the logger that rides out the outage is rank 0's RunLogger, the
+    # same class in a Ray Train worker (the kill-and-restart runs above go through Ray Train)
     cfg = _server_config(
         prod_run["root"],
         prod_run["uri"],
         steps,
         run_name="outage",
-        workers=1,
+        workers=0,
         storage=str(prod_run["root"] / "ray_results"),
     )
     client = MlflowClient(prod_run["uri"])

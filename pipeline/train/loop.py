@@ -14,6 +14,7 @@ what Ray Train's TorchTrainer runs; `train` is the loop itself, for any session.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -103,37 +104,40 @@ def train(
     session_start, train_s_before = time.perf_counter(), counters.train_s
 
     objective.train()
+    # closed when the loop ends (a break at the budget, or an error): the Ray Data iterators under it shut their
+    # executors down now, not whenever the generator is collected (in the driver: in another Ray session)
     stream = batches(session, cfg, device, ledgers) if counters.step < budget.total_steps else iter(())
-    for batch in stream:
-        place = take_place(batch)  # (pass, row) of each row: recorded by the stream, not the model's
-        logging = monitor.is_logging_step(counters.step)
-        if flops is None and rank == 0:  # the first step of this process, counted once (train/flops.py)
-            with count_flops() as counted:
+    with contextlib.closing(stream) if hasattr(stream, "close") else contextlib.nullcontext():
+        for batch in stream:
+            place = take_place(batch)  # (pass, row) of each row: recorded by the stream, not the model's
+            logging = monitor.is_logging_step(counters.step)
+            if flops is None and rank == 0:  # the first step of this process, counted once (train/flops.py)
+                with count_flops() as counted:
+                    result = step(batch, counters.step, logging=logging, diagnose=logging and rank == 0)
+                flops = counted.total * session.world_size  # every worker runs the same shapes
+                counters.flops_per_step = flops
+                logger.metrics({"flops_per_step": flops}, counters.step + 1)
+            else:
                 result = step(batch, counters.step, logging=logging, diagnose=logging and rank == 0)
-            flops = counted.total * session.world_size  # every worker runs the same shapes
-            counters.flops_per_step = flops
-            logger.metrics({"flops_per_step": flops}, counters.step + 1)
-        else:
-            result = step(batch, counters.step, logging=logging, diagnose=logging and rank == 0)
-        counters.step += 1
-        counters.views_seen += budget.views_per_step
-        keys.write(counters.step, place, ledgers)
-        monitor.after_step(result, budget.views_per_step)
-        checkpoint = checkpointer.due(counters.step)
-        if logging or checkpoint:
-            monitor.check(counters)  # skipped steps: reported, and too many in a row stop the run
-        if logging:
-            monitor.log(counters, result, objective, batch)
-        if probe is not None and probe.due(counters.step):
-            online = probe(objective.encoders()["student"])
-            logger.metrics(online, counters.step)
-        # rank 0's step to the driver's bar (the loss only on logging steps: no host sync)
-        reporter.step(counters.step, counters.views_seen, monitor.last_metrics if logging else None)
-        counters.train_s = train_s_before + time.perf_counter() - session_start
-        if checkpoint:
-            checkpointer.save(counters, monitor.last_metrics, resume_state(session, ledgers))
-        if counters.step >= budget.total_steps:
-            break
+            counters.step += 1
+            counters.views_seen += budget.views_per_step
+            keys.write(counters.step, place, ledgers)
+            monitor.after_step(result, budget.views_per_step)
+            checkpoint = checkpointer.due(counters.step)
+            if logging or checkpoint:
+                monitor.check(counters)  # skipped steps: reported, and too many in a row stop the run
+            if logging:
+                monitor.log(counters, result, objective, batch)
+            if probe is not None and probe.due(counters.step):
+                online = probe(objective.encoders()["student"])
+                logger.metrics(online, counters.step)
+            # rank 0's step to the driver's bar (the loss only on logging steps: no host sync)
+            reporter.step(counters.step, counters.views_seen, monitor.last_metrics if logging else None)
+            counters.train_s = train_s_before + time.perf_counter() - session_start
+            if checkpoint:
+                checkpointer.save(counters, monitor.last_metrics, resume_state(session, ledgers))
+            if counters.step >= budget.total_steps:
+                break
     monitor.check(counters)
     if rank == 0:
         logger.metrics({"final_step": counters.step}, counters.step)
