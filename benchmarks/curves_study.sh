@@ -26,4 +26,5 @@ stage ab_objects_to_scenes_10x,simclr_10x_mix,dino_10x_mix 1
 stage ab_simclr_10x,simclr_10x 2
 sparse simclr_10x,ab_simclr_10x 1
 sparse ab_simclr,simclr 1
+stage ab_objects_to_scenes_10x,simclr_10x_mix 2  # the decoupled 10x arms' second seeds (DINO collapsed: one)
 echo "[curves] $(date -u +%FT%TZ) all stages done"

@@ -252,6 +252,7 @@ ARMS: tuple[Arm, ...] = (
         (*CURVE, *TWO_STREAMS, X10),
         data="scenes",
         annotations="objects",
+        seeds=2,  # the second seed: where the time allows (the issue asks for >= 1 at 10x)
         table="decoupled",
     ),
     Arm(
@@ -259,6 +260,7 @@ ARMS: tuple[Arm, ...] = (
         "SimCLR on 50/50 objects + scenes, 10x the views",
         (*SIMCLR, *CURVE, X10),
         data="mix",
+        seeds=2,  # the second seed: where the time allows (the issue asks for >= 1 at 10x)
         table="decoupled",
     ),
     Arm(
