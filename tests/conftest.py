@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -46,11 +48,76 @@ os.environ.update(S3_ENV)
 # another way (their own cluster, notebooks, subprocess workers) carry `pytest.mark.ray` explicitly.
 RAY_FIXTURES = {"ray_cluster"}
 
+# The fast tier's longest tests (5-9 s each on an idle 2-core host; benchmarks/results/test_durations_*.txt),
+# run first under `pytest -n 2`: xdist hands each worker a block of consecutive tests and then more as it
+# finishes, so a long test left near the end keeps one worker busy while the other has run out. First, the
+# tail is short tests and both workers end together. A module's tests that share a module fixture stay
+# together (test_export's text towers): xdist's first block gives them to one worker, built once.
+# tests/test_docs.py checks that every entry still names a test.
+LONGEST_FIRST = (
+    "tests/test_export.py::test_text_tower_export_scores_zero_shot_without_abpipe_as_abpipes_towers",
+    "tests/test_probes.py::test_decoder_geometry_lets_a_box_find_its_patch_in_a_short_budget",
+    "tests/test_precision.py::test_compile_traces_the_blocks_and_matches_eager",
+    "tests/test_probes.py::test_decoder_detection_reaches_high_map_only_from_the_right_tokens",
+    "tests/test_probes.py::test_decoder_box_classification_reads_the_queried_cell",
+)
+
+
+def _longest_first_rank(item) -> int:
+    base = item.nodeid.split("[", 1)[0]
+    return LONGEST_FIRST.index(base) if base in LONGEST_FIRST else len(LONGEST_FIRST)
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike (xdist checks the collections match)
+        items.sort(key=_longest_first_rank)  # stable: the rest keep pytest's order
+
+
+# What the shared fixtures cost: `--durations` charges a module or session fixture's set-up to whichever
+# test first needs it, so the summary lists them on their own (the set-up of each alone: the fixtures it
+# uses are set up before it, and timed on their own lines). A plugin, not conftest hooks: a conftest's
+# hooks do not see session-scoped fixtures. One process only: xdist workers' are not shown.
+class _FixtureSetupTimes:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        start = time.perf_counter()
+        yield
+        if fixturedef.scope != "function":
+            key = f"{fixturedef.scope:<8} {fixturedef.argname}"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+
+    def pytest_terminal_summary(self, terminalreporter):
+        slow = sorted(((s, k) for k, s in self.seconds.items() if s >= 1.0), reverse=True)
+        if slow:
+            terminalreporter.write_sep("=", "shared fixtures' set-up over 1 s (each alone, summed over its instances)")
+            for seconds, key in slow:
+                terminalreporter.write_line(f"{seconds:8.2f}s {key}")
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_FixtureSetupTimes(), "abpipe-fixture-setup-times")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """This process's session temp dir (Ray's session logs, HOME, shards, stores; about 25 MB) goes when
+    every test passed; after a failure, or with ABPIPE_KEEP_TEST_TMP=1, it stays and its path is printed.
+    The shared cluster's fixture has shut Ray down by now: session fixtures tear down before this hook."""
+    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED) and not os.environ.get(
+        "ABPIPE_KEEP_TEST_TMP"
+    ):
+        shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+    elif not os.environ.get("PYTEST_XDIST_WORKER"):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            xdist = session.config.getoption("numprocesses", None)
+            workers = " (and one per xdist worker, /tmp/abpipe-tests-*)" if xdist else ""
+            reporter.write_line(f"the test session's temp dir, kept (Ray's logs under ray/): {_SESSION_TMP}{workers}")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ and the committed notebooks are the generated ones, with their outputs. No Ray, 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import re
@@ -163,6 +164,26 @@ def test_every_repository_file_named_exists():
         if not (REPO / p).exists()
     ]
     assert not missing, "files the docs name that do not exist: " + ", ".join(sorted(set(missing)))
+
+
+def test_the_fast_tiers_longest_first_list_names_tests_that_exist():
+    """tests/conftest.py's LONGEST_FIRST (the xdist order) is node ids by hand: a renamed test would drop out of
+    it silently, so each entry must still name a test function in its file (read with ast, not imported:
+    importing the conftest a second time would run its set-up again)."""
+    conftest = ast.parse((REPO / "tests" / "conftest.py").read_text())
+    (entries,) = [
+        ast.literal_eval(node.value)
+        for node in conftest.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "LONGEST_FIRST" for t in node.targets)
+    ]
+    assert len(entries) >= 3
+    missing = []
+    for entry in entries:
+        path, name = entry.split("::")
+        tree = ast.parse((REPO / path).read_text())
+        if not any(isinstance(n, ast.FunctionDef) and n.name == name for n in tree.body):
+            missing.append(entry)
+    assert not missing, f"LONGEST_FIRST names tests that do not exist: {missing}"
 
 
 def _build_notebooks():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -56,3 +57,4 @@ def test_quickstart_then_results_notebook(tmp_path):
     results = execute("results.ipynb", {"ABPIPE_TRACKING_URI": f"sqlite:///{tmp_path / 'root' / 'mlflow.db'}"})
     text = outputs(results)
     assert "quickstart" in text and "knn_top1" in text  # the comparison table has the run and its probes
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # the kernel's Ray session logs; kept when a check above failed

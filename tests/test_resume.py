@@ -309,7 +309,9 @@ def test_two_workers_a_mixture_and_a_decoupled_stream_resume_each_pass_exactly_a
     write_shards(
         [{"input": str(p), "id": p.stem} for p in photo_files], str(photos), "files", IngestConfig(samples_per_shard=4)
     )
-    steps = 40  # 2 workers x 8 rows: 640 rows of each stream
+    # 2 workers x 8 rows: 384 rows of each stream (the annotation stream's digits: all of pass 0, 84 of pass 1);
+    # killed after the step-16 checkpoint, mid-pass 0 of both streams' digits: the rerun must skip rows of a pass
+    steps = 24
     cfg = _resume_config(tmp_path, digit_shards, "pair", steps, num_workers=2, cpus_per_worker=0.25, max_failures=0)
     cfg = dataclasses.replace(
         cfg,
@@ -321,7 +323,7 @@ def test_two_workers_a_mixture_and_a_decoupled_stream_resume_each_pass_exactly_a
         ),
     )
     killed: list[int] = []
-    thread = _kill_after(os.path.join(cfg.train.storage_path, "pair"), "checkpoint_00000024", killed)
+    thread = _kill_after(os.path.join(cfg.train.storage_path, "pair"), "checkpoint_00000016", killed)
     with pytest.raises(Exception):
         run_pretrain(cfg)  # the job dies with its worker
     thread.join(timeout=5)
