@@ -2,8 +2,9 @@
 
 - `note` / `warn`: abpipe's own lines, once each, printed above any live progress bar;
 - `progress`: a tqdm bar on a terminal; off one (CI, `ray job logs`, a pipe) the same figures as a
-  plain line every `ABPIPE_PROGRESS_INTERVAL` seconds (default 30) and one at the end, no carriage
-  returns;
+  plain line every `ABPIPE_PROGRESS_INTERVAL` seconds (default 30) when something moved, at most one
+  every 30 s (or the interval) while nothing does (its elapsed time shows it is alive), and one at the
+  end, no carriage returns;
 - `remote_progress` + `StepReporter`: the training loop runs in a Ray Train worker, whose output
   does not reach this process once Ray's worker logs stay in their files (`log_to_driver=False`).
   Rank 0 pushes its step, loss and rate (a few times a second, values it already has on the host)
@@ -34,6 +35,7 @@ from tqdm import tqdm
 PREFIX = "[abpipe]"
 INTERVAL_ENV = "ABPIPE_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL_S = 30.0
+UNCHANGED_INTERVAL_S = 30.0  # off a TTY, the same state again: no more often than this (or the interval)
 NAMESPACE = "abpipe"  # the Ray namespace of the progress actors
 _PLAIN = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
@@ -180,6 +182,7 @@ class Progress:
             self._goto(n, fields)
 
     def _goto(self, n: int, fields: dict[str, Any]) -> None:
+        changed = any(self.fields.get(k) != v for k, v in fields.items())  # a poller re-sends the same state
         if fields:
             self.fields.update(fields)
         now = time.monotonic()
@@ -191,8 +194,10 @@ class Progress:
                 self._bar.update(advanced)
             else:
                 self._bar.refresh()
-        elif now - self._last_line >= _interval() and (advanced > 0 or fields):
-            self._print_line(now)
+        else:
+            since, every = now - self._last_line, _interval()
+            if since >= every and (advanced > 0 or changed) or fields and since >= max(every, UNCHANGED_INTERVAL_S):
+                self._print_line(now)
 
     def mark_start(self) -> None:
         """The work proper starts now: measure the rate (and ETA) from here."""

@@ -102,6 +102,16 @@ def test_progress_draws_a_bar_on_a_tty_and_plain_lines_off_it(monkeypatch):
         and "kept 4" in lines[-1]
     ), lines
 
+    polled = io.StringIO()  # the driver's bar re-sends rank 0's last state while Ray Train shuts down
+    monkeypatch.setattr(sys, "stdout", polled)
+    with console.progress("work", total=2) as bar:
+        bar.goto(2, loss=1.0)
+        for _ in range(3):
+            bar.goto(2, loss=1.0)
+        bar.goto(2, loss=0.5)
+    lines = polled.getvalue().splitlines()
+    assert len(lines) == 3 and "loss 1" in lines[0] and "loss 0.5" in lines[1], "the same state twice is one line"
+
     quiet = io.StringIO()
     monkeypatch.setattr(sys, "stdout", quiet)
     monkeypatch.setenv("ABPIPE_PROGRESS_INTERVAL", "3600")
