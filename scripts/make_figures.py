@@ -13,9 +13,10 @@
   logged run named with --tracking-uri/--run), with log(global batch), chance for the batch softmaxes,
   drawn on the loss and teacher-entropy panels.
 - budget.png: the curves study (`abpipe study --preset dense`, benchmarks/curves_study.sh) read from its jsonl
-  (default: the newest benchmarks/results/curves_study_*.jsonl): each cheap readout against seen views and
-  against counted training FLOPs, one line per run over its checkpoints; its tables, costs and the gap's trend
-  replace the block between `<!-- curves-study:start -->` and `<!-- curves-study:end -->` in docs/study.md.
+  (default: the newest dated benchmarks/results/curves_study_<date>.jsonl, not the sparse check pairs'):
+  each cheap readout against seen views and against counted training FLOPs, one line per run over its
+  checkpoints; its tables, costs and the gap's trend replace the block between
+  `<!-- curves-study:start -->` and `<!-- curves-study:end -->` in docs/study.md.
 - study.png: the small-scale study read from its jsonl (default: the newest
   benchmarks/results/repro_study_*.jsonl). Nothing is assumed about arms or metrics beyond the
   columns `arm`, `seed` and numeric metric columns: each arm is a group of bars (mean over seeds,
@@ -426,7 +427,8 @@ def curves_block(rows: list[dict], source: str) -> list[str]:
 
 
 def newest_curves_jsonl() -> Path:
-    found = sorted((REPO / "benchmarks" / "results").glob("curves_study_*.jsonl"))
+    # the dense study's dated files, not the check pairs' curves_study_sparse_*.jsonl
+    found = sorted((REPO / "benchmarks" / "results").glob("curves_study_[0-9]*.jsonl"))
     if not found:
         raise SystemExit("make_figures: no benchmarks/results/curves_study_*.jsonl; pass --curves-jsonl")
     return found[-1]
