@@ -430,7 +430,7 @@ def newest_curves_jsonl() -> Path:
     # the dense study's dated files, not the check pairs' curves_study_sparse_*.jsonl
     found = sorted((REPO / "benchmarks" / "results").glob("curves_study_[0-9]*.jsonl"))
     if not found:
-        raise SystemExit("make_figures: no benchmarks/results/curves_study_*.jsonl; pass --curves-jsonl")
+        raise SystemExit("make_figures: no dated benchmarks/results/curves_study_<date>.jsonl; pass --curves-jsonl")
     return found[-1]
 
 
